@@ -1,0 +1,32 @@
+// The schemas of every xmcnas_fast operator. Kernels register themselves per
+// backend next to their code (csrc/cpu/*.cpp, csrc/cuda/*.cu); autograd and
+// fake (meta) implementations live in xmcnas_fast/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+// `import xmcnas_fast._C` loads this library, which runs the static
+// registrations below; the module itself is empty.
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(xmcnas_fast, m) {
+  // Label-wise attention: ctx[b,l] = sum_n softmax_n(W[l].h[b,n] | mask[b,n]) h[b,n].
+  // Returns (ctx [B,L,D] in h's dtype, lse [B,L] float32: log-sum-exp of the
+  // scores over real tokens, +inf for a row with no real token).
+  m.def("label_attention(Tensor h, Tensor mask, Tensor W) -> (Tensor, Tensor)");
+  m.def(
+      "label_attention_backward(Tensor grad_ctx, Tensor h, Tensor mask, Tensor W, "
+      "Tensor ctx, Tensor lse) -> (Tensor, Tensor)");
+  // Ranking metrics of the top k scores against a CSR truth. Returns
+  // (sums float64 [4,k], topk int64 [R,k]); sums rows, each summed over the R
+  // rows, at ranks 1..k: hits in the top j, nDCG@j, propensity-scored hits in
+  // the top j, and the best propensity-scored hits achievable in j.
+  m.def(
+      "topk_metrics(Tensor scores, Tensor indptr, Tensor indices, int k, "
+      "Tensor? inv_prop=None) -> (Tensor, Tensor)");
+  // Weighted layer-sum: out = sum_i w[i] * xs[i].
+  m.def("layer_sum(Tensor[] xs, Tensor w) -> Tensor");
+  m.def("layer_sum_backward(Tensor grad, Tensor[] xs, Tensor w) -> (Tensor[], Tensor)");
+}

@@ -1,0 +1,63 @@
+"""The compiled extension: loads, registers every op, and refuses a foreign torch."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from xmcnas_fast import ops
+
+OPS = ["label_attention", "label_attention_backward", "topk_metrics", "layer_sum", "layer_sum_backward"]
+PKG = os.path.dirname(ops.__file__)
+
+
+def test_extension_loaded():
+    assert ops.EXTENSION_LOADED, ops.extension_status()
+    for op in OPS:
+        assert ops.has_kernel(op, "cpu"), op
+
+
+@pytest.mark.skipif(os.environ.get("XMCNAS_EXPECT_CUDA_BUILD") != "1",
+                    reason="set XMCNAS_EXPECT_CUDA_BUILD=1 where the CUDA kernels must have been compiled")
+def test_cuda_kernels_compiled():
+    with open(os.path.join(PKG, "_build_info.json")) as f:
+        assert json.load(f)["cuda"] is True
+    for op in OPS:
+        assert ops.has_kernel(op, "cuda"), op
+
+
+def _import_with_build_info(tmp_path, info):
+    """Import a copy of the package whose _build_info.json says `info`."""
+    import shutil
+    dst = tmp_path / "xmcnas_fast"
+    shutil.copytree(PKG, dst, ignore=shutil.ignore_patterns("__pycache__"))
+    (dst / "_build_info.json").write_text(json.dumps(info))
+    code = "import warnings; warnings.simplefilter('always'); import xmcnas_fast.ops as o; print(o.EXTENSION_LOADED); print(o.extension_status())"
+    return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)})
+
+
+def test_foreign_torch_is_refused_with_rebuild_hint(tmp_path):
+    res = _import_with_build_info(tmp_path, {"torch": "1.0.0", "cuda": False})
+    assert res.returncode == 0, res.stderr
+    loaded, status = res.stdout.splitlines()[:2]
+    assert loaded == "False"
+    assert "built against torch 1.0.0" in status and torch.__version__ in status
+    assert "pip install --no-build-isolation" in status
+    assert "ExtensionFallbackWarning" in res.stderr  # said once, loudly
+
+
+def test_fallback_ops_still_work_without_extension(tmp_path):
+    import shutil
+    dst = tmp_path / "xmcnas_fast"
+    shutil.copytree(PKG, dst, ignore=shutil.ignore_patterns("__pycache__", "_C*", "_build_info.json"))
+    code = ("import torch, xmcnas_fast.ops as o\n"
+            "h = torch.randn(2, 5, 4); m = torch.ones(2, 5, dtype=torch.bool); W = torch.randn(3, 4)\n"
+            "print(o.EXTENSION_LOADED, tuple(o.label_attention(h, m, W).shape))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False (2, 3, 4)"
+    assert "not built" in res.stderr

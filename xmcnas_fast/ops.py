@@ -1,0 +1,268 @@
+"""The one Python face of xmcnas_fast's kernels.
+
+Each operator has
+  * a schema in csrc/ops.cpp and kernels in csrc/cpu/ and csrc/cuda/;
+  * here: its fake (meta) implementation and autograd registration, so that it
+    works under autograd and torch.compile;
+  * here too: a plain-PyTorch reference, the oracle of the tests and the
+    fallback when the compiled extension is missing or was built for another
+    torch (a warning says so once, at import).
+
+Public functions: label_attention, topk_metrics, layer_sum. Use these, never
+torch.ops.xmcnas_fast directly: they choose the compiled op or the reference.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = [
+    "label_attention", "topk_metrics", "layer_sum",
+    "label_attention_reference", "topk_metrics_reference", "layer_sum_reference",
+    "EXTENSION_LOADED", "extension_status",
+]
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class ExtensionFallbackWarning(RuntimeWarning):
+    """The compiled kernels are not in use; the slower references are."""
+
+
+def _load_extension() -> tuple[bool, str]:
+    """Import xmcnas_fast._C if it was built for the running torch."""
+    if os.environ.get("XMCNAS_DISABLE_EXTENSION", "0") == "1":
+        return False, "disabled by XMCNAS_DISABLE_EXTENSION=1"
+    info_path = os.path.join(_HERE, "_build_info.json")
+    rebuild = "rebuild it with `pip install --no-build-isolation --force-reinstall .` (or `-e .`) in this environment"
+    try:
+        with open(info_path) as f:
+            info = json.load(f)
+    except FileNotFoundError:
+        return False, f"the compiled extension is not built; {rebuild}"
+    except (OSError, ValueError) as e:
+        return False, f"{info_path} is unreadable ({e}); {rebuild}"
+    if info.get("torch") != torch.__version__:
+        return False, (f"the compiled extension was built against torch {info.get('torch')} "
+                       f"but torch {torch.__version__} is running; {rebuild}")
+    try:
+        from . import _C  # noqa: F401  (loading registers the ops)
+    except ImportError as e:
+        return False, f"the compiled extension failed to load ({e}); {rebuild}"
+    return True, f"compiled kernels for torch {info['torch']}" + (" with CUDA" if info.get("cuda") else " (CPU only)")
+
+
+EXTENSION_LOADED, _STATUS = _load_extension()
+if not EXTENSION_LOADED:
+    warnings.warn(f"xmcnas_fast: using the plain-PyTorch reference ops: {_STATUS}",
+                  ExtensionFallbackWarning, stacklevel=2)
+
+
+def extension_status() -> str:
+    """One line saying which kernels are in use and why."""
+    return _STATUS
+
+
+def has_kernel(op: str, device_type: str) -> bool:
+    """Whether the compiled op `op` has a kernel for `device_type` ("cpu", "cuda")."""
+    if not EXTENSION_LOADED:
+        return False
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+    return torch._C._dispatch_has_kernel_for_dispatch_key(f"xmcnas_fast::{op}", key)
+
+
+# --------------------------------------------------------------------------------------------
+# References: plain PyTorch, differentiable through autograd. The tests' oracle.
+# --------------------------------------------------------------------------------------------
+
+def label_attention_reference(h: torch.Tensor, mask: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """AttentionXML's MLAttention: scores [B,L,N] materialised, masked softmax over tokens.
+
+    A row without any real token gives a zero context (not NaN).
+    """
+    scores = torch.matmul(W.float(), h.float().transpose(1, 2))          # [B, L, N]
+    m = mask.bool().unsqueeze(1)                                         # [B, 1, N]
+    scores = scores.masked_fill(~m, torch.finfo(scores.dtype).min)
+    p = torch.softmax(scores, dim=-1) * m                                # all-padding rows -> 0
+    return torch.matmul(p, h.float()).to(h.dtype)                        # [B, L, D]
+
+
+def _check_csr(indptr: torch.Tensor, indices: torch.Tensor, rows: int) -> None:
+    if indptr.dim() != 1 or indptr.numel() != rows + 1:
+        raise ValueError(f"topk_metrics: indptr must have R+1 = {rows + 1} entries, has shape {tuple(indptr.shape)}")
+    if indices.dim() != 1:
+        raise ValueError("topk_metrics: indices must be 1-D")
+    if int(indptr[0]) != 0 or int(indptr[-1]) != indices.numel():
+        raise ValueError(f"topk_metrics: indptr must start at 0 and end at len(indices) = {indices.numel()}")
+    if rows and bool((indptr[1:] < indptr[:-1]).any()):
+        raise ValueError("topk_metrics: indptr must be non-decreasing")
+    if indices.numel() and int(indices.min()) < 0:
+        raise ValueError("topk_metrics: label indices must be >= 0")
+
+
+def topk_metrics_reference(scores: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor, k: int,
+                           inv_prop: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Full stable sort (ties: lower label index first), then pyxclib's definitions.
+
+    Truth indices >= L (labels the model cannot score, e.g. unseen in training)
+    count as true labels that are never hit. Returns (sums [4,k] float64, topk [R,k] int64).
+    """
+    R, L = scores.shape
+    if not 1 <= k <= L:
+        raise ValueError(f"topk_metrics: k must be in [1, L={L}], got {k}")
+    _check_csr(indptr, indices, R)
+    if bool(torch.isnan(scores).any()):
+        raise ValueError("topk_metrics: scores contain NaN")
+    n_total = L if inv_prop is None else max(L, inv_prop.numel())
+    if indices.numel() and int(indices.max()) >= n_total:
+        raise ValueError(f"topk_metrics: a label index is >= the number of labels ({n_total})")
+    topk = torch.sort(scores.float().cpu() if scores.dtype != torch.float64 else scores.cpu(),
+                      dim=1, descending=True, stable=True).indices[:, :k]
+    counts = (indptr[1:] - indptr[:-1]).cpu()
+    rows = torch.repeat_interleave(torch.arange(R), counts)
+    truth = torch.zeros(R, n_total, dtype=torch.float64)
+    truth[rows, indices.cpu().long()] = 1.0
+    hit = truth.gather(1, topk)                                          # [R, k]
+    disc = 1.0 / torch.log2(torch.arange(k, dtype=torch.float64) + 2.0)  # rank weights
+    dcg = (hit * disc).cumsum(1)
+    n_true = counts.to(torch.float64).unsqueeze(1)
+    ideal = disc.cumsum(0)[torch.minimum(torch.arange(k).unsqueeze(0), counts.unsqueeze(1) - 1).clamp(min=0)]
+    ndcg = torch.where(n_true > 0, dcg / ideal, torch.zeros_like(dcg))
+    sums = torch.zeros(4, k, dtype=torch.float64)
+    sums[0] = hit.cumsum(1).sum(0)
+    sums[1] = ndcg.sum(0)
+    if inv_prop is not None:
+        ip = inv_prop.cpu().to(torch.float64)
+        ip = torch.cat([ip, torch.zeros(n_total - ip.numel(), dtype=torch.float64)])
+        sums[2] = (hit * ip[topk]).cumsum(1).sum(0)
+        best = torch.sort(truth * ip, dim=1, descending=True).values[:, :k]
+        sums[3] = best.cumsum(1).sum(0)
+    return sums, topk.to(scores.device)
+
+
+def layer_sum_reference(xs: Sequence[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+    """sum_i w[i] * xs[i], through a stacked copy (what the kernel avoids)."""
+    return (torch.stack(list(xs), 0) * w.to(xs[0].dtype).view(-1, *([1] * xs[0].dim()))).sum(0)
+
+
+# --------------------------------------------------------------------------------------------
+# Fake (meta) implementations and autograd for the compiled ops.
+# --------------------------------------------------------------------------------------------
+
+if EXTENSION_LOADED:
+
+    @torch.library.register_fake("xmcnas_fast::label_attention")
+    def _label_attention_fake(h, mask, W):
+        torch._check(h.dim() == 3 and W.dim() == 2 and mask.dim() == 2)
+        B, _, D = h.shape
+        return h.new_empty(B, W.shape[0], D), h.new_empty(B, W.shape[0], dtype=torch.float32)
+
+    @torch.library.register_fake("xmcnas_fast::label_attention_backward")
+    def _label_attention_backward_fake(grad_ctx, h, mask, W, ctx, lse):
+        return torch.empty_like(h), torch.empty_like(W)
+
+    def _label_attention_setup(ctx, inputs, output):
+        h, mask, W = inputs
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(h, mask, W, out, lse)
+
+    def _label_attention_backward(ctx, grad_out, grad_lse):
+        h, mask, W, out, lse = ctx.saved_tensors
+        grad_h, grad_W = torch.ops.xmcnas_fast.label_attention_backward(
+            grad_out.contiguous(), h, mask, W, out, lse)
+        return grad_h, None, grad_W
+
+    torch.library.register_autograd("xmcnas_fast::label_attention", _label_attention_backward,
+                                    setup_context=_label_attention_setup)
+
+    @torch.library.register_fake("xmcnas_fast::topk_metrics")
+    def _topk_metrics_fake(scores, indptr, indices, k, inv_prop=None):
+        return (scores.new_empty(4, k, dtype=torch.float64),
+                scores.new_empty(scores.shape[0], k, dtype=torch.int64))
+
+    @torch.library.register_fake("xmcnas_fast::layer_sum")
+    def _layer_sum_fake(xs, w):
+        torch._check(len(xs) == w.shape[0])
+        return torch.empty_like(xs[0])
+
+    @torch.library.register_fake("xmcnas_fast::layer_sum_backward")
+    def _layer_sum_backward_fake(grad, xs, w):
+        return [torch.empty_like(x) for x in xs], torch.empty_like(w)
+
+    def _layer_sum_setup(ctx, inputs, output):
+        xs, w = inputs
+        ctx.save_for_backward(w, *xs)
+
+    def _layer_sum_backward(ctx, grad):
+        w, *xs = ctx.saved_tensors
+        grad_xs, grad_w = torch.ops.xmcnas_fast.layer_sum_backward(grad.contiguous(), xs, w)
+        return list(grad_xs), grad_w
+
+    torch.library.register_autograd("xmcnas_fast::layer_sum", _layer_sum_backward,
+                                    setup_context=_layer_sum_setup)
+
+
+def _compiled(op: str, device: torch.device) -> bool:
+    return EXTENSION_LOADED and has_kernel(op, device.type) if device.type in ("cpu", "cuda") else False
+
+
+# --------------------------------------------------------------------------------------------
+# Public functions.
+# --------------------------------------------------------------------------------------------
+
+def label_attention(h: torch.Tensor, mask: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """Label-wise attention (AttentionXML's MLAttention) without the [B,L,N] score tensor.
+
+    h: [B,N,D] token states (float32, bfloat16 or float16); mask: [B,N] bool,
+    True for real tokens; W: [L,D] one attention vector per label, same dtype as h.
+    Returns ctx [B,L,D]: ctx[b,l] = sum_n softmax_n(W[l] . h[b,n] over real tokens) h[b,n];
+    a row with no real token gives zeros.
+    """
+    if h.dim() != 3 or W.dim() != 2 or mask.shape != h.shape[:2] or W.shape[1] != h.shape[2]:
+        raise ValueError(f"label_attention: expected h [B,N,D], mask [B,N], W [L,D]; got "
+                         f"{tuple(h.shape)}, {tuple(mask.shape)}, {tuple(W.shape)}")
+    if _compiled("label_attention", h.device):
+        return torch.ops.xmcnas_fast.label_attention(h, mask.bool(), W)[0]
+    return label_attention_reference(h, mask, W)
+
+
+def topk_metrics(scores: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor, k: int,
+                 inv_prop: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k ranking metrics of a batch of scores, summed over its rows.
+
+    scores [R,L]; the truth as CSR (indptr [R+1], indices: label ids, int64);
+    ids >= L are true labels the scores cannot rank (they lower recall-type
+    metrics, they are never hit). inv_prop [L'] (optional, L' >= L): inverse
+    propensities for PSP@k. Ties between equal scores rank the lower label id first.
+
+    Returns (sums, topk): sums [4,k] float64, summed over rows, at ranks j=1..k:
+    hits in the top j, nDCG@j, propensity-weighted hits in the top j, and the
+    best propensity-weighted hits achievable in j (PSP@j = sums[2]/sums[3]);
+    topk [R,k] int64, the label ids ranked first.
+    Raises ValueError on NaN scores, k outside [1, L] or a malformed CSR.
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"topk_metrics: scores must be [R, L], got {tuple(scores.shape)}")
+    if _compiled("topk_metrics", scores.device):
+        return torch.ops.xmcnas_fast.topk_metrics(scores, indptr, indices, int(k), inv_prop)
+    return topk_metrics_reference(scores, indptr, indices, int(k), inv_prop)
+
+
+def layer_sum(xs: Sequence[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
+    """Weighted layer-sum sum_i w[i] * xs[i] with no stacked copy of the inputs.
+
+    xs: K tensors of one shape and dtype; w: [K] (float32). Differentiable in xs and w.
+    """
+    xs = list(xs)
+    if not xs or w.dim() != 1 or w.shape[0] != len(xs):
+        raise ValueError(f"layer_sum: expected K tensors and w [K]; got {len(xs)} tensors and w {tuple(w.shape)}")
+    if any(x.shape != xs[0].shape for x in xs):
+        raise ValueError(f"layer_sum: all inputs must have one shape; got {[tuple(x.shape) for x in xs]}")
+    if _compiled("layer_sum", xs[0].device):
+        return torch.ops.xmcnas_fast.layer_sum(xs, w)
+    return layer_sum_reference(xs, w)
