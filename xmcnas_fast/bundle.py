@@ -1,0 +1,153 @@
+"""A trained model as a directory: save, load, predict.
+
+    config.json   model and training configuration, data settings, format version
+    weights.pt    the state_dict, loaded with torch.load(weights_only=True): never runs pickled code
+    vocab.json    the vocabulary
+    labels.json   label names, in score order
+    metrics.json  the result record of its training (validation and test metrics, ...)
+
+Written to a temporary sibling directory and renamed into place, so a crash
+never leaves a half-written bundle under the final name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from . import __version__
+from .model import ModelConfig, build_model
+
+FORMAT = 1
+
+
+def _write_json(path, obj):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def save_bundle(out_dir: str, model: torch.nn.Module, model_cfg: ModelConfig, data, *,
+                train_cfg: Optional[dict] = None, record: Optional[dict] = None,
+                state: Optional[dict] = None) -> str:
+    """Save `model` (or `state`, a state_dict) with what predicting from raw text needs."""
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-bundle-", dir=parent)
+    try:
+        config = {
+            "format": FORMAT, "xmcnas_fast": __version__,
+            "model": model_cfg.to_dict(),
+            "train": train_cfg,
+            "num_labels": data.num_labels, "vocab_size": len(data.vocab),
+            "data": {"name": data.name, "max_len": int(data.source.get("max_len", 500)) if isinstance(data.source, dict) else 500},
+        }
+        _write_json(os.path.join(tmp, "config.json"), config)
+        sd = state if state is not None else {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        torch.save(sd, os.path.join(tmp, "weights.pt"))
+        data.vocab.save(os.path.join(tmp, "vocab.json"))
+        _write_json(os.path.join(tmp, "labels.json"), list(data.label_names))
+        _write_json(os.path.join(tmp, "metrics.json"), record or {})
+        if os.path.exists(out_dir):
+            old = out_dir + ".old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+@dataclass
+class Bundle:
+    model: torch.nn.Module
+    config: dict
+    vocab: object
+    label_names: list
+    metrics: dict
+    device: torch.device
+
+    @property
+    def max_len(self) -> int:
+        return int(self.config["data"].get("max_len", 500))
+
+    def encode(self, texts: Sequence[str]):
+        """Raw texts -> a TextDataset (no labels) with the training tokenizer, vocabulary and max_len."""
+        from .data import TextDataset, tokenize
+
+        ids = [self.vocab.encode(tokenize(t))[: self.max_len] for t in texts]
+        ids = [a if len(a) else np.array([1], dtype=np.int32) for a in ids]  # empty text -> <unk>
+        offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(a) for a in ids])
+        flat = np.concatenate(ids).astype(np.int32) if ids else np.zeros(0, dtype=np.int32)
+        labels = sp.csr_matrix((len(ids), len(self.label_names)), dtype=np.float32)
+        return TextDataset(token_ids=flat, offsets=offsets, labels=labels, ids=None)
+
+    @torch.no_grad()
+    def _scored_batches(self, texts: Sequence[str], batch_size: int):
+        """(row indices, probabilities [b, L] on the device) for each batch of texts."""
+        from .data import iterate_batches
+
+        self.model.eval()
+        for b in iterate_batches(self.encode(texts), len(self.label_names), batch_size, shuffle=False):
+            b = b.to(self.device)
+            yield b.index.numpy(), torch.sigmoid(self.model(b.tokens, b.mask).float())
+
+    def predict_scores(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """Probabilities [len(texts), L] (sigmoid of the scores)."""
+        out = np.zeros((len(texts), len(self.label_names)), dtype=np.float32)
+        for rows, p in self._scored_batches(texts, batch_size):
+            out[rows] = p.cpu().numpy()
+        return out
+
+    def predict(self, texts: Sequence[str], k: int = 5, batch_size: int = 256) -> list:
+        """Top-k labels of each text: [[(label, probability), ...], ...], best first."""
+        k = min(k, len(self.label_names))
+        result: list = [None] * len(texts)
+        for rows, p in self._scored_batches(texts, batch_size):
+            top = torch.topk(p, k, dim=1)
+            for row, vals, idx in zip(rows.tolist(), top.values.cpu().tolist(), top.indices.cpu().tolist()):
+                result[row] = [(self.label_names[i], v) for i, v in zip(idx, vals)]
+        return result
+
+
+def load_bundle(path: str, device: str = "cpu", use_kernels: bool = True) -> Bundle:
+    """Load a bundle on CPU or CUDA. Raises ValueError naming the file on a malformed bundle."""
+    from .data import Vocab
+
+    def read(name):
+        p = os.path.join(path, name)
+        try:
+            with open(p, encoding="utf-8") as f:
+                return json.load(f)
+        except FileNotFoundError:
+            raise ValueError(f"{p}: missing — is {path} a model bundle?") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+    config = read("config.json")
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{os.path.join(path, 'config.json')}: bundle format {config.get('format')} "
+                         f"is not {FORMAT} (written by xmcnas-fast {config.get('xmcnas_fast')})")
+    labels = read("labels.json")
+    metrics = read("metrics.json") if os.path.exists(os.path.join(path, "metrics.json")) else {}
+    vocab = Vocab.load(os.path.join(path, "vocab.json"))
+    dev = torch.device(device)
+    model = build_model(ModelConfig.from_dict(config["model"]), config["vocab_size"], config["num_labels"],
+                        use_kernels=use_kernels)
+    state = torch.load(os.path.join(path, "weights.pt"), map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    model.to(dev).eval()
+    return Bundle(model, config, vocab, labels, metrics, dev)

@@ -1,0 +1,351 @@
+"""Genotype -> nn.Module, and the preset models of our comparison tables.
+
+text tokens -> embedding (node 0) -> DAG of layer nodes -> merge (weighted
+layer-sum or concat) -> dropout -> label-wise attention -> FC chain shared by
+all labels -> one score per label. Only the DAG varies between candidates.
+
+Padding never leaks into real tokens: convolutions and pools see zeros / -inf
+at padded positions and zero their outputs there, RNNs run on packed
+sequences. Appending padding to a batch leaves every real token's states,
+and so the scores, unchanged.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from . import ops
+from .space import Genotype
+
+
+# ---- configuration ------------------------------------------------------------------------------
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model (saved in a bundle's config.json)."""
+    kind: str = "dag"                     # "dag" | "tfidf-mlp"
+    genotype: Optional[dict] = None       # Genotype.to_dict() for kind "dag"
+    emb_dim: int = 300
+    width: int = 512                      # D: every node's output width
+    fc: list = field(default_factory=lambda: [256])
+    dropout_emb: float = 0.2
+    dropout: float = 0.5
+    freeze_emb: bool = False
+    # tfidf-mlp only
+    hidden: list = field(default_factory=lambda: [512, 256])
+    max_features: int = 60000
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+PRESETS = {
+    # AttentionXML-1: one BiLSTM over the embedding (hidden 256 a direction), attention, FC [256]
+    "attentionxml": ModelConfig(genotype=Genotype((("bilstm", 0),), "concat").to_dict()),
+    # the architecture XMC-NAS discovered: two BiLSTMs reading the embedding, concatenated
+    "discovered": ModelConfig(genotype=Genotype((("bilstm", 0), ("bilstm", 0)), "concat").to_dict()),
+    # the Keras arXiv example: TF-IDF uni+bigrams -> 512 ReLU -> 256 ReLU -> one sigmoid per label
+    "tfidf-mlp": ModelConfig(kind="tfidf-mlp"),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    return ModelConfig.from_dict(PRESETS[name].to_dict())
+
+
+# ---- layer nodes --------------------------------------------------------------------------------
+
+class Conv(nn.Module):
+    """1-D convolution, stride 1, same padding, ReLU; padded positions read as zeros and output zeros."""
+
+    def __init__(self, d_in: int, d_out: int, k: int):
+        super().__init__()
+        self.conv = nn.Conv1d(d_in, d_out, k, padding=k // 2)
+
+    def forward(self, x, mask):
+        m = mask.unsqueeze(-1).to(x.dtype)
+        y = self.conv((x * m).transpose(1, 2)).transpose(1, 2)
+        return F.relu(y) * m
+
+
+class Pool(nn.Module):
+    """Max or average pooling over 3 tokens, stride 1, over real tokens only."""
+
+    def __init__(self, d_in: int, d_out: int, kind: str, k: int = 3):
+        super().__init__()
+        self.kind, self.k = kind, k
+        self.proj = nn.Linear(d_in, d_out) if d_in != d_out else None
+
+    def forward(self, x, mask):
+        m = mask.unsqueeze(-1)
+        xt = x.transpose(1, 2)
+        if self.kind == "max":
+            y = F.max_pool1d(xt.masked_fill(~m.transpose(1, 2), float("-inf")), self.k, 1, self.k // 2)
+            y = y.transpose(1, 2)
+        else:
+            mf = m.to(x.dtype)
+            s = F.avg_pool1d((x * mf).transpose(1, 2), self.k, 1, self.k // 2, count_include_pad=True)
+            n = F.avg_pool1d(mf.transpose(1, 2), self.k, 1, self.k // 2, count_include_pad=True)
+            y = (s / n.clamp_min(1e-6)).transpose(1, 2)
+        y = y.masked_fill(~m, 0.0)
+        return self.proj(y) * m.to(y.dtype) if self.proj is not None else y
+
+
+class BiRNN(nn.Module):
+    """Bidirectional LSTM or GRU on packed sequences; output = both directions concatenated."""
+
+    def __init__(self, d_in: int, d_out: int, cell: str):
+        super().__init__()
+        if d_out % 2:
+            raise ValueError(f"a bidirectional RNN needs an even width, got {d_out}")
+        rnn = nn.LSTM if cell == "lstm" else nn.GRU
+        self.rnn = rnn(d_in, d_out // 2, batch_first=True, bidirectional=True)
+
+    def forward(self, x, mask):
+        lengths = mask.sum(1)
+        packed = pack_padded_sequence(x, lengths.clamp_min(1).cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = self.rnn(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        return out * mask.unsqueeze(-1).to(out.dtype)
+
+
+def build_node(op: str, d_in: int, d_out: int) -> nn.Module:
+    """One entry per operation of space.OPERATIONS."""
+    if op.startswith("conv"):
+        return Conv(d_in, d_out, int(op[4:]))
+    if op in ("maxpool3", "avgpool3"):
+        return Pool(d_in, d_out, op[:3], 3)
+    if op in ("bilstm", "bigru"):
+        return BiRNN(d_in, d_out, op[2:])
+    raise ValueError(f"no builder for operation {op!r}")
+
+
+# ---- the network ------------------------------------------------------------------------------
+
+class DAGEncoder(nn.Module):
+    """Runs the genotype's nodes in order; returns every layer node's output [B,N,D]."""
+
+    def __init__(self, genotype: Genotype, emb_dim: int, width: int):
+        super().__init__()
+        self.genotype = genotype
+        self.nodes = nn.ModuleList(
+            build_node(op, emb_dim if i == 0 else width, width) for op, i in genotype.nodes)
+
+    def forward(self, emb, mask):
+        states = [emb]
+        for node, (_, i) in zip(self.nodes, self.genotype.nodes):
+            states.append(node(states[i], mask))
+        return states[1:]
+
+
+class Merge(nn.Module):
+    """Weighted layer-sum sum_i w_i out_i (w learned; the operation-importance instrument) or concat."""
+
+    def __init__(self, k: int, how: str, use_kernels: bool = True):
+        super().__init__()
+        self.how, self.use_kernels = how, use_kernels
+        self.weight = nn.Parameter(torch.full((k,), 1.0 / k)) if how == "sum" else None
+
+    def forward(self, outs):
+        if self.how == "concat":
+            return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        dtype = outs[0].dtype
+        outs = [o.to(dtype) for o in outs]
+        fn = ops.layer_sum if self.use_kernels else ops.layer_sum_reference
+        return fn(outs, self.weight)
+
+
+class AttentionHead(nn.Module):
+    """Label-wise attention, then an FC chain shared by all labels, then one score per label."""
+
+    def __init__(self, d: int, num_labels: int, fc: list, dropout: float, use_kernels: bool = True):
+        super().__init__()
+        self.use_kernels = use_kernels
+        self.attention = nn.Parameter(torch.empty(num_labels, d))
+        layers, d_in = [], d
+        for d_out in fc:
+            layers += [nn.Linear(d_in, d_out), nn.ReLU(), nn.Dropout(dropout)]
+            d_in = d_out
+        self.fc = nn.Sequential(*layers)
+        self.out = nn.Linear(d_in, 1)
+        nn.init.xavier_uniform_(self.attention)
+        for m in self.fc:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.xavier_uniform_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, h, mask):
+        W = self.attention.to(h.dtype)
+        fn = ops.label_attention if self.use_kernels else ops.label_attention_reference
+        ctx = fn(h, mask, W)                                  # [B, L, D]
+        return self.out(self.fc(ctx)).squeeze(-1)             # [B, L]
+
+
+class XMCModel(nn.Module):
+    """embedding -> DAG -> merge -> dropout -> label-wise attention -> FC -> scores [B, L]."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, num_labels: int,
+                 vectors: Optional[np.ndarray] = None, use_kernels: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        self.genotype = Genotype.from_dict(cfg.genotype)
+        emb_dim = vectors.shape[1] if vectors is not None else cfg.emb_dim
+        self.embedding = nn.Embedding(vocab_size, emb_dim, padding_idx=0)
+        if vectors is not None:
+            if vectors.shape[0] != vocab_size:
+                raise ValueError(f"word vectors have {vectors.shape[0]} rows for a vocabulary of {vocab_size}")
+            self.embedding.weight.data.copy_(torch.from_numpy(np.asarray(vectors, dtype=np.float32)))
+        else:
+            nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+        with torch.no_grad():
+            self.embedding.weight[0].zero_()
+        self.embedding.weight.requires_grad_(not cfg.freeze_emb)
+        self.emb_dropout = nn.Dropout(cfg.dropout_emb)
+        self.encoder = DAGEncoder(self.genotype, emb_dim, cfg.width)
+        self.merge = Merge(self.genotype.depth, self.genotype.merge, use_kernels)
+        merged = cfg.width * (self.genotype.depth if self.genotype.merge == "concat" else 1)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.head = AttentionHead(merged, num_labels, cfg.fc, cfg.dropout, use_kernels)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.emb_dropout(self.embedding(tokens))
+        h = self.dropout(self.merge(self.encoder(x, mask)))
+        return self.head(h, mask)
+
+    def layer_weights(self) -> Optional[list]:
+        """The learned layer-sum weights, one per node (None for a concat merge)."""
+        w = self.merge.weight
+        return None if w is None else [float(v) for v in w.detach().cpu()]
+
+
+# ---- TF-IDF + MLP baseline --------------------------------------------------------------------
+
+class TfidfMLP(nn.Module):
+    """TF-IDF unigram+bigram features -> MLP -> one score per label.
+
+    Features are computed from the token batch inside forward (no dense
+    [documents x features] matrix anywhere): unigram and bigram counts per
+    row, times idf, L2-normalised, fed to an EmbeddingBag (a sparse matmul).
+    `fit` chooses the features on the training split.
+    """
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, num_labels: int, num_features: Optional[int] = None):
+        super().__init__()
+        self.cfg = cfg
+        F_ = num_features or cfg.max_features
+        self.register_buffer("unigram_map", torch.full((vocab_size,), -1, dtype=torch.long))
+        self.register_buffer("bigram_keys", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("bigram_ids", torch.zeros(0, dtype=torch.long))
+        self.register_buffer("idf", torch.ones(F_))
+        self.vocab_size = vocab_size
+        self.bag = nn.EmbeddingBag(F_, cfg.hidden[0], mode="sum")
+        self.bias0 = nn.Parameter(torch.zeros(cfg.hidden[0]))
+        layers, d_in = [], cfg.hidden[0]
+        for d_out in cfg.hidden[1:]:
+            layers += [nn.Linear(d_in, d_out), nn.ReLU(), nn.Dropout(cfg.dropout)]
+            d_in = d_out
+        self.mlp = nn.Sequential(*layers)
+        self.out = nn.Linear(d_in, num_labels)
+        self.drop0 = nn.Dropout(cfg.dropout)
+        nn.init.normal_(self.bag.weight, std=1.0 / math.sqrt(cfg.hidden[0]))
+
+    def _keys(self, tokens, mask):
+        """Bigram keys (a*V + b) of consecutive real tokens, and the rows they belong to."""
+        both = mask[:, :-1] & mask[:, 1:]
+        keys = tokens[:, :-1] * self.vocab_size + tokens[:, 1:]
+        rows = torch.arange(tokens.shape[0], device=tokens.device).unsqueeze(1).expand_as(keys)
+        return keys[both], rows[both]
+
+    @torch.no_grad()
+    def fit(self, token_ids: np.ndarray, offsets: np.ndarray) -> "TfidfMLP":
+        """Keep the max_features n-grams with the highest document frequency; idf as sklearn's smooth idf."""
+        n_docs = len(offsets) - 1
+        V = self.vocab_size
+        doc = np.repeat(np.arange(n_docs), np.diff(offsets))
+        uni = np.unique(doc.astype(np.int64) * V + token_ids)         # (doc, token) pairs, once per doc
+        uni_df = np.bincount(uni % V, minlength=V)
+        uni_df[:2] = 0                                                  # <pad>, <unk>
+        same = doc[1:] == doc[:-1]
+        keys = token_ids[:-1].astype(np.int64) * V + token_ids[1:]
+        pairs = np.unique(keys[same] * n_docs + doc[1:][same])          # (bigram, doc), once per doc
+        bi_keys, bi_df = np.unique(pairs // n_docs, return_counts=True)
+        keep_bi = bi_df >= 2
+        bi_keys, bi_df = bi_keys[keep_bi], bi_df[keep_bi]
+        cand_df = np.concatenate([uni_df, bi_df])
+        order = np.argsort(-cand_df, kind="stable")[: self.bag.num_embeddings]
+        order = order[cand_df[order] > 0]
+        F_ = self.bag.num_embeddings
+        feat = np.full(len(cand_df), -1, dtype=np.int64)
+        feat[order] = np.arange(len(order))
+        self.unigram_map.copy_(torch.from_numpy(feat[:V]))
+        bmask = feat[V:] >= 0
+        self.bigram_keys = torch.from_numpy(bi_keys[bmask]).to(self.unigram_map.device)
+        self.bigram_ids = torch.from_numpy(feat[V:][bmask]).to(self.unigram_map.device)
+        idf = np.ones(F_, dtype=np.float32)
+        idf[: len(order)] = np.log((1 + n_docs) / (1 + cand_df[order])) + 1.0
+        self.idf.copy_(torch.from_numpy(idf))
+        return self
+
+    def load_state_dict(self, state, strict=True, assign=False):
+        # the bigram tables' sizes depend on the fit: resize before loading
+        self.bigram_keys = torch.empty_like(state["bigram_keys"])
+        self.bigram_ids = torch.empty_like(state["bigram_ids"])
+        return super().load_state_dict(state, strict=strict, assign=assign)
+
+    def features(self, tokens, mask):
+        """(feature ids, offsets, weights) of the batch: L2-normalised tf-idf, for EmbeddingBag."""
+        B = tokens.shape[0]
+        rows = torch.arange(B, device=tokens.device).unsqueeze(1).expand_as(tokens)
+        uf = self.unigram_map[tokens[mask]]
+        ur = rows[mask]
+        keys, br = self._keys(tokens, mask)
+        pos = torch.searchsorted(self.bigram_keys, keys).clamp(max=max(len(self.bigram_keys) - 1, 0))
+        found = self.bigram_keys[pos] == keys if len(self.bigram_keys) else torch.zeros_like(keys, dtype=torch.bool)
+        feats = torch.cat([uf, self.bigram_ids[pos][found]])
+        rows = torch.cat([ur, br[found]])
+        ok = feats >= 0
+        F_ = self.bag.num_embeddings
+        pair, tf = torch.unique(rows[ok] * F_ + feats[ok], return_counts=True)   # sorted by row
+        r, f = pair // F_, pair % F_
+        w = tf.to(torch.float32) * self.idf[f]
+        norm = torch.zeros(B, device=w.device).index_add_(0, r, w * w).sqrt().clamp_min(1e-12)
+        w = w / norm[r]
+        offsets = torch.searchsorted(r, torch.arange(B, device=r.device))
+        return f, offsets, w
+
+    def forward(self, tokens, mask):
+        f, offsets, w = self.features(tokens, mask)
+        x = F.relu(self.bag(f, offsets, per_sample_weights=w) + self.bias0)
+        return self.out(self.mlp(self.drop0(x)))
+
+    def layer_weights(self):
+        return None
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, num_labels: int, vectors=None,
+                use_kernels: bool = True) -> nn.Module:
+    if cfg.kind == "dag":
+        return XMCModel(cfg, vocab_size, num_labels, vectors, use_kernels)
+    if cfg.kind == "tfidf-mlp":
+        return TfidfMLP(cfg, vocab_size, num_labels)
+    raise ValueError(f"unknown model kind {cfg.kind!r}")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

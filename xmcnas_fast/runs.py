@@ -1,0 +1,159 @@
+"""A search's directory.
+
+    runs/NAME/
+      config.json       everything needed to reproduce the search (written once, atomically)
+      proposals.jsonl   one line per candidate proposed, in order (what resume replays)
+      history.jsonl     one line per finished candidate: genotype, hash, status, metrics, weights, ...
+      models/cand-N/    model bundles of the best candidates (the others are deleted)
+      best.json         which candidate is best so far, and where its bundle is
+      .lock             held while a search runs in the directory
+
+Lines are appended, flushed and fsynced one at a time, so a kill -9 at any
+moment loses at most the line being written; a torn last line is dropped
+when the run is opened again. Only the search's main process writes here
+(workers write their bundles under models/, atomically).
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from typing import Optional
+
+
+class RunError(Exception):
+    """A run directory that cannot be used as asked (exists, missing, locked, corrupt)."""
+
+
+def write_json_atomic(path: str, obj) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class JsonLog:
+    """An append-only JSON-lines file that survives being killed mid-write."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.records = self._read_and_repair()
+
+    def _read_and_repair(self) -> list:
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path, "rb") as f:
+            data = f.read()
+        keep = data if data.endswith(b"\n") or not data else data[: data.rfind(b"\n") + 1]
+        if len(keep) != len(data):  # a torn last line from a crash: drop it
+            with open(self.path, "r+b") as f:
+                f.truncate(len(keep))
+        out = []
+        for n, line in enumerate(keep.decode("utf-8").splitlines(), start=1):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise RunError(f"{self.path}:{n}: corrupt record ({e.msg})") from None
+        return out
+
+    def append(self, record: dict) -> None:
+        line = json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n"
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        self.records.append(record)
+
+
+class Run:
+    def __init__(self, path: str, config: dict):
+        self.path = os.path.abspath(path)
+        self.config = config
+        self.proposals = JsonLog(os.path.join(self.path, "proposals.jsonl"))
+        self.history = JsonLog(os.path.join(self.path, "history.jsonl"))
+        self.models_dir = os.path.join(self.path, "models")
+        os.makedirs(self.models_dir, exist_ok=True)
+        self._lock = None
+
+    # ---- creating and opening ------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str, config: dict) -> "Run":
+        if os.path.exists(os.path.join(path, "config.json")):
+            raise RunError(f"{path} already holds a search: resume it with --resume {path}, "
+                           f"or choose another --name")
+        os.makedirs(path, exist_ok=True)
+        write_json_atomic(os.path.join(path, "config.json"), config)
+        return cls(path, config)
+
+    @classmethod
+    def open(cls, path: str) -> "Run":
+        cfg_path = os.path.join(path, "config.json")
+        try:
+            with open(cfg_path, encoding="utf-8") as f:
+                config = json.load(f)
+        except FileNotFoundError:
+            raise RunError(f"{path} is not a search directory (no config.json)") from None
+        except json.JSONDecodeError as e:
+            raise RunError(f"{cfg_path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        return cls(path, config)
+
+    def lock(self) -> "Run":
+        """Hold the directory for this process: a second search in it is refused."""
+        f = open(os.path.join(self.path, ".lock"), "w")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise RunError(f"{self.path} is in use by another running search") from None
+        f.write(str(os.getpid()))
+        f.flush()
+        self._lock = f
+        return self
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    # ---- state ---------------------------------------------------------------------------------
+    def finished_ids(self) -> set:
+        return {r["id"] for r in self.history.records}
+
+    def unfinished_proposals(self) -> list:
+        done = self.finished_ids()
+        return [p for p in self.proposals.records if p["id"] not in done]
+
+    def model_dir(self, cand_id: int) -> str:
+        return os.path.join(self.models_dir, f"cand-{cand_id}")
+
+    def best(self) -> Optional[dict]:
+        p = os.path.join(self.path, "best.json")
+        if not os.path.exists(p):
+            return None
+        with open(p, encoding="utf-8") as f:
+            return json.load(f)
+
+    def keep_models(self, ids: set) -> None:
+        """Delete the bundles of candidates not in `ids` (and stray temporary ones)."""
+        for name in os.listdir(self.models_dir):
+            full = os.path.join(self.models_dir, name)
+            keep = name.startswith("cand-") and name[5:].isdigit() and int(name[5:]) in ids
+            if not keep and os.path.isdir(full):
+                shutil.rmtree(full, ignore_errors=True)
+
+    def set_best(self, record: dict) -> None:
+        write_json_atomic(os.path.join(self.path, "best.json"),
+                          {"id": record["id"], "fitness": record.get("fitness"),
+                           "genotype": record["genotype"], "model_dir": record.get("model_dir")})
