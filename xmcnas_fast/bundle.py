@@ -48,7 +48,7 @@ def save_bundle(out_dir: str, model: torch.nn.Module, model_cfg: ModelConfig, da
             "model": model_cfg.to_dict(),
             "train": train_cfg,
             "num_labels": data.num_labels, "vocab_size": len(data.vocab),
-            "data": {"name": data.name, "max_len": int(data.source.get("max_len", 500)) if isinstance(data.source, dict) else 500},
+            "data": {"name": data.name, "max_len": data.max_len},
         }
         _write_json(os.path.join(tmp, "config.json"), config)
         sd = state if state is not None else {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -81,7 +81,7 @@ class Bundle:
 
     @property
     def max_len(self) -> int:
-        return int(self.config["data"].get("max_len", 500))
+        return self.config["data"].get("max_len") or 10**9
 
     def encode(self, texts: Sequence[str]):
         """Raw texts -> a TextDataset (no labels) with the training tokenizer, vocabulary and max_len."""

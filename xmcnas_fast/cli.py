@@ -344,7 +344,7 @@ def _align_to_bundle(data, bundle):
     word_map = np.array([bundle.vocab.stoi.get(w, 1) for w in data.vocab.itos], dtype=np.int32)
     word_map[0] = 0
     own = {n: i for i, n in enumerate(bundle.label_names)}
-    names = list(data.label_names) + [f"<unseen {i}>" for i in range(test.labels.shape[1] - data.num_labels)]
+    names = list(data.label_names) + list(data.unseen_label_names)
     extra = {}
     col_map = np.array([own[n] if n in own else len(own) + extra.setdefault(n, len(extra)) for n in names])
     lab = test.labels.tocoo()
@@ -358,7 +358,7 @@ def _align_propensity(inv_prop, data, bundle, columns):
 
     own = {n: i for i, n in enumerate(bundle.label_names)}
     out = np.full(columns, float(np.max(inv_prop)) if len(inv_prop) else 1.0)
-    names = list(data.label_names) + [None] * (len(inv_prop) - data.num_labels)
+    names = list(data.label_names) + list(data.unseen_label_names)
     extra = 0
     for i, n in enumerate(names):
         if n in own:
