@@ -39,6 +39,10 @@ def fake_oom(kind, ctx):
     raise MemoryError()
 
 
+def interrupt(_, ctx):
+    raise KeyboardInterrupt
+
+
 def return_unpicklable(_, ctx):
     return {"f": lambda: None}
 

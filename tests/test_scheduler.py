@@ -19,6 +19,12 @@ import _sched_tasks as tasks
 from xmcnas_fast import scheduler as sched_mod
 from xmcnas_fast.scheduler import Event, TaskResult, make_scheduler, parse_devices
 
+try:
+    import ray  # noqa: F401
+    POOLS = ["local", "ray"]
+except ImportError:
+    POOLS = ["local"]  # the ray backend is tested where ray is installed
+
 TIMEOUT = 3.0        # candidate_timeout of the shared schedulers; every ordinary task takes milliseconds
 WAIT_LIMIT = 90.0    # a test that waits longer than this for its results has hung
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,6 +63,15 @@ def alive(pid):
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
+def wait_gone(pids, limit=30.0):
+    """True once none of the processes is alive (waits up to ``limit`` s: Ray ends its workers
+    asynchronously; local workers are joined by shutdown, so they must be gone at once)."""
+    end = time.monotonic() + limit
+    while any(alive(pid) for pid in pids) and time.monotonic() < end:
+        time.sleep(0.1)
+    return not any(alive(pid) for pid in pids)
+
+
 @pytest.fixture(scope="module")
 def init_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("init")
@@ -67,12 +82,15 @@ def worker_children():
 
 
 def shared_scheduler(backend, devices, init_dir):
-    before = worker_children()
     s = make_scheduler(backend, devices, init_fn=tasks.init_worker, init_args=(str(init_dir), backend),
                        candidate_timeout=TIMEOUT)
     yield s
+    pids = set(s.worker_pids().values())
     assert s.shutdown() == []
-    assert worker_children() <= before
+    if backend != "inline":
+        assert pids and os.getpid() not in pids  # a Ray actor still starting has no pid yet
+        assert wait_gone(pids, limit=0 if backend == "local" else 30)
+    assert s.worker_pids() == {}
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +103,41 @@ def local(init_dir):
     yield from shared_scheduler("local", "cpu:2", init_dir)
 
 
-@pytest.fixture(scope="module", params=["inline", "local"])
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """Ray started by the caller, as on a cluster: the scheduler then uses it and leaves it up.
+    Logical CPUs to spare, so that a test's own scheduler fits beside the shared one."""
+    import ray
+    ray.init(num_cpus=8, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ray_pool(ray_cluster, init_dir):
+    yield from shared_scheduler("ray", "cpu:2", init_dir)
+
+
+@pytest.fixture(params=POOLS)
+def backend(request):
+    if request.param == "ray":
+        request.getfixturevalue("ray_cluster")
+    return request.param
+
+
+FIXTURES = {"inline": "inline", "local": "local", "ray": "ray_pool"}
+
+
+@pytest.fixture(scope="module", params=["inline"] + POOLS)
 def sched(request):
-    return request.getfixturevalue(request.param)
+    return request.getfixturevalue(FIXTURES[request.param])
+
+
+@pytest.fixture(scope="module", params=POOLS)
+def pool(request):
+    """The backends with worker processes."""
+    return request.getfixturevalue(FIXTURES[request.param])
 
 
 # -- devices -----------------------------------------------------------------
@@ -198,7 +248,7 @@ def test_error_then_worker_goes_on(sched):
         assert "Traceback" in r.error and "in boom" in r.error
     after, _ = run(sched, tasks.square, [3, 4, 5], "post")
     assert all(r.status == "ok" for r in after)
-    if sched.backend == "local":  # nobody was replaced
+    if sched.backend != "inline":  # nobody was replaced
         assert {r.value["pid"] for r in after} <= before
 
 
@@ -272,43 +322,63 @@ def test_inline_timeout_is_cooperative():
         s.submit("late", tasks.square, 1)
 
 
-# -- local only -----------------------------------------------------------------
+def test_inline_lets_ctrl_c_through():
+    s = make_scheduler("inline", "cpu")
+    s.submit("interrupted", tasks.interrupt, None)
+    with pytest.raises(KeyboardInterrupt):
+        s.poll()
+    assert s.running() == {"interrupted": "cpu"}
+    assert s.shutdown() == ["interrupted"]
 
-def test_worker_killed_once_is_replaced_and_task_rerun(local, tmp_path):
+
+# -- backends with worker processes ---------------------------------------------------
+
+def test_worker_killed_once_is_replaced_and_task_rerun(pool, tmp_path):
     marker = tmp_path / "killed"
-    [r], _ = run(local, tasks.die_once, [str(marker)], "die-once")
+    [r], _ = run(pool, tasks.die_once, [str(marker)], "die-once")
     assert (r.status, r.attempts, r.value["attempt"]) == ("ok", 2, 2)
     killed_pid = int(marker.read_text())
-    assert r.value["pid"] != killed_pid and not alive(killed_pid)
-    results, _ = run(local, tasks.square, [1, 2, 3, 4], "after-death")
+    assert r.value["pid"] != killed_pid and wait_gone([killed_pid])
+    results, _ = run(pool, tasks.square, [1, 2, 3, 4], "after-death")
     assert all(r.status == "ok" for r in results)
 
 
-def test_worker_dying_twice_is_died(local):
-    results, _ = run(local, tasks.die_always, ["sigkill", "exit"], "die-always")
+def test_worker_dying_twice_is_died(pool):
+    results, _ = run(pool, tasks.die_always, ["sigkill", "exit"], "die-always")
     kill, exit_ = results
     assert (kill.status, kill.attempts, exit_.status, exit_.attempts) == ("died", 2, "died", 2)
-    assert "killed by SIGKILL" in kill.error
-    assert "exit code 3" in exit_.error
-    results, _ = run(local, tasks.square, [1, 2], "after-died")
+    if pool.backend == "local":
+        assert "killed by SIGKILL" in kill.error
+        assert "exit code 3" in exit_.error
+    results, _ = run(pool, tasks.square, [1, 2], "after-died")
     assert all(r.status == "ok" for r in results)
 
 
-def test_timeout_kills_and_replaces_the_worker(local):
-    local.submit("sleepy", tasks.sleep, 60)
-    local.submit("next", tasks.square, 5)
-    results, events = collect(local, ["sleepy", "next"])
+def test_waiting_does_not_spin(pool):
+    """poll() sleeps in the OS while tasks run: a busy loop would burn about as much CPU as wall time."""
+    collect(pool, [])
+    pool.submit("nap", tasks.sleep, 1.5)
+    wall, cpu = time.monotonic(), time.process_time()
+    collect(pool, ["nap"])
+    wall, cpu = time.monotonic() - wall, time.process_time() - cpu
+    assert wall >= 1.5 and cpu < 0.2 * wall
+
+
+def test_timeout_kills_and_replaces_the_worker(pool):
+    pool.submit("sleepy", tasks.sleep, 60)
+    pool.submit("next", tasks.square, 5)
+    results, events = collect(pool, ["sleepy", "next"])
     r = results["sleepy"]
     assert r.status == "timeout" and r.value is None
     assert f"candidate_timeout={TIMEOUT:g}" in r.error and "killed" in r.error
     assert TIMEOUT <= r.seconds < TIMEOUT + 30
     [pid] = [e.data["pid"] for e in events if e.task_id == "sleepy"]
-    assert not alive(pid)
+    assert wait_gone([pid])
     assert results["next"].status == "ok" and results["next"].value["y"] == 25
 
 
-def test_init_failure_is_reported():
-    s = make_scheduler("local", "cpu", init_fn=tasks.failing_init, init_args=("no such dataset",))
+def test_init_failure_is_reported(backend):
+    s = make_scheduler(backend, "cpu", init_fn=tasks.failing_init, init_args=("no such dataset",))
     try:
         s.submit("t", tasks.square, 1)
         r = collect(s, ["t"])[0]["t"]
@@ -320,9 +390,9 @@ def test_init_failure_is_reported():
         assert s.shutdown() == []
 
 
-def test_shutdown_with_tasks_in_flight():
+def test_shutdown_with_tasks_in_flight(backend):
     before = worker_children()
-    s = make_scheduler("local", "cpu:2")
+    s = make_scheduler(backend, "cpu:2")
     s.submit("stubborn", tasks.sleep, 60)          # ignores should_stop
     s.submit("polite", tasks.wait_for_stop, 60)    # returns when asked to stop
     s.submit("waiting", tasks.square, 1)           # never gets a worker
@@ -340,7 +410,7 @@ def test_shutdown_with_tasks_in_flight():
     [polite] = s.poll()                             # its result came in during shutdown
     assert polite.task_id == "polite" and polite.status == "ok" and polite.value["stopped"] is True
     assert worker_children() <= before
-    assert not any(alive(pid) for pid in pids.values())
+    assert wait_gone(pids.values(), limit=0 if backend == "local" else 30)
     assert s.shutdown() == [] and s.free_slots() == 0 and s.running() == {}
     with pytest.raises(RuntimeError, match="shut down"):
         s.submit("late", tasks.square, 1)

@@ -10,7 +10,9 @@ Backends (:func:`make_scheduler`):
 ``inline``
     Same process, one task at a time, run when :meth:`Scheduler.poll` is
     called (``poll`` then blocks for the whole task, whatever its timeout).
-    For tests and debugging: a crash of the task is a crash of the caller.
+    For tests and debugging: a crash of the task is a crash of the caller,
+    and a Ctrl-C during a task interrupts the caller (the task stays in
+    ``running()``, so ``shutdown()`` lists it).
     ``candidate_timeout`` is enforced cooperatively: ``ctx.should_stop()``
     turns True once ``ctx.deadline`` (a :func:`time.monotonic` value) has
     passed, and a task that comes back after its deadline is reported as
@@ -21,8 +23,15 @@ Backends (:func:`make_scheduler`):
     worker that dies (segfault, ``os._exit``, a signal, the OOM killer) is
     replaced and its task run again up to ``retries_on_death`` times.
 ``ray``
-    One Ray actor per device (a GPU each for CUDA devices); only when ``ray``
-    is installed (``pip install 'xmcnas-fast[ray]'``).
+    One Ray actor per slot, with the same failure handling as ``local``;
+    only when ``ray`` is installed (``pip install 'xmcnas-fast[ray]'``).
+    ``"cuda"`` means every GPU of the Ray cluster; a CUDA slot asks Ray for
+    one GPU and Ray picks which (``cuda:I`` then names the slot, not the
+    GPU). If Ray is not running, it is started on this machine and stopped
+    at shutdown; to use a cluster, call ``ray.init`` first, with a
+    ``runtime_env`` that makes the task modules importable.
+
+A scheduler is driven from one thread (the search loop's).
 
 What crosses process boundaries, and how:
 
@@ -62,6 +71,7 @@ import os
 import pickle
 import queue
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -196,6 +206,10 @@ class Scheduler:
         """Ids of submitted tasks still waiting for a worker."""
         raise NotImplementedError
 
+    def worker_pids(self) -> dict[str, int]:
+        """Worker label -> process id of the workers started now (for diagnostics)."""
+        raise NotImplementedError
+
     def shutdown(self, graceful: bool = True, wait: float = 5.0) -> list[str]:
         """Stop the workers; return the ids of submitted tasks that did not finish.
 
@@ -242,8 +256,9 @@ _DEVICE_FORMS = ('"cpu", "cpu:W" (W worker processes), "cuda" (every visible GPU
                  '"cuda:I", or several of these separated by commas or given as a list')
 
 
-def _parse(devices: str | list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
-    """(label, torch device) per worker."""
+def _parse(devices: str | list[str] | tuple[str, ...],
+           gpu_count: Callable[[], int] | None = None) -> list[tuple[str, str]]:
+    """(label, torch device) per worker; ``gpu_count`` counts the GPUs "cuda" stands for."""
     if isinstance(devices, str):
         items = devices.split(",")
     elif isinstance(devices, (list, tuple)) and all(isinstance(d, str) for d in devices):
@@ -267,7 +282,7 @@ def _parse(devices: str | list[str] | tuple[str, ...]) -> list[tuple[str, str]]:
             else:
                 raise ValueError(f"bad device {item!r}: cpu:W takes a number of workers W >= 1")
         elif kind == "cuda":
-            count = _cuda_count()
+            count = (gpu_count or _cuda_count)()
             if not sep:
                 if count == 0:
                     raise ValueError(f"device {item!r}: no CUDA GPU is visible to this process")
@@ -299,8 +314,9 @@ def parse_devices(devices: str | list[str]) -> list[str]:
     return [label for label, _ in _parse(devices)]
 
 
-def _worker_specs(devices, init_fn, init_args, timeout, report_interval) -> list[_WorkerSpec]:
-    parsed = _parse(devices)
+def _worker_specs(devices, init_fn, init_args, timeout, report_interval,
+                  gpu_count=None) -> list[_WorkerSpec]:
+    parsed = _parse(devices, gpu_count)
     # The machine's cores are split evenly among the workers (cpu:W: cores // W each).
     threads = max(1, _visible_cores() // len(parsed))
     return [_WorkerSpec(label, device, threads, init_fn, tuple(init_args), timeout, report_interval)
@@ -337,8 +353,10 @@ def _pickle_task(fn: Callable, payload: Any) -> bytes:
         ) from exc
 
 
-def _execute(blob: bytes, make_ctx: Callable[[], WorkerContext], device: torch.device):
-    """Run one pickled task; returns (status, pickled value or None, error, seconds)."""
+def _execute(blob: bytes, make_ctx: Callable[[], WorkerContext], device: torch.device,
+             interruptible: bool = False):
+    """Run one pickled task; returns (status, pickled value or None, error, seconds).
+    ``interruptible``: let KeyboardInterrupt through (in the caller's own process)."""
     t0 = time.perf_counter()
     value_blob = error = None
     try:
@@ -353,6 +371,8 @@ def _execute(blob: bytes, make_ctx: Callable[[], WorkerContext], device: torch.d
                      f"process: {type(exc).__name__}: {exc}")
         del value
     except BaseException as exc:  # the task's SystemExit too: it must not end the worker
+        if interruptible and isinstance(exc, KeyboardInterrupt):
+            raise
         status = "oom" if _is_oom(exc) else "error"
         error = _describe(exc)
         traceback.clear_frames(exc.__traceback__)  # let go of the task's tensors
@@ -435,6 +455,9 @@ class InlineScheduler(Scheduler):
     def queued(self):
         return [t.task_id for t in list(self._queue)[1:]]
 
+    def worker_pids(self):
+        return {} if self._closed else {self._spec.label: os.getpid()}
+
     def _emit(self, task_id, data):
         self._merger.add(task_id, data)
         if self._merger.due_in() <= 0:
@@ -461,7 +484,8 @@ class InlineScheduler(Scheduler):
                                  worker=self._spec.label, attempt=1, deadline=deadline,
                                  emit=self._emit, stopped=lambda: self._stop)
 
-        status, value_blob, error, seconds = _execute(task.blob, make_ctx, self._device)
+        status, value_blob, error, seconds = _execute(task.blob, make_ctx, self._device,
+                                                      interruptible=True)
         value = pickle.loads(value_blob) if status == "ok" else None
         if deadline is not None and time.monotonic() > deadline:
             status, value = "timeout", None
@@ -617,25 +641,30 @@ def _end_processes(procs: dict) -> None:
 
 
 class _Slot:
+    """One worker place: its current worker (process or actor), its task, its state."""
+
     def __init__(self, index: int, spec: _WorkerSpec):
         self.index = index
         self.spec = spec
-        self.proc = None
-        self.conn = None
         self.pid: int | None = None
         self.state = "starting"     # starting -> ready; retired once given up
         self.task: _Task | None = None
         self.started: float | None = None  # when the task was handed over
         self.early_deaths = 0
-        self.dying = False
-        self.reason = ""
+        self.dying = False          # its worker is being cleaned up: hand it nothing
+        self.reason = ""            # why it was retired
+        self.proc = self.conn = None   # local backend
+        self.actor = None              # ray backend
+        self.polling = False           # ray: an `events` call is in flight
 
 
-class LocalScheduler(Scheduler):
-    backend = "local"
+class _PoolScheduler(Scheduler):
+    """One worker per device slot: the queue, dispatch, retries and timeouts shared by the
+    process and Ray backends. A backend supplies the transport: ``_spawn``,
+    ``_send_task``, ``_receive``, ``_kill``, ``_drain`` and ``shutdown``, and reports
+    what happened through the ``_on_*`` methods."""
 
     def __init__(self, specs: list[_WorkerSpec], retries_on_death: int):
-        self._mp = torch.multiprocessing.get_context("spawn")
         self._slots = [_Slot(i, spec) for i, spec in enumerate(specs)]
         self.devices = [spec.label for spec in specs]
         self._timeout = specs[0].timeout
@@ -644,85 +673,59 @@ class LocalScheduler(Scheduler):
         self._out: list[TaskResult | Event] = []
         self._closing = False
         self._unfinished: list[str] = []
-        self._procs: dict[int, Any] = {}
-        # Runs at interpreter exit before multiprocessing joins its children.
-        self._finalizer = multiprocessing.util.Finalize(self, _end_processes, args=(self._procs,),
-                                                        exitpriority=10)
-        for slot in self._slots:
-            self._spawn(slot)
 
-    # -- workers -------------------------------------------------------------
+    # -- transport, per backend ------------------------------------------------
 
     def _spawn(self, slot: _Slot) -> None:
-        parent_conn, child_conn = self._mp.Pipe(duplex=True)
-        proc = self._mp.Process(target=_worker_main, args=(child_conn, slot.spec),
-                                name=f"xmcnas-worker[{slot.spec.label}]")
-        with _sigint_ignored():
-            proc.start()
-        child_conn.close()
-        slot.proc, slot.conn, slot.pid, slot.state = proc, parent_conn, proc.pid, "starting"
-        self._procs[slot.index] = proc
+        raise NotImplementedError
 
-    def _read(self, slot: _Slot) -> None:
-        while slot.conn is not None:
+    def _send_task(self, slot: _Slot) -> None:
+        """Hand slot.task to its ready worker; set slot.started once handed over."""
+        raise NotImplementedError
+
+    def _receive(self, timeout: float | None) -> None:
+        """Wait up to ``timeout`` s for news from any worker, then take in all there is."""
+        raise NotImplementedError
+
+    def _drain(self, slot: _Slot) -> None:
+        """Take in what this worker has already sent, without waiting."""
+
+    def _kill(self, slot: _Slot) -> str:
+        """Kill the worker now; returns how it ended, in words."""
+        raise NotImplementedError
+
+    # -- what workers report -----------------------------------------------------
+
+    def _on_ready(self, slot: _Slot, pid: int) -> None:
+        slot.state, slot.pid, slot.early_deaths = "ready", pid, 0
+        if slot.task is not None and not slot.dying and not self._closing:
+            self._send_task(slot)
+
+    def _on_init_error(self, slot: _Slot, text: str) -> None:
+        slot.state = "retired"
+        slot.reason = f"init_fn failed in the worker on {slot.spec.label}: {text}"
+        if slot.task is not None:
+            self._queue.appendleft(slot.task)
+            slot.task = None
+
+    def _on_event(self, slot: _Slot, task_id: str, data: dict, when: float) -> None:
+        self._out.append(Event(task_id, slot.spec.label, data, when))
+
+    def _on_result(self, slot: _Slot, task_id: str, status: str, value_blob: bytes | None,
+                   error: str | None, seconds: float) -> None:
+        task, slot.task, slot.started = slot.task, None, None
+        value = None
+        if status == "ok":
             try:
-                if not slot.conn.poll():
-                    return
-                msg = pickle.loads(slot.conn.recv_bytes())
-            except (EOFError, OSError):
-                self._on_exit(slot)
-                return
-            self._handle(slot, msg)
+                value = pickle.loads(value_blob)
+            except Exception as exc:
+                status, error = "error", f"the value returned cannot be unpickled here: {_describe(exc)}"
+        attempts = task.attempts if task is not None and task.task_id == task_id else 1
+        self._out.append(TaskResult(task_id, status, value, error, slot.spec.label, seconds, attempts))
 
-    def _handle(self, slot: _Slot, msg: tuple) -> None:
-        kind, label = msg[0], slot.spec.label
-        if kind == "ready":
-            slot.state, slot.pid, slot.early_deaths = "ready", msg[1], 0
-            if slot.task is not None and not slot.dying:
-                self._send_task(slot)
-        elif kind == "init_error":
-            slot.state = "retired"
-            slot.reason = f"init_fn failed in the worker on {label}: {msg[1]}"
-            if slot.task is not None:
-                self._queue.appendleft(slot.task)
-                slot.task = None
-        elif kind == "event":
-            self._out.append(Event(msg[1], label, msg[2], msg[3]))
-        elif kind == "result":
-            _, task_id, status, value_blob, error, seconds = msg
-            task, slot.task, slot.started = slot.task, None, None
-            value = None
-            if status == "ok":
-                try:
-                    value = pickle.loads(value_blob)
-                except Exception as exc:
-                    status, error = "error", f"the value returned cannot be unpickled here: {_describe(exc)}"
-            attempts = task.attempts if task is not None and task.task_id == task_id else 1
-            self._out.append(TaskResult(task_id, status, value, error, label, seconds, attempts))
-
-    def _close(self, slot: _Slot, kill: bool) -> int | None:
-        proc = slot.proc
-        if kill:
-            proc.kill()
-        proc.join(1.0)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-        slot.conn.close()
-        slot.proc = slot.conn = None
-        self._procs.pop(slot.index, None)
-        return proc.exitcode
-
-    def _on_exit(self, slot: _Slot) -> None:
-        """The worker process ended (or closed its pipe) without being asked to."""
-        slot.dying = True
-        try:  # what it sent before it went still counts
-            while slot.conn.poll():
-                self._handle(slot, pickle.loads(slot.conn.recv_bytes()))
-        except (EOFError, OSError):
-            pass
-        slot.dying = False
-        code = self._close(slot, kill=False)
+    def _on_death(self, slot: _Slot, how: str) -> None:
+        """The slot's worker ended without being asked to (already cleaned up): account for its
+        task, then replace it."""
         task, slot.task = slot.task, None
         started, slot.started = slot.started, None
         if self._closing:
@@ -738,8 +741,8 @@ class LocalScheduler(Scheduler):
             else:
                 self._out.append(TaskResult(
                     task.task_id, "died", None,
-                    f"the worker process (pid {slot.pid}) on {slot.spec.label} died while running the "
-                    f"task: {_describe_exit(code)}; attempt {task.attempts}, no retries left",
+                    f"the worker (pid {slot.pid}) on {slot.spec.label} died while running the task: "
+                    f"{how}; attempt {task.attempts}, no retries left",
                     slot.spec.label, time.monotonic() - started, task.attempts))
         if slot.state == "retired":
             return
@@ -748,17 +751,11 @@ class LocalScheduler(Scheduler):
             if slot.early_deaths >= _MAX_EARLY_DEATHS:
                 slot.state = "retired"
                 slot.reason = (f"the worker on {slot.spec.label} died {slot.early_deaths} times before "
-                               f"it was ready (last: {_describe_exit(code)})")
+                               f"it was ready (last: {how})")
                 return
         self._spawn(slot)
 
-    def _send_task(self, slot: _Slot) -> None:
-        task = slot.task
-        try:
-            slot.conn.send_bytes(pickle.dumps(("task", task.task_id, task.attempts, task.blob)))
-            slot.started = time.monotonic()
-        except OSError:
-            pass  # the worker is gone; its exit puts the task back in the queue
+    # -- bookkeeping -------------------------------------------------------------
 
     def _dispatch(self) -> None:
         if self._closing:
@@ -774,7 +771,7 @@ class LocalScheduler(Scheduler):
         for slot in sorted(self._slots, key=lambda s: s.state != "ready"):
             if not self._queue:
                 return
-            if slot.state != "retired" and slot.task is None and slot.proc is not None:
+            if slot.state != "retired" and slot.task is None and not slot.dying:
                 slot.task = self._queue.popleft()
                 if slot.state == "ready":
                     self._send_task(slot)
@@ -782,37 +779,24 @@ class LocalScheduler(Scheduler):
     def _check_timeouts(self) -> None:
         if self._timeout is None or self._closing:
             return
-        now = time.monotonic()
         for slot in self._slots:
-            if slot.started is None or now - slot.started <= self._timeout:
+            if slot.started is None or time.monotonic() - slot.started <= self._timeout:
                 continue
-            self._read(slot)  # a result that just made it counts
-            if slot.started is None or slot.proc is None:
+            self._drain(slot)  # a result that just made it counts
+            if slot.started is None:
                 continue
             task, started = slot.task, slot.started
             slot.task = slot.started = None
-            code = self._close(slot, kill=True)
+            how = self._kill(slot)
             self._out.append(TaskResult(
                 task.task_id, "timeout", None,
                 f"the task ran past candidate_timeout={self._timeout:g} s on {slot.spec.label}; "
-                f"its worker (pid {slot.pid}) was killed ({_describe_exit(code)}) and replaced",
+                f"its worker (pid {slot.pid}) was killed ({how}) and replaced",
                 slot.spec.label, time.monotonic() - started, task.attempts))
             self._spawn(slot)
 
-    def _pump(self, timeout: float) -> None:
-        """Wait up to ``timeout`` s for a message or an exit, then take in everything ready."""
-        waitables = {}
-        for slot in self._slots:
-            if slot.proc is not None:
-                waitables[slot.conn] = slot
-                waitables[slot.proc.sentinel] = slot
-        if waitables:
-            for obj in _wait_any(list(waitables), timeout):
-                slot = waitables[obj]
-                if obj is slot.conn:
-                    self._read(slot)
-                elif slot.proc is not None and obj == slot.proc.sentinel:
-                    self._on_exit(slot)
+    def _pump(self, timeout: float | None) -> None:
+        self._receive(timeout)
         self._check_timeouts()
         self._dispatch()
 
@@ -822,7 +806,29 @@ class LocalScheduler(Scheduler):
         starts = [slot.started for slot in self._slots if slot.started is not None]
         return min(starts) + self._timeout if starts else None
 
-    # -- the API -------------------------------------------------------------
+    def _busy(self) -> bool:
+        return bool(self._queue) or any(slot.task is not None for slot in self._slots)
+
+    def _begin_shutdown(self) -> None:
+        self._closing = True
+        self._unfinished = [task.task_id for task in self._queue]
+        self._queue.clear()
+
+    def _end_shutdown(self) -> list[str]:
+        self._unfinished.extend(task.task_id for task in self._queue)  # put back meanwhile
+        self._queue.clear()
+        for slot in self._slots:
+            if slot.task is not None:
+                self._unfinished.append(slot.task.task_id)
+                slot.task = slot.started = None
+        return list(dict.fromkeys(self._unfinished))
+
+    def _wait_for_workers(self, seconds: float, alive: Callable[[], bool]) -> None:
+        end = time.monotonic() + seconds
+        while alive() and (left := end - time.monotonic()) > 0:
+            self._pump(left)
+
+    # -- the API -------------------------------------------------------------------
 
     def submit(self, task_id, fn, payload):
         if self._closing:
@@ -846,8 +852,9 @@ class LocalScheduler(Scheduler):
     def queued(self):
         return [task.task_id for task in self._queue]
 
-    def _busy(self) -> bool:
-        return bool(self._queue) or any(slot.task is not None for slot in self._slots)
+    def worker_pids(self):
+        return {slot.spec.label: slot.pid for slot in self._slots
+                if slot.pid is not None and slot.state != "retired" and not self._closing}
 
     def poll(self, timeout=None):
         if not self._closing:
@@ -860,17 +867,112 @@ class LocalScheduler(Scheduler):
                     break
                 deadline = self._next_deadline()
                 if deadline is not None:
-                    wait = max(0.0, deadline - now) if wait is None else min(wait, max(0.0, deadline - now))
+                    left = max(0.0, deadline - now)
+                    wait = left if wait is None else min(wait, left)
                 self._pump(wait)
         out, self._out = self._out, []
         return out
 
+
+class LocalScheduler(_PoolScheduler):
+    backend = "local"
+
+    def __init__(self, specs: list[_WorkerSpec], retries_on_death: int):
+        super().__init__(specs, retries_on_death)
+        self._mp = torch.multiprocessing.get_context("spawn")
+        self._procs: dict[int, Any] = {}
+        # Runs at interpreter exit before multiprocessing joins its children.
+        self._finalizer = multiprocessing.util.Finalize(self, _end_processes, args=(self._procs,),
+                                                        exitpriority=10)
+        for slot in self._slots:
+            self._spawn(slot)
+
+    def _spawn(self, slot: _Slot) -> None:
+        parent_conn, child_conn = self._mp.Pipe(duplex=True)
+        proc = self._mp.Process(target=_worker_main, args=(child_conn, slot.spec),
+                                name=f"xmcnas-worker[{slot.spec.label}]")
+        with _sigint_ignored():
+            proc.start()
+        child_conn.close()
+        slot.proc, slot.conn, slot.pid, slot.state = proc, parent_conn, proc.pid, "starting"
+        self._procs[slot.index] = proc
+
+    def _send_task(self, slot: _Slot) -> None:
+        task = slot.task
+        try:
+            slot.conn.send_bytes(pickle.dumps(("task", task.task_id, task.attempts, task.blob)))
+            slot.started = time.monotonic()
+        except OSError:
+            pass  # the worker is gone; its exit puts the task back in the queue
+
+    def _drain(self, slot: _Slot) -> None:
+        while slot.conn is not None:
+            try:
+                if not slot.conn.poll():
+                    return
+                msg = pickle.loads(slot.conn.recv_bytes())
+            except (EOFError, OSError):
+                self._on_exit(slot)
+                return
+            self._handle(slot, msg)
+
+    def _handle(self, slot: _Slot, msg: tuple) -> None:
+        kind = msg[0]
+        if kind == "ready":
+            self._on_ready(slot, msg[1])
+        elif kind == "init_error":
+            self._on_init_error(slot, msg[1])
+        elif kind == "event":
+            self._on_event(slot, *msg[1:])
+        elif kind == "result":
+            self._on_result(slot, *msg[1:])
+
+    def _close(self, slot: _Slot, kill: bool) -> int | None:
+        proc = slot.proc
+        if kill:
+            proc.kill()
+        proc.join(1.0)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        slot.conn.close()
+        slot.proc = slot.conn = None
+        self._procs.pop(slot.index, None)
+        return proc.exitcode
+
+    def _kill(self, slot: _Slot) -> str:
+        return _describe_exit(self._close(slot, kill=True))
+
+    def _on_exit(self, slot: _Slot) -> None:
+        """The worker process ended (or closed its pipe) without being asked to."""
+        slot.dying = True
+        try:  # what it sent before it went still counts
+            while slot.conn.poll():
+                self._handle(slot, pickle.loads(slot.conn.recv_bytes()))
+        except (EOFError, OSError):
+            pass
+        slot.dying = False
+        self._on_death(slot, _describe_exit(self._close(slot, kill=False)))
+
+    def _receive(self, timeout: float | None) -> None:
+        waitables = {}
+        for slot in self._slots:
+            if slot.proc is not None:
+                waitables[slot.conn] = slot
+                waitables[slot.proc.sentinel] = slot
+        if not waitables:
+            return
+        for obj in _wait_any(list(waitables), timeout):
+            slot = waitables[obj]
+            if obj is slot.conn:
+                self._drain(slot)
+            elif slot.proc is not None and obj == slot.proc.sentinel:
+                self._on_exit(slot)
+
     def shutdown(self, graceful=True, wait=5.0):
         if self._closing:
             return []
-        self._closing = True
-        self._unfinished = [task.task_id for task in self._queue]
-        self._queue.clear()
+        self._begin_shutdown()
         try:
             for slot in self._slots:
                 if slot.proc is None:
@@ -886,23 +988,201 @@ class LocalScheduler(Scheduler):
                         slot.conn.send_bytes(pickle.dumps(order))
                     except OSError:
                         pass
-            end = time.monotonic() + (wait if graceful else 0.0)
-            while any(slot.proc is not None for slot in self._slots):
-                left = end - time.monotonic()
-                if left <= 0:
-                    break
-                self._pump(left)
+            if graceful:
+                self._wait_for_workers(wait, lambda: any(s.proc is not None for s in self._slots))
         finally:
             for slot in self._slots:
-                if slot.task is not None:
-                    self._unfinished.append(slot.task.task_id)
-                    slot.task = None
                 if slot.conn is not None:
                     slot.conn.close()
                     slot.conn = slot.proc = None
             _end_processes(self._procs)
             self._finalizer.cancel()
-        return list(dict.fromkeys(self._unfinished))
+        return self._end_shutdown()
+
+
+# ----------------------------------------------------------------------------
+# ray backend
+
+class _RayWorker:
+    """The body of one Ray actor (made remote by RayScheduler): a threaded actor, so that
+    ``events`` and ``stop`` are answered while ``run`` works."""
+
+    def __init__(self, spec: _WorkerSpec):
+        self._spec = spec
+        self._stop = threading.Event()
+        self._cv = threading.Condition()
+        self._merger = _Merger(spec.report_interval)
+        self._device = torch.device("cpu")
+        self._shared = None
+
+    def setup(self):
+        try:
+            if self._spec.threads:
+                torch.set_num_threads(self._spec.threads)
+            if self._spec.device.startswith("cuda"):
+                # Ray shows the actor only the GPU it was given: it is device 0 here.
+                self._device = torch.device("cuda", 0)
+                torch.cuda.set_device(self._device)
+            if self._spec.init_fn is not None:
+                self._shared = self._spec.init_fn(*self._spec.init_args)
+        except BaseException as exc:
+            return ("init_error", _describe(exc))
+        return ("ready", os.getpid())
+
+    def _report(self, task_id, data):
+        with self._cv:
+            self._merger.add(task_id, data)
+            self._cv.notify_all()
+
+    def run(self, task_id, attempt, blob):
+        if self._device.type == "cuda":
+            torch.cuda.set_device(self._device)  # the current device is per thread
+        timeout = self._spec.timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def make_ctx():
+            return WorkerContext(device=self._device, shared=self._shared, task_id=task_id,
+                                 worker=self._spec.label, attempt=attempt, deadline=deadline,
+                                 emit=self._report, stopped=self._stop.is_set)
+
+        outcome = _execute(blob, make_ctx, self._device)
+        with self._cv:
+            last_event = self._merger.take()
+        return (task_id, last_event, *outcome)
+
+    def events(self, wait):
+        """Long poll: the next due event, or nothing after ``wait`` s."""
+        end = time.monotonic() + wait
+        with self._cv:
+            while True:
+                if self._merger.pending is not None and self._merger.due_in() <= 0:
+                    return [self._merger.take()]
+                left = end - time.monotonic()
+                if left <= 0:
+                    return []
+                if self._merger.pending is not None:
+                    left = min(left, self._merger.due_in())
+                self._cv.wait(left)
+
+    def stop(self):
+        self._stop.set()
+
+
+class RayScheduler(_PoolScheduler):
+    """One Ray actor per slot (a GPU each for CUDA slots; Ray picks which GPU)."""
+
+    backend = "ray"
+    _EVENT_WAIT = 1.0
+
+    def __init__(self, specs: list[_WorkerSpec], retries_on_death: int, ray, owns_ray: bool):
+        super().__init__(specs, retries_on_death)
+        self._ray = ray
+        self._owns_ray = owns_ray
+        self._actor_cls = ray.remote(_RayWorker)
+        self._refs: dict[Any, tuple[_Slot, str, Any]] = {}  # ref -> (slot, kind, actor)
+        for slot in self._slots:
+            self._spawn(slot)
+
+    def _track(self, slot: _Slot, kind: str, ref) -> None:
+        self._refs[ref] = (slot, kind, slot.actor)
+
+    def _spawn(self, slot: _Slot) -> None:
+        if slot.spec.device.startswith("cuda"):
+            options = {"num_gpus": 1, "num_cpus": 1}
+        else:
+            options = {"num_cpus": slot.spec.threads}
+        slot.actor = self._actor_cls.options(max_concurrency=3, **options).remote(slot.spec)
+        slot.state, slot.pid = "starting", None
+        self._track(slot, "setup", slot.actor.setup.remote())
+
+    def _send_task(self, slot: _Slot) -> None:
+        task = slot.task
+        self._track(slot, "run", slot.actor.run.remote(task.task_id, task.attempts, task.blob))
+        slot.started = time.monotonic()
+        self._poll_events(slot)
+
+    def _poll_events(self, slot: _Slot) -> None:
+        if not slot.polling:  # one at a time: each holds one of the actor's threads
+            slot.polling = True
+            self._track(slot, "events", slot.actor.events.remote(self._EVENT_WAIT))
+
+    def _forget(self, slot: _Slot) -> None:
+        actor, slot.actor, slot.polling = slot.actor, None, False
+        for ref in [r for r, (_, _, a) in self._refs.items() if a is actor]:
+            del self._refs[ref]
+        if actor is not None:
+            self._ray.kill(actor, no_restart=True)
+
+    def _kill(self, slot: _Slot) -> str:
+        self._forget(slot)
+        return "Ray actor killed"
+
+    def _take(self, refs) -> None:
+        # events before results, so that a task's progress precedes its outcome
+        order = {"events": 0, "run": 1, "setup": 2}
+        entries = sorted(((ref, *self._refs.pop(ref)) for ref in refs if ref in self._refs),
+                         key=lambda e: order[e[2]])
+        for ref, slot, kind, actor in entries:
+            if actor is not slot.actor:
+                continue  # from a worker already replaced
+            if kind == "events":
+                slot.polling = False
+            try:
+                reply = self._ray.get(ref)
+            except self._ray.exceptions.RayError as exc:
+                if kind != "events":  # the run or setup call tells the same story
+                    self._forget(slot)
+                    lines = str(exc).strip().splitlines()
+                    self._on_death(slot, lines[0] if lines else type(exc).__name__)
+                continue
+            if kind == "setup":
+                if reply[0] == "ready":
+                    self._on_ready(slot, reply[1])
+                else:
+                    self._forget(slot)
+                    self._on_init_error(slot, reply[1])
+            elif kind == "events":
+                for task_id, data, when in reply:
+                    if slot.task is not None and slot.task.task_id == task_id:
+                        self._on_event(slot, task_id, data, when)
+                if slot.task is not None:
+                    self._poll_events(slot)
+            else:
+                task_id, last_event, *outcome = reply
+                if last_event is not None:
+                    self._on_event(slot, *last_event)
+                self._on_result(slot, task_id, *outcome)
+
+    def _drain(self, slot: _Slot) -> None:
+        mine = [ref for ref, (s, _, _) in self._refs.items() if s is slot]
+        if mine:
+            self._take(self._ray.wait(mine, num_returns=len(mine), timeout=0)[0])
+
+    def _receive(self, timeout: float | None) -> None:
+        refs = list(self._refs)
+        if not refs:
+            return
+        ready, _ = self._ray.wait(refs, num_returns=1, timeout=timeout)
+        if ready:
+            self._take(self._ray.wait(refs, num_returns=len(refs), timeout=0)[0])
+
+    def shutdown(self, graceful=True, wait=5.0):
+        if self._closing:
+            return []
+        self._begin_shutdown()
+        try:
+            busy = [slot for slot in self._slots if slot.started is not None]
+            if graceful and busy:
+                for slot in busy:
+                    slot.actor.stop.remote()
+                self._wait_for_workers(wait, lambda: any(s.started is not None for s in busy))
+        finally:
+            for slot in self._slots:
+                if slot.actor is not None:
+                    self._forget(slot)
+            if self._owns_ray:
+                self._ray.shutdown()
+        return self._end_shutdown()
 
 
 # ----------------------------------------------------------------------------
@@ -927,23 +1207,36 @@ def make_scheduler(backend: str, devices: str | list[str], *, init_fn: Callable 
         raise ValueError(f"retries_on_death must be an integer >= 0, got {retries_on_death!r}")
     if init_fn is not None and not callable(init_fn):
         raise TypeError(f"init_fn must be callable, got {init_fn!r}")
-    specs = _worker_specs(devices, init_fn, init_args, candidate_timeout, report_interval)
+    if backend not in ("inline", "local", "ray"):
+        raise ValueError(f"unknown backend {backend!r}; use inline, local or ray")
     if backend == "inline":
+        specs = _worker_specs(devices, init_fn, init_args, candidate_timeout, report_interval)
         if len(specs) != 1:
             raise ValueError(f"the inline backend runs on one device, got {len(specs)} "
                              f"({', '.join(s.label for s in specs)}); pick one")
         return InlineScheduler(dataclasses.replace(specs[0], threads=0))
-    if backend not in ("local", "ray"):
-        raise ValueError(f"unknown backend {backend!r}; use inline, local or ray")
     try:
         pickle.dumps((init_fn, tuple(init_args)))
     except Exception as exc:
         raise TypeError(f"init_fn must be a top-level function of an importable module and init_args "
                         f"picklable: {type(exc).__name__}: {exc}") from exc
     if backend == "local":
-        return LocalScheduler(specs, retries_on_death)
+        return LocalScheduler(_worker_specs(devices, init_fn, init_args, candidate_timeout, report_interval),
+                              retries_on_death)
     try:
-        import ray  # noqa: F401
+        import ray
     except ImportError as exc:
         raise ImportError(f"the ray backend needs Ray: {RAY_INSTALL_HINT}") from exc
-    raise NotImplementedError
+    owns_ray = not ray.is_initialized()
+    if owns_ray:
+        ray.init(include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}})
+    try:
+        # under Ray, "cuda" means every GPU of the cluster, and cuda:I names a slot, not a GPU
+        specs = _worker_specs(devices, init_fn, init_args, candidate_timeout, report_interval,
+                              gpu_count=lambda: int(ray.cluster_resources().get("GPU", 0)))
+        return RayScheduler(specs, retries_on_death, ray, owns_ray)
+    except BaseException:
+        if owns_ray:
+            ray.shutdown()
+        raise
