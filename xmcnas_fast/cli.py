@@ -151,13 +151,12 @@ def cmd_search(args) -> int:
 
 
 def _device_names(devices: str) -> list:
-    if devices.startswith("cpu:"):
-        return [f"cpu:{i}" for i in range(int(devices[4:]))]
-    if devices == "cuda":
-        import torch
+    from .scheduler import parse_devices
 
-        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    return [d.strip() for d in devices.split(",")]
+    try:
+        return parse_devices(devices)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
 
 
 def _print_search_summary(console, run) -> None:

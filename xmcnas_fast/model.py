@@ -57,7 +57,7 @@ PRESETS = {
     # the architecture XMC-NAS discovered: two BiLSTMs reading the embedding, concatenated
     "discovered": ModelConfig(genotype=Genotype((("bilstm", 0), ("bilstm", 0)), "concat").to_dict()),
     # the Keras arXiv example: TF-IDF uni+bigrams -> 512 ReLU -> 256 ReLU -> one sigmoid per label
-    "tfidf-mlp": ModelConfig(kind="tfidf-mlp"),
+    "tfidf-mlp": ModelConfig(kind="tfidf-mlp", dropout=0.2),
 }
 
 
@@ -181,20 +181,20 @@ class AttentionHead(nn.Module):
             layers += [nn.Linear(d_in, d_out), nn.ReLU(), nn.Dropout(dropout)]
             d_in = d_out
         self.fc = nn.Sequential(*layers)
-        self.out = nn.Linear(d_in, 1)
+        self.out = nn.Linear(d_in, 1, bias=False)
+        self.label_bias = nn.Parameter(torch.zeros(num_labels))   # set to the labels' prior log-odds
         nn.init.xavier_uniform_(self.attention)
         for m in self.fc:
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
         nn.init.xavier_uniform_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
 
     def forward(self, h, mask):
         W = self.attention.to(h.dtype)
         fn = ops.label_attention if self.use_kernels else ops.label_attention_reference
         ctx = fn(h, mask, W)                                  # [B, L, D]
-        return self.out(self.fc(ctx)).squeeze(-1)             # [B, L]
+        return self.out(self.fc(ctx)).squeeze(-1) + self.label_bias   # [B, L]
 
 
 class XMCModel(nn.Module):
@@ -206,7 +206,8 @@ class XMCModel(nn.Module):
         self.cfg = cfg
         self.genotype = Genotype.from_dict(cfg.genotype)
         emb_dim = vectors.shape[1] if vectors is not None else cfg.emb_dim
-        self.embedding = nn.Embedding(vocab_size, emb_dim, padding_idx=0)
+        # sparse gradients: each step touches only the rows of the words in the batch (SparseAdam)
+        self.embedding = nn.Embedding(vocab_size, emb_dim, padding_idx=0, sparse=not cfg.freeze_emb)
         if vectors is not None:
             if vectors.shape[0] != vocab_size:
                 raise ValueError(f"word vectors have {vectors.shape[0]} rows for a vocabulary of {vocab_size}")
@@ -227,6 +228,11 @@ class XMCModel(nn.Module):
         x = self.emb_dropout(self.embedding(tokens))
         h = self.dropout(self.merge(self.encoder(x, mask)))
         return self.head(h, mask)
+
+    def init_label_bias(self, log_odds: np.ndarray) -> None:
+        """Start every label's score at its prior log-odds, so training starts from the label
+        frequencies instead of spending its first epochs learning them."""
+        self.head.label_bias.data.copy_(torch.as_tensor(log_odds, dtype=torch.float32))
 
     def layer_weights(self) -> Optional[list]:
         """The learned layer-sum weights, one per node (None for a concat merge)."""
@@ -254,7 +260,7 @@ class TfidfMLP(nn.Module):
         self.register_buffer("bigram_ids", torch.zeros(0, dtype=torch.long))
         self.register_buffer("idf", torch.ones(F_))
         self.vocab_size = vocab_size
-        self.bag = nn.EmbeddingBag(F_, cfg.hidden[0], mode="sum")
+        self.bag = nn.EmbeddingBag(F_, cfg.hidden[0], mode="sum", sparse=True)
         self.bias0 = nn.Parameter(torch.zeros(cfg.hidden[0]))
         layers, d_in = [], cfg.hidden[0]
         for d_out in cfg.hidden[1:]:
@@ -333,6 +339,9 @@ class TfidfMLP(nn.Module):
         f, offsets, w = self.features(tokens, mask)
         x = F.relu(self.bag(f, offsets, per_sample_weights=w) + self.bias0)
         return self.out(self.mlp(self.drop0(x)))
+
+    def init_label_bias(self, log_odds: np.ndarray) -> None:
+        self.out.bias.data.copy_(torch.as_tensor(log_odds, dtype=torch.float32))
 
     def layer_weights(self):
         return None

@@ -253,8 +253,10 @@ def run_search(run: Run, *, progress=None, backend: Optional[str] = None, device
                     in_flight[str(c.id)] = c
                     if progress:
                         progress.started(c.id, sched.running().get(str(c.id), "?"), labels[c.id])
-                if not in_flight and not strategy.done and not reruns:
-                    raise RuntimeError("the search stalled: nothing in flight and nothing to propose")
+                if not in_flight and not strategy.done:
+                    last = run.history.records[-1].get("error") if run.history.records else None
+                    raise RuntimeError("the search cannot go on: no candidate is running and none can start"
+                                       + (f" (last error: {last})" if last else ""))
                 for item in sched.poll(timeout=0.5):
                     if isinstance(item, Event):
                         if progress:

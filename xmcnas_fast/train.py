@@ -72,6 +72,13 @@ def _autocast(device: torch.device, amp: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
+def label_log_odds(data) -> np.ndarray:
+    """log(p / (1 - p)) of each trained label's frequency in train + valid (add-one smoothed)."""
+    n = len(data.train) + len(data.valid)
+    p = (data.label_counts().astype(np.float64) + 1.0) / (n + 2.0)
+    return np.log(p / (1.0 - p))
+
+
 def label_inv_propensity(data, columns: int) -> np.ndarray:
     """Inverse propensities over `columns` label columns, from train+valid counts (unseen labels: count 0)."""
     counts = np.zeros(columns)
@@ -136,9 +143,16 @@ def train_model(model: nn.Module, data, cfg: TrainConfig, *,
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    if hasattr(model, "init_label_bias"):
+        model.init_label_bias(label_log_odds(data))
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    sparse_ids = {id(m.weight) for m in model.modules()
+                  if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse}
+    dense = [p for p in params if id(p) not in sparse_ids]
+    sparse = [p for p in params if id(p) in sparse_ids]
+    # AttentionXML's DenseSparseAdam, as two optimizers: Adam, and SparseAdam for embedding rows
+    opts = [torch.optim.Adam(dense, lr=cfg.lr)] + ([torch.optim.SparseAdam(sparse, lr=cfg.lr)] if sparse else [])
     clipper = GradientClipper(cfg.clip)
     inv_prop = label_inv_propensity(data, max(data.test.labels.shape[1], data.num_labels))
     deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
@@ -174,21 +188,24 @@ def train_model(model: nn.Module, data, cfg: TrainConfig, *,
             t0 = time.perf_counter()
             batch = batch.to(device, non_blocking=True)
             if cfg.warmup_steps and step < cfg.warmup_steps:
-                for g in opt.param_groups:
-                    g["lr"] = cfg.lr * (step + 1) / cfg.warmup_steps
+                for opt in opts:
+                    for g in opt.param_groups:
+                        g["lr"] = cfg.lr * (step + 1) / cfg.warmup_steps
             with _autocast(device, cfg.amp):
                 logits = model(batch.tokens, batch.mask)
             loss = F.binary_cross_entropy_with_logits(logits.float(), batch.labels)
             if not torch.isfinite(loss):
                 status, error, stop = "nan", f"non-finite training loss at step {step + 1}", True
                 break
-            opt.zero_grad(set_to_none=True)
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
             loss.backward()
-            clipper(params)
-            opt.step()
+            clipper(dense)
+            for opt in opts:
+                opt.step()
             step += 1
             docs += batch.tokens.shape[0]
-            running_loss.append(float(loss))
+            running_loss.append(loss.item())
             train_seconds += time.perf_counter() - t0
             if step % cfg.eval_every == 0:
                 validate()

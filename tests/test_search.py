@@ -1,0 +1,138 @@
+"""The search end to end on a slice of debtags: history, best bundle, resume after a kill -9."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from xmcnas_fast.cli import main
+from xmcnas_fast.runs import JsonLog, Run, RunError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = ["--population", "3", "--cycles", "4", "--sample", "2", "--max-depth", "3",
+        "--max-steps", "4", "--eval-every", "2", "--width", "8", "--emb-dim", "8", "--fc", "8",
+        "--max-len", "24", "--valid", "60", "--backend", "inline", "--devices", "cpu", "--plain"]
+
+
+@pytest.fixture(scope="module")
+def debtags_slice(tmp_path_factory):
+    """400 examples of the bundled debtags set as a JSON-lines file (split 80/20 by id)."""
+    from xmcnas_fast.data import load
+
+    full = load("debtags")
+    path = tmp_path_factory.mktemp("data") / "debtags-slice.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for split in ("train", "test"):
+            ds = getattr(full, split)
+            names = full.label_names + full.unseen_label_names
+            for i in range(200):
+                words = [full.vocab.itos[t] for t in ds.tokens(i)]
+                labels = [names[j] for j in ds.labels[i].indices]
+                f.write(json.dumps({"id": ds.ids[i], "text": " ".join(words), "labels": labels,
+                                    "split": split}) + "\n")
+    return str(path)
+
+
+def search_cli(tmp_path, data, name, *extra):
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "XMCNAS_CACHE": str(tmp_path / "cache")}
+    return subprocess.Popen([sys.executable, "-m", "xmcnas_fast.cli", "search", "--dataset", data,
+                             "--runs-dir", str(tmp_path / "runs"), *extra] if name is None else
+                            [sys.executable, "-m", "xmcnas_fast.cli", "search", "--dataset", data,
+                             "--runs-dir", str(tmp_path / "runs"), "--name", name, *TINY, *extra],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+
+
+def candidates(run_dir):
+    recs = JsonLog(os.path.join(run_dir, "history.jsonl")).records
+    return recs
+
+
+def test_search_end_to_end_then_predict(tmp_path, debtags_slice):
+    p = search_cli(tmp_path, debtags_slice, "full")
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+    run_dir = tmp_path / "runs" / "full"
+    recs = candidates(run_dir)
+    assert len(recs) == 7 and len({r["id"] for r in recs}) == 7
+    trained = [r for r in recs if r["reused_from"] is None]
+    assert len({r["hash"] for r in trained}) == len(trained)          # no network trained twice
+    for r in recs:
+        assert r["status"] == "ok", r
+        assert 0 <= r["fitness"] <= 1 and r["valid"]["P@5"] == r["fitness"]
+        assert set(r["test"]) >= {"P@1", "P@3", "P@5", "nDCG@1", "nDCG@3", "nDCG@5", "PSP@1", "PSP@3", "PSP@5"}
+        assert len(r["layer_weights"]) == r["depth"] and r["params"] > 0
+    assert all(r["parent"] is None for r in recs[:3]) and all(r["parent"] is not None for r in recs[3:]
+                                                              if r["reused_from"] is None)
+    best = json.loads((run_dir / "best.json").read_text())
+    assert best["fitness"] == max(r["fitness"] for r in recs)
+    assert "best architecture" in out and "0 embedding" in out
+    # the best model's bundle loads and labels raw text
+    assert os.path.isdir(best["model_dir"])
+    assert len(os.listdir(run_dir / "models")) <= 3
+    from xmcnas_fast.bundle import load_bundle
+
+    b = load_bundle(best["model_dir"])
+    preds = b.predict(["a command line tool written in c to edit text files"], k=3)
+    assert len(preds[0]) == 3 and all(name in b.label_names for name, _ in preds[0])
+    # analysis of the run
+    assert main(["analyze", str(run_dir)]) == 0
+    assert any(f.endswith(".dot") for f in os.listdir(run_dir / "analysis"))
+
+
+def test_kill_9_at_a_random_moment_then_resume_gives_the_same_candidates(tmp_path, debtags_slice):
+    ref = search_cli(tmp_path, debtags_slice, "ref")
+    out, _ = ref.communicate(timeout=600)
+    assert ref.returncode == 0, out
+    expected = sorted(r["hash"] for r in candidates(tmp_path / "runs" / "ref"))
+
+    p = search_cli(tmp_path, debtags_slice, "killed")
+    run_dir = tmp_path / "runs" / "killed"
+    rng = random.Random(int(time.time()))
+    # wait until at least one candidate is recorded, then kill at a random moment
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and p.poll() is None:
+        if (run_dir / "history.jsonl").exists() and candidates(run_dir):
+            break
+        time.sleep(0.05)
+    time.sleep(rng.uniform(0, 1.5))
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    before = len(candidates(run_dir))
+    assert before >= 1
+
+    r = search_cli(tmp_path, debtags_slice, None, "--resume", str(run_dir), "--plain")
+    out, _ = r.communicate(timeout=600)
+    assert r.returncode == 0, out
+    recs = candidates(run_dir)
+    assert len(recs) == 7 and len({x["id"] for x in recs}) == 7      # none lost, none counted twice
+    assert sorted(x["hash"] for x in recs) == expected
+
+
+def test_resume_refuses_new_settings_and_a_second_search_in_one_directory(tmp_path):
+    run = Run.create(str(tmp_path / "r"), {"x": 1})
+    with pytest.raises(RunError):
+        Run.create(str(tmp_path / "r"), {"x": 1})
+    run.lock()
+    with pytest.raises(RunError, match="in use"):
+        Run.open(str(tmp_path / "r")).lock()
+    run.unlock()
+    Run.open(str(tmp_path / "r")).lock().unlock()
+    assert main(["search", "--resume", str(tmp_path / "r"), "--population", "5"]) == 2
+
+
+def test_torn_last_line_is_dropped(tmp_path):
+    log = JsonLog(str(tmp_path / "h.jsonl"))
+    log.append({"id": 0})
+    log.append({"id": 1})
+    with open(tmp_path / "h.jsonl", "a") as f:
+        f.write('{"id": 2, "sta')                      # killed mid-write
+    again = JsonLog(str(tmp_path / "h.jsonl"))
+    assert [r["id"] for r in again.records] == [0, 1]
+    again.append({"id": 2})
+    assert [r["id"] for r in JsonLog(str(tmp_path / "h.jsonl")).records] == [0, 1, 2]
