@@ -61,8 +61,9 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int64_t v = tid; v < nvec; v += stride) {
     float acc[V];
-    if (accumulate) {
-      const Vec<T> o = load_vec<T>(out, v);
+    if (accumulate) {  // out is written here: a plain load, not the read-only path
+      Vec<T> o;
+      o.raw = reinterpret_cast<const uint4*>(out)[v];
 #pragma unroll
       for (int j = 0; j < V; ++j) acc[j] = to_float(o.v[j]);
     } else {
