@@ -36,7 +36,7 @@ constexpr int kThreadsMax = 256;
 // PTX wrappers (sm_80+; the host never launches these kernels on older GPUs).
 // ---------------------------------------------------------------------------
 
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
+[[maybe_unused]] __device__ __forceinline__ unsigned smem_addr(const void* p) {
   return static_cast<unsigned>(__cvta_generic_to_shared(p));
 }
 
@@ -105,6 +105,8 @@ __device__ __forceinline__ void mma(float (&c)[4], const unsigned (&a)[4], unsig
   } else {
     XMCNAS_MMA_16816("f16");
   }
+#else
+  __trap();  // compiled for an older GPU: mma_eligible keeps the host from launching this
 #endif
 }
 #undef XMCNAS_MMA_16816
@@ -617,6 +619,11 @@ bool mma_eligible(at::ScalarType st, int64_t D, int device) {
   if (st != at::kHalf && st != at::kBFloat16) return false;
   if (D < 8 || D > 8 * kSlice || D % 8 != 0) return false;
   if (device_attr(cudaDevAttrComputeCapabilityMajor, device) < 8) return false;
+  // The code the device would run must itself be sm_80+ (a "7.5+PTX" build
+  // JIT-compiled for a newer GPU would not be).
+  cudaFuncAttributes attr;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, la_fwd_mma_kernel<__nv_bfloat16>));
+  if (attr.binaryVersion < 80 || attr.ptxVersion < 80) return false;
   const MmaLayout ly = mma_layout(D);
   const size_t need = std::max(fwd_smem(ly), std::max(dw_smem(ly), dh_smem(ly)));
   return need <= static_cast<size_t>(device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
