@@ -19,9 +19,18 @@ def test_extension_loaded():
         assert ops.has_kernel(op, "cpu"), op
 
 
-@pytest.mark.skipif(os.environ.get("XMCNAS_EXPECT_CUDA_BUILD") != "1",
-                    reason="set XMCNAS_EXPECT_CUDA_BUILD=1 where the CUDA kernels must have been compiled")
+def _built_with_cuda():
+    try:
+        with open(os.path.join(PKG, "_build_info.json")) as f:
+            return json.load(f).get("cuda") is True
+    except (OSError, ValueError):
+        return False
+
+
+@pytest.mark.skipif(os.environ.get("XMCNAS_EXPECT_CUDA_BUILD") != "1" and not _built_with_cuda(),
+                    reason="built without CUDA; set XMCNAS_EXPECT_CUDA_BUILD=1 where the CUDA kernels must have been")
 def test_cuda_kernels_compiled():
+    """Runs without a GPU too: registering the CUDA kernels needs none."""
     with open(os.path.join(PKG, "_build_info.json")) as f:
         assert json.load(f)["cuda"] is True
     for op in OPS:
