@@ -100,11 +100,11 @@ def test_kill_9_at_a_random_moment_then_resume_gives_the_same_candidates(tmp_pat
         if (run_dir / "history.jsonl").exists() and candidates(run_dir):
             break
         time.sleep(0.05)
-    time.sleep(rng.uniform(0, 1.5))
+    time.sleep(rng.uniform(0, 0.4))
     p.send_signal(signal.SIGKILL)
     p.wait()
     before = len(candidates(run_dir))
-    assert before >= 1
+    assert 1 <= before < 7, "the kill must land mid-search"
 
     r = search_cli(tmp_path, debtags_slice, None, "--resume", str(run_dir), "--plain")
     out, _ = r.communicate(timeout=600)

@@ -30,7 +30,10 @@ class CLIError(Exception):
 def _console(quiet: bool = False):
     from rich.console import Console
 
-    return Console(quiet=quiet, highlight=False)
+    console = Console(quiet=quiet, highlight=False)
+    if not console.is_terminal:
+        console.soft_wrap = True  # logs and pipes: one line per message, never wrapped at 80 columns
+    return console
 
 
 # ---- shared options ----------------------------------------------------------------------------
