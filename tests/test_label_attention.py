@@ -194,6 +194,18 @@ def test_rows_longer_than_a_token_tile():
     assert_matches_reference(h, mask, W)
 
 
+def test_row_lengths_at_tile_edges():
+    """Real-token counts on and around the multiples of 16 (row padding) and 256 (score tiles)."""
+    counts = [1, 15, 16, 17, 255, 256, 257, 272, 513]
+    h, mask, W = make_inputs(len(counts), 520, 8, 6, padding="none")
+    mask = torch.arange(520).unsqueeze(0) < torch.tensor(counts).unsqueeze(1)
+    ctx, lse = OP(h, mask, W)
+    ctx64, lse64 = exact(h, mask, W)
+    torch.testing.assert_close(ctx.double(), ctx64, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), lse64, atol=1e-5, rtol=1e-6)
+    assert_matches_reference(h, mask, W)
+
+
 def test_large_scores_are_stable():
     """Scores near +-5000 (exp overflows float32 beyond 88) with moderate differences between tokens:
     the result is the float64 softmax, up to the float32 rounding of the scores (ulp(5000) ~ 5e-4)."""
