@@ -238,6 +238,14 @@ def test_any_thread_count(threads):
         torch.set_num_threads(saved)
 
 
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # said by mkldnn.flags()
+def test_blas_fallback_without_onednn():
+    """With oneDNN switched off, the float32 tiles go to ATen's BLAS instead: same results."""
+    h, mask, W = make_inputs(3, 40, 16, 150, padding="anywhere")
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert_matches_reference(h, mask, W)
+
+
 @pytest.mark.parametrize("args,message", [
     (lambda h, m, W: (h[0], m, W), "expected h [B,N,D]"),
     (lambda h, m, W: (h, m[:, :-1], W), "mask must be [B,N]"),
