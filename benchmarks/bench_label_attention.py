@@ -1,0 +1,170 @@
+"""label_attention on the CPU: the compiled kernel beside its peers, time and peak memory.
+
+    python -m pytest benchmarks/bench_label_attention.py --benchmark-enable
+
+Peers: the eager composition (ops.label_attention_reference: AttentionXML's
+MLAttention, matmul / masked_fill / softmax / matmul) and
+torch.nn.functional.scaled_dot_product_attention (Q = W expanded to [B,L,D],
+K = V = h, scale 1, boolean mask [B,1,N]). Shapes: EURLex-4K and the bundled
+data, 30% of the tokens padding at the end of rows of random lengths, float32,
+2 threads. One benchmark group per shape and pass, so the ratios in
+parentheses compare the three side by side.
+
+Peak memory is the extra resident memory of one call, measured in a fresh
+subprocess: the RSS high-water mark (VmHWM, reset through
+/proc/self/clear_refs once the inputs exist and a call on two rows has set up
+what is set up once) minus the RSS before the call. It counts everything the
+call touches, outputs included ([B,L,D] ctx, and the input gradients),
+whatever allocator made it. Linux only.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # the in-place build of this checkout, also when run as a script
+    sys.path.insert(0, ROOT)
+
+from xmcnas_fast import ops  # noqa: E402
+
+THREADS = 2
+PADDING = 0.3
+SHAPES = {  # name: (B, N, D, L)
+    "eurlex-4k": (40, 500, 512, 3993),
+    "bundled": (64, 128, 256, 598),
+}
+ROUNDS = {"eurlex-4k": 5, "bundled": 20}  # the machine is shared: medians of a few rounds
+
+
+def inputs(shape, requires_grad):
+    """h, mask, W and a gradient for ctx; 30% padding, at the end of rows of random lengths."""
+    B, N, D, L = SHAPES[shape]
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(B, N, D, generator=g)
+    W = torch.randn(L, D, generator=g) / D ** 0.5
+    frac = torch.rand(B, generator=g) * 0.6 + 0.4  # random lengths, scaled so that PADDING of all tokens is padding
+    lengths = (frac * (1 - PADDING) * B * N / frac.sum()).round().long().clamp(1, N)
+    mask = torch.arange(N).unsqueeze(0) < lengths.unsqueeze(1)
+    grad = torch.randn(B, L, D, generator=g) if requires_grad else None
+    return h.requires_grad_(requires_grad), mask, W.requires_grad_(requires_grad), grad
+
+
+def sdpa(h, mask, W):
+    q = W.unsqueeze(0).expand(h.shape[0], *W.shape)  # a view: no [B,L,D] copy
+    return F.scaled_dot_product_attention(q, h, h, attn_mask=mask.unsqueeze(1), scale=1.0)
+
+
+IMPLS = {"ours": ops.label_attention, "eager": ops.label_attention_reference, "sdpa": sdpa}
+
+
+def step(impl, mode, shape, rows=None):
+    """The function timed (and measured) for one case, on its inputs (the first `rows` rows only if given)."""
+    fn = IMPLS[impl]
+    h, mask, W, grad = inputs(shape, requires_grad=mode == "forward+backward")
+    if rows is not None:
+        h, mask = h.detach()[:rows].requires_grad_(h.requires_grad), mask[:rows]
+        grad = None if grad is None else grad[:rows]
+    if mode == "forward":
+        def run():
+            with torch.no_grad():
+                return fn(h, mask, W)
+    else:
+        def run():
+            h.grad = W.grad = None
+            fn(h, mask, W).backward(grad)
+    return run
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_peak(impl, mode, shape):
+    """Run in a subprocess: extra peak RSS (MiB) of one call, after a call on two rows has
+    initialised what is set up once (thread pools, BLAS buffers, autograd engine)."""
+    torch.set_num_threads(THREADS)
+    step(impl, mode, shape, rows=2)()
+    run = step(impl, mode, shape)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    before = _status_kib("VmRSS")
+    run()
+    return (_status_kib("VmHWM") - before) / 1024
+
+
+def peak_in_subprocess(impl, mode, shape):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, __file__, impl, mode, shape], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert res.returncode == 0, res.stderr
+    return json.loads(res.stdout.strip().splitlines()[-1])["peak_extra_mib"]
+
+
+RESULTS = {}  # (shape, mode) -> impl -> {"median_s", "peak_extra_mib"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def summary(request):
+    """After the module: the ratios and memory, one line per shape and pass."""
+    torch.set_num_threads(THREADS)
+    yield
+    tr = request.config.pluginmanager.getplugin("terminalreporter")
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    if not RESULTS or tr is None:
+        return
+    lines = ["", f"label_attention (CPU, {THREADS} threads, torch {torch.__version__}): medians and extra peak RSS"]
+    for (shape, mode), r in RESULTS.items():
+        if "ours" not in r:
+            continue
+        ours = r["ours"]
+        parts = [f"{shape:10s} {mode:17s} ours {ours['median_s']:.3f} s {ours['peak_extra_mib']:.0f} MiB"]
+        for peer in ("eager", "sdpa"):
+            if peer in r:
+                p = r[peer]
+                parts.append(f"{peer} {p['median_s'] / ours['median_s']:.2f}x slower, "
+                             f"{p['median_s']:.3f} s, {p['peak_extra_mib']:.0f} MiB "
+                             f"(ours {ours['peak_extra_mib'] / p['peak_extra_mib']:.2f} of it)")
+        lines.append(" | ".join(parts))
+    with capture.global_and_fixture_disabled():  # module teardown output is captured otherwise
+        for line in lines:
+            tr.write_line(line)
+
+
+def test_the_three_agree():
+    """What is timed computes one thing: ours, eager and SDPA on the bundled shape."""
+    h, mask, W, _ = inputs("bundled", requires_grad=False)
+    ref = ops.label_attention_reference(h, mask, W)
+    torch.testing.assert_close(ops.label_attention(h, mask, W), ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(sdpa(h, mask, W), ref, atol=1e-5, rtol=1e-4)
+    assert abs(1 - mask.float().mean().item() - PADDING) < 0.01
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("mode", ["forward", "forward+backward"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_label_attention(benchmark, shape, mode, impl):
+    if impl == "ours" and not ops.has_kernel("label_attention", "cpu"):
+        pytest.skip(f"compiled kernel not in use: {ops.extension_status()}")
+    benchmark.group = f"label_attention {shape} {mode}"
+    run = step(impl, mode, shape)
+    if benchmark.disabled:  # a plain test run: one call, no measurements
+        benchmark(run)
+        return
+    peak = peak_in_subprocess(impl, mode, shape)
+    benchmark.extra_info["peak_extra_mib"] = round(peak, 1)
+    benchmark.pedantic(run, rounds=ROUNDS[shape], iterations=1, warmup_rounds=1)
+    RESULTS.setdefault((shape, mode), {})[impl] = {"median_s": benchmark.stats.stats.median,
+                                                   "peak_extra_mib": peak}
+
+
+if __name__ == "__main__":  # python benchmarks/bench_label_attention.py IMPL MODE SHAPE
+    print(json.dumps({"peak_extra_mib": measure_peak(*sys.argv[1:4])}))
