@@ -94,13 +94,13 @@ def test_kill_9_at_a_random_moment_then_resume_gives_the_same_candidates(tmp_pat
     p = search_cli(tmp_path, debtags_slice, "killed")
     run_dir = tmp_path / "runs" / "killed"
     rng = random.Random(int(time.time()))
-    # wait until at least one candidate is recorded, then kill at a random moment
+    target = rng.randint(1, 5)   # kill once `target` candidates are recorded, at a random moment after
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and p.poll() is None:
-        if (run_dir / "history.jsonl").exists() and candidates(run_dir):
+        if (run_dir / "history.jsonl").exists() and len(candidates(run_dir)) >= target:
             break
-        time.sleep(0.05)
-    time.sleep(rng.uniform(0, 0.4))
+        time.sleep(0.01)
+    time.sleep(rng.uniform(0, 0.1))
     p.send_signal(signal.SIGKILL)
     p.wait()
     before = len(candidates(run_dir))
