@@ -1,5 +1,7 @@
 import os
 
+import json
+
 import pytest
 import torch
 
@@ -22,3 +24,22 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def debtags_slice(tmp_path_factory):
+    """200 training and 200 test examples of the bundled debtags set, as a JSON-lines file."""
+    from xmcnas_fast.data import load
+
+    full = load("debtags")
+    path = tmp_path_factory.mktemp("data") / "debtags-slice.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for split in ("train", "test"):
+            ds = getattr(full, split)
+            names = full.label_names + full.unseen_label_names
+            for i in range(200):
+                words = [full.vocab.itos[t] for t in ds.tokens(i)]
+                labels = [names[j] for j in ds.labels[i].indices]
+                f.write(json.dumps({"id": ds.ids[i], "text": " ".join(words), "labels": labels,
+                                    "split": split}) + "\n")
+    return str(path)

@@ -19,25 +19,6 @@ TINY = ["--population", "3", "--cycles", "4", "--sample", "2", "--max-depth", "3
         "--max-len", "24", "--valid", "60", "--backend", "inline", "--devices", "cpu", "--plain"]
 
 
-@pytest.fixture(scope="module")
-def debtags_slice(tmp_path_factory):
-    """400 examples of the bundled debtags set as a JSON-lines file (split 80/20 by id)."""
-    from xmcnas_fast.data import load
-
-    full = load("debtags")
-    path = tmp_path_factory.mktemp("data") / "debtags-slice.jsonl"
-    with open(path, "w", encoding="utf-8") as f:
-        for split in ("train", "test"):
-            ds = getattr(full, split)
-            names = full.label_names + full.unseen_label_names
-            for i in range(200):
-                words = [full.vocab.itos[t] for t in ds.tokens(i)]
-                labels = [names[j] for j in ds.labels[i].indices]
-                f.write(json.dumps({"id": ds.ids[i], "text": " ".join(words), "labels": labels,
-                                    "split": split}) + "\n")
-    return str(path)
-
-
 def search_cli(tmp_path, data, name, *extra):
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "XMCNAS_CACHE": str(tmp_path / "cache")}

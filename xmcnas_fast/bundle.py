@@ -48,7 +48,9 @@ def save_bundle(out_dir: str, model: torch.nn.Module, model_cfg: ModelConfig, da
             "model": model_cfg.to_dict(),
             "train": train_cfg,
             "num_labels": data.num_labels, "vocab_size": len(data.vocab),
-            "data": {"name": data.name, "max_len": data.max_len},
+            "data": {"name": data.name, "max_len": data.max_len,
+                     "settings": {k: v for k, v in (data.source.get("settings") or {}).items()
+                                  if k in ("max_len", "min_count", "max_vocab", "valid", "seed")}},
         }
         _write_json(os.path.join(tmp, "config.json"), config)
         sd = state if state is not None else {k: v.detach().cpu() for k, v in model.state_dict().items()}

@@ -308,7 +308,7 @@ def cmd_evaluate(args) -> int:
     console = _console()
     bundle = _load_bundle(args.bundle, args.device)
     name = args.dataset or bundle.config["data"].get("name") or "debtags"
-    kw = _data_kwargs(args, {"max_len": bundle.max_len})
+    kw = _data_kwargs(args, {"max_len": bundle.max_len, **bundle.config["data"].get("settings", {})})
     data = _load_data(name, console, **kw)
     test = _align_to_bundle(data, bundle)
     inv_prop = label_inv_propensity(data, max(data.test.labels.shape[1], data.num_labels))
@@ -398,25 +398,22 @@ def cmd_predict(args) -> int:
 
 
 def _read_predict_input(path: str):
-    f = sys.stdin if path == "-" else open(path, encoding="utf-8")
+    """(ids, texts) from JSON lines with a "text" field and an optional "id" (- for stdin)."""
+    from .data import open_lines
+
+    lines = enumerate(sys.stdin, start=1) if path == "-" else open_lines(path)
     ids, texts = [], []
-    try:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise CLIError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise CLIError(f'{path}:{n}: expected an object with a "text" string')
-            ids.append(obj.get("id", n))
-            texts.append(obj["text"])
-    except UnicodeDecodeError as e:
-        raise CLIError(f"{path}: not UTF-8 ({e.reason})") from None
-    finally:
-        if f is not sys.stdin:
-            f.close()
+    for n, line in lines:
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CLIError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+            raise CLIError(f'{path}:{n}: expected an object with a "text" string')
+        ids.append(obj.get("id", n))
+        texts.append(obj["text"])
     return ids, texts
 
 
@@ -544,11 +541,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("xmcnas-fast: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # known, user-facing failures from the library
+    except Exception as e:  # known, user-facing failures from the library: one line, no traceback
+        from .data import DataError
         from .runs import RunError
 
-        data_error = type(e).__name__ == "DataError"
-        if isinstance(e, (RunError, FileNotFoundError)) or data_error:
+        if isinstance(e, (RunError, DataError, FileNotFoundError)):
             print(f"xmcnas-fast: error: {e}", file=sys.stderr)
             return 2
         raise
