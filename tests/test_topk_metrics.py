@@ -68,7 +68,9 @@ def test_kernel_is_registered():
     assert ops.has_kernel("topk_metrics", "cpu"), ops.extension_status()
 
 
-@pytest.mark.parametrize("R,L,k", [(64, 300, 5), (33, 1000, 1), (20, 97, 97), (17, 2000, 40), (50, 50, 3)])
+# Shapes cover the seeded start (k <= 16, L >= 256) and the plain one, and the heap (k > 32).
+@pytest.mark.parametrize("R,L,k", [(64, 300, 5), (33, 1000, 1), (20, 97, 97), (17, 2000, 40), (50, 50, 3),
+                                   (40, 700, 16), (40, 700, 17), (9, 255, 4)])
 @pytest.mark.parametrize("with_prop", [False, True])
 def test_matches_reference(R, L, k, with_prop):
     scores = torch.randn(R, L)
@@ -139,15 +141,18 @@ def test_ties_rank_lower_label_first():
     assert_metrics_equal(op(wide, indptr, indices, 60), numpy_metrics(wide, indptr, indices, 60))
 
 
-def test_infinite_scores():
-    scores = torch.full((3, 40), -math.inf)
+@pytest.mark.parametrize("L", [40, 600])
+def test_infinite_scores(L):
+    scores = torch.full((4, L), -math.inf)
     scores[1, 7] = 1.0
     scores[2, 30] = math.inf
     scores[2, 3] = math.inf
-    indptr = torch.tensor([0, 1, 2, 3])
+    scores[3] = torch.randn(L)
+    scores[3, 20:] = -math.inf
+    indptr = torch.tensor([0, 1, 2, 3, 3])
     indices = torch.tensor([0, 7, 30])
     sums, topk = op(scores, indptr, indices, 3)
-    assert topk.tolist() == [[0, 1, 2], [7, 0, 1], [3, 30, 0]]
+    assert topk[:3].tolist() == [[0, 1, 2], [7, 0, 1], [3, 30, 0]]
     assert_metrics_equal((sums, topk), ops.topk_metrics_reference(scores, indptr, indices, 3))
 
 

@@ -7,7 +7,9 @@
 // entry: a cache line of scores is rejected with one vector comparison
 // against that threshold per lane group, and only the entries of a line that
 // pass it (candidates, or a NaN) are looked at one by one. NaN detection
-// thus costs nothing extra. Ties rank the lower label id first: the scan goes
+// thus costs nothing extra. For k <= 16 the threshold starts at a lower bound
+// of the k-th best score taken from the row's first scores, so that few
+// entries pass at all. Ties rank the lower label id first: the scan goes
 // in increasing label order, so a later score enters only when strictly
 // greater than the worst kept one.
 #include <ATen/Dispatch.h>
@@ -136,6 +138,14 @@ struct LineTest {
     for (int j = 0; j < B; ++j) bits |= static_cast<uint32_t>(!(p[j] <= thr)) << j;
     return bits;
   }
+  // gmax[j] = the max of p[j], p[16 + j], ... over p[0..n), n a multiple of 16
+  // (a NaN may or may not come through).
+  static inline void group_max(const T* p, int64_t n, T* gmax) {
+    for (int j = 0; j < 16; ++j) gmax[j] = p[j];
+    for (int64_t i = 16; i < n; i += 16) {
+      for (int j = 0; j < 16; ++j) gmax[j] = gmax[j] < p[i + j] ? p[i + j] : gmax[j];
+    }
+  }
 };
 
 #if defined(__SSE2__)
@@ -147,8 +157,11 @@ struct Sse<float> {
   using V = __m128;
   static constexpr int W = 4;
   static V set1(float x) { return _mm_set1_ps(x); }
+  static V load(const float* p) { return _mm_loadu_ps(p); }
+  static void store(float* p, V a) { _mm_storeu_ps(p, a); }
   static V above(const float* p, V t) { return _mm_cmpnle_ps(_mm_loadu_ps(p), t); }
   static V bit_or(V a, V b) { return _mm_or_ps(a, b); }
+  static V max(V a, V b) { return _mm_max_ps(a, b); }
   static int mask(V a) { return _mm_movemask_ps(a); }
 };
 template <>
@@ -156,8 +169,11 @@ struct Sse<double> {
   using V = __m128d;
   static constexpr int W = 2;
   static V set1(double x) { return _mm_set1_pd(x); }
+  static V load(const double* p) { return _mm_loadu_pd(p); }
+  static void store(double* p, V a) { _mm_storeu_pd(p, a); }
   static V above(const double* p, V t) { return _mm_cmpnle_pd(_mm_loadu_pd(p), t); }
   static V bit_or(V a, V b) { return _mm_or_pd(a, b); }
+  static V max(V a, V b) { return _mm_max_pd(a, b); }
   static int mask(V a) { return _mm_movemask_pd(a); }
 };
 
@@ -177,6 +193,15 @@ struct SseLineTest {
     for (int q = 0; q < 4; ++q) bits |= static_cast<uint32_t>(S::mask(S::above(p + q * S::W, t))) << (q * S::W);
     return bits;
   }
+  static inline void group_max(const T* p, int64_t n, T* gmax) {
+    constexpr int NV = 16 / S::W;  // vectors a group row
+    typename S::V m[NV];
+    for (int q = 0; q < NV; ++q) m[q] = S::load(p + q * S::W);
+    for (int64_t i = 16; i < n; i += 16) {
+      for (int q = 0; q < NV; ++q) m[q] = S::max(S::load(p + i + q * S::W), m[q]);
+    }
+    for (int q = 0; q < NV; ++q) S::store(gmax + q * S::W, m[q]);
+  }
 };
 template <>
 struct LineTest<float> : SseLineTest<float> {};
@@ -184,36 +209,36 @@ template <>
 struct LineTest<double> : SseLineTest<double> {};
 #endif
 
-// Selects the k best entries of x[0..L) into buf. Returns false when x holds
-// a NaN (buf is then meaningless).
+constexpr int64_t kPrefetchBytes = 8192;  // how far ahead of the scan to prefetch
+constexpr int kSeedGroups = 16;
+constexpr int64_t kSeedPrefix = 512;      // scores looked at to seed the threshold
+constexpr int64_t kSeedMinL = 256;
+
+// Scans x[i..L) and pushes into buf every entry that passes the threshold
+// test; thr is the score to exceed: buf's worst once buf is full, before
+// that a bound chosen by the caller. Returns false at a NaN.
 template <typename T>
-bool select_row(const T* x, int64_t L, TopkBuffer<T>& buf) {
+bool scan(const T* x, int64_t i, int64_t L, T thr, TopkBuffer<T>& buf) {
   constexpr int B = LineTest<T>::B;
-  const int64_t k = buf.k();
-  buf.clear();
-  for (int64_t i = 0; i < k; ++i) {
-    const T v = x[i];
-    if (v != v) return false;
-    buf.push(v, i);
-  }
-  T thr = buf.worst();
-  // x[j] enters when above the threshold; the threshold is re-read because a
-  // line's bits were computed before the line's earlier entries raised it.
+  // The threshold is re-read because a line's bits were computed before the
+  // line's earlier entries raised it.
   auto visit = [&](int64_t j) -> bool {
     const T v = x[j];
     if (!(v <= thr)) {
       if (v != v) return false;
       buf.push(v, j);
-      thr = buf.worst();
+      if (buf.full()) thr = buf.worst();
     }
     return true;
   };
-  int64_t i = k;
-  const int64_t head = std::min(L, (k + B - 1) / B * B);
+  const int64_t head = std::min(L, (i + B - 1) / B * B);
   for (; i < head; ++i) {
     if (!visit(i)) return false;
   }
   for (; i + B <= L; i += B) {
+    // Well ahead of the hardware prefetcher: into the next row near the end of
+    // this one, and over the stalls that follow a line with a candidate.
+    __builtin_prefetch(reinterpret_cast<const char*>(x + i) + kPrefetchBytes);
     if (!LineTest<T>::any(x + i, thr)) continue;
     for (uint32_t bits = LineTest<T>::bits(x + i, thr); bits; bits &= bits - 1) {
       if (!visit(i + __builtin_ctz(bits))) return false;
@@ -223,6 +248,54 @@ bool select_row(const T* x, int64_t L, TopkBuffer<T>& buf) {
     if (!visit(i)) return false;
   }
   return true;
+}
+
+// A lower bound on the k-th best score of x (k <= kSeedGroups), to start the
+// scan with a high threshold rather than with the first k scores: each entry
+// that passes the threshold costs a branch miss, and with a low threshold the
+// first ones pass often. The maxima of kSeedGroups interleaved groups of the
+// prefix are distinct entries, so their k-th largest is at most the k-th best
+// score. Returns NaN when a maximum is NaN (the row holds one).
+template <typename T>
+T seed_threshold(const T* x, int64_t L, int64_t k) {
+  constexpr int G = kSeedGroups;
+  T gmax[G];
+  LineTest<T>::group_max(x, std::min(L, kSeedPrefix) / G * G, gmax);
+  // The largest value with at least k values >= it, without branches (a
+  // selection on 16 values mispredicts a lot).
+  T kth = -std::numeric_limits<T>::infinity();
+  for (int j = 0; j < G; ++j) {
+    if (gmax[j] != gmax[j]) return gmax[j];
+    int ge = 0;
+    for (int i = 0; i < G; ++i) ge += gmax[i] >= gmax[j];
+    kth = ge >= k && gmax[j] > kth ? gmax[j] : kth;
+  }
+  return kth;
+}
+
+// Selects the k best entries of x[0..L) into buf. Returns false when x holds
+// a NaN (buf is then meaningless).
+template <typename T>
+bool select_row(const T* x, int64_t L, TopkBuffer<T>& buf) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  const int64_t k = buf.k();
+  buf.clear();
+  if (k <= kSeedGroups && L >= kSeedMinL) {
+    const T t0 = seed_threshold(x, L, k);
+    if (t0 != t0) return false;
+    // Entries >= t0 pass until buf is full (at least k of them exist).
+    if (t0 != kNegInf) {
+      const bool ok = scan(x, 0, L, std::nextafter(t0, kNegInf), buf);
+      TORCH_INTERNAL_ASSERT(!ok || buf.full(), "topk_metrics: seeded selection kept fewer than k entries");
+      return ok;
+    }
+  }
+  for (int64_t i = 0; i < k; ++i) {
+    const T v = x[i];
+    if (v != v) return false;
+    buf.push(v, i);
+  }
+  return scan(x, k, L, buf.worst(), buf);
 }
 
 struct Csr {
