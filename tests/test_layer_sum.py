@@ -90,6 +90,20 @@ def test_public_function_differentiates_through_the_kernel():
     torch.testing.assert_close(w.grad, want_w.float(), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_large_outputs(dtype):
+    # Past 16 MB of output the kernels stream their stores and ask for huge
+    # pages; an odd size leaves a tail after the last full vector.
+    xs, w = inputs(2, (4_500_003,), dtype, torch.float32)
+    torch.testing.assert_close(fwd(xs, w), ops.layer_sum_reference(xs, w), **TOL[dtype])
+    grad = torch.randn(4_500_003).to(dtype)
+    grad_xs, grad_w = bwd(grad, xs, w)
+    for g, x_w in zip(grad_xs, w):
+        torch.testing.assert_close(g, (grad.double() * float(x_w)).to(dtype), **TOL[dtype])
+    exact_w = torch.stack([(grad.double() * x.double()).sum() for x in xs])
+    torch.testing.assert_close(grad_w, exact_w.float(), rtol=1e-6, atol=1e-6)
+
+
 def test_gradcheck_float64():
     xs, w = inputs(3, (2, 3, 5), torch.float64, torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda w, *xs: ops.layer_sum(list(xs), w), (w, *xs))
