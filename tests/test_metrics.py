@@ -86,3 +86,18 @@ def test_inv_propensity_matches_jain_formula():
     C = (np.log(N) - 1) * (1.5 + 1) ** 0.55
     assert inv_propensity(counts, N) == pytest.approx(1 + C * (counts + 1.5) ** -0.55)
     assert np.all(np.diff(inv_propensity(counts, N)) < 0)  # rarer labels weigh more
+
+
+def test_unseen_labels_without_propensities_count_in_ndcg():
+    scores = torch.tensor([[0.9, 0.1]])
+    truth = sp.csr_matrix(np.array([[1, 0, 1]], dtype=np.float32))   # label 2 unseen in training
+    m = MetricAccumulator(2)
+    m.update(scores, truth)
+    r = m.result()
+    assert "PSP@1" not in r
+    assert r["P@1"] == 1.0
+    d = 1 / np.log2(np.arange(2, 4))
+    assert r["nDCG@1"] == pytest.approx(1.0)
+    m2 = MetricAccumulator(2, ks=(2,))
+    m2.update(scores, truth)
+    assert m2.result()["nDCG@2"] == pytest.approx(d[0] / (d[0] + d[1]))

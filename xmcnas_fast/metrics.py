@@ -58,7 +58,12 @@ class MetricAccumulator:
         indptr = torch.from_numpy(truth.indptr.astype(np.int64)).to(dev)
         indices = torch.from_numpy(truth.indices.astype(np.int64)).to(dev)
         k = min(self.k, scores.shape[1])
-        sums, topk = ops.topk_metrics(scores.detach(), indptr, indices, k, self._inv_prop_on(dev))
+        ip = self._inv_prop_on(dev)
+        if ip is None and truth.shape[1] > scores.shape[1]:
+            # labels the scores cannot rank (unseen in training) still count as true labels;
+            # the op needs to know how many label ids there are: the PSP sums are not reported
+            ip = torch.ones(truth.shape[1], dtype=torch.float64, device=dev)
+        sums, topk = ops.topk_metrics(scores.detach(), indptr, indices, k, ip)
         self.sums[:, :k] += sums.cpu()
         self.rows += scores.shape[0]
         return topk

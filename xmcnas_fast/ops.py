@@ -117,6 +117,8 @@ def topk_metrics_reference(scores: torch.Tensor, indptr: torch.Tensor, indices: 
     _check_csr(indptr, indices, R)
     if bool(torch.isnan(scores).any()):
         raise ValueError("topk_metrics: scores contain NaN")
+    if inv_prop is not None and inv_prop.numel() < L:
+        raise ValueError(f"topk_metrics: inv_prop has {inv_prop.numel()} entries for {L} labels")
     n_total = L if inv_prop is None else max(L, inv_prop.numel())
     if indices.numel() and int(indices.max()) >= n_total:
         raise ValueError(f"topk_metrics: a label index is >= the number of labels ({n_total})")
