@@ -117,7 +117,7 @@ def test_opcheck(requires_grad):
 def test_opcheck_backward():
     h, mask, W = make_inputs(3, 7, 8, 6, padding="anywhere", empty_rows=[0])
     ctx, lse = OP(h, mask, W)
-    torch.library.opcheck(OP_BACKWARD, (torch.randn_like(ctx), h, mask, W, ctx, lse))
+    torch.library.opcheck(OP_BACKWARD, (torch.randn_like(ctx), h, mask, W, None, ctx, lse))
 
 
 def test_non_contiguous_inputs():
@@ -130,8 +130,8 @@ def test_non_contiguous_inputs():
     ctx, lse = OP(h, mask, W)
     g = torch.randn_like(ctx)
     g_nc = g.transpose(0, 1).contiguous().transpose(0, 1)
-    ref = OP_BACKWARD(g, h, mask, W, ctx, lse)
-    for a, b in zip(OP_BACKWARD(g_nc, h_nc, mask_nc, W_nc, ctx, lse), ref):
+    ref = OP_BACKWARD(g, h, mask, W, None, ctx, lse)
+    for a, b in zip(OP_BACKWARD(g_nc, h_nc, mask_nc, W_nc, None, ctx, lse), ref):
         torch.testing.assert_close(a, b)
 
 
@@ -264,11 +264,11 @@ def test_bad_backward_inputs_raise_value_error():
     h, mask, W = make_inputs(2, 5, 4, 3)
     ctx, lse = OP(h, mask, W)
     g = torch.randn_like(ctx)
-    with pytest.raises(ValueError, match="^label_attention: grad_ctx and ctx must be"):
-        OP_BACKWARD(g[:, :2], h, mask, W, ctx, lse)
+    with pytest.raises(ValueError, match=r"^label_attention: grad_ctx and ctx must be \[B,L,Dv\]"):
+        OP_BACKWARD(g[:, :2], h, mask, W, None, ctx, lse)
     with pytest.raises(ValueError, match="^label_attention: grad_ctx and ctx must have"):
-        OP_BACKWARD(g.double(), h, mask, W, ctx, lse)
+        OP_BACKWARD(g.double(), h, mask, W, None, ctx, lse)
     with pytest.raises(ValueError, match="^label_attention: lse must be float32"):
-        OP_BACKWARD(g, h, mask, W, ctx, lse.double())
+        OP_BACKWARD(g, h, mask, W, None, ctx, lse.double())
     with pytest.raises(ValueError, match="^label_attention: "):
         ops.label_attention(h, mask[:1], W)
