@@ -10,6 +10,18 @@ data, 30% of the tokens padding at the end of rows of random lengths, float32,
 2 threads. One benchmark group per shape and pass, so the ratios in
 parentheses compare the three side by side.
 
+The head groups ("...-head", forward+backward) time the attention and the
+first layer of the model head after it, Linear(D, 256), three ways:
+eager = Linear(ops.label_attention_reference(h, mask, W)); unfused =
+Linear(ops.label_attention(h, mask, W)); fused = ops.label_attention(h, mask,
+W, v=Linear(h)), the linear layer folded into the values (exact: the
+attention weights of a row sum to 1), which skips the [B,L,D] x [D,256] GEMM
+and the [B,L,D] context. Shapes: the bundled data's head (B=40, N=128, D=512,
+L=566) and EURLex-4K's (B=40, N=500, D=512, L=3993). Besides one group per
+case, test_head_interleaved calls the three in turn in each round (the order
+rotating), so that a burst of load on the shared machine falls on all three
+alike; its ratios are medians of the per-round ratios.
+
 Peak memory is the extra resident memory of one call, measured in a fresh
 subprocess: the RSS high-water mark (VmHWM, reset through
 /proc/self/clear_refs once the inputs exist and a call on two rows has set up
@@ -19,8 +31,10 @@ whatever allocator made it. Linux only.
 """
 import json
 import os
+import statistics
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -38,12 +52,17 @@ SHAPES = {  # name: (B, N, D, L)
     "eurlex-4k": (40, 500, 512, 3993),
     "bundled": (64, 128, 256, 598),
 }
-ROUNDS = {"eurlex-4k": 5, "bundled": 20}  # the machine is shared: medians of a few rounds
+HEAD_SHAPES = {  # name: (B, N, D, L); then Linear(D, FC)
+    "bundled-head": (40, 128, 512, 566),
+    "eurlex-head": (40, 500, 512, 3993),
+}
+FC = 256
+ROUNDS = {"eurlex-4k": 5, "bundled": 20, "bundled-head": 20, "eurlex-head": 5}  # medians of a few rounds
 
 
 def inputs(shape, requires_grad):
     """h, mask, W and a gradient for ctx; 30% padding, at the end of rows of random lengths."""
-    B, N, D, L = SHAPES[shape]
+    B, N, D, L = SHAPES[shape] if shape in SHAPES else HEAD_SHAPES[shape]
     g = torch.Generator().manual_seed(0)
     h = torch.randn(B, N, D, generator=g)
     W = torch.randn(L, D, generator=g) / D ** 0.5
@@ -61,9 +80,36 @@ def sdpa(h, mask, W):
 
 IMPLS = {"ours": ops.label_attention, "eager": ops.label_attention_reference, "sdpa": sdpa}
 
+# the attention and the head's first layer, Linear(D, FC) with weight A [FC, D] and bias c
+HEAD_IMPLS = {
+    "eager": lambda h, mask, W, A, c: F.linear(ops.label_attention_reference(h, mask, W), A, c),
+    "unfused": lambda h, mask, W, A, c: F.linear(ops.label_attention(h, mask, W), A, c),
+    "fused": lambda h, mask, W, A, c: ops.label_attention(h, mask, W, F.linear(h, A, c)),
+}
+
+
+def head_step(impl, shape, rows=None):
+    """forward+backward of attention + Linear(D, FC): gradients for h, W and the linear layer."""
+    fn = HEAD_IMPLS[impl]
+    h, mask, W, _ = inputs(shape, requires_grad=True)
+    B, _, D, L = HEAD_SHAPES[shape]
+    g = torch.Generator().manual_seed(1)
+    A = (torch.randn(FC, D, generator=g) / D ** 0.5).requires_grad_()
+    c = (torch.randn(FC, generator=g) * 0.1).requires_grad_()
+    grad = torch.randn(B, L, FC, generator=g)
+    if rows is not None:
+        h, mask, grad = h.detach()[:rows].requires_grad_(), mask[:rows], grad[:rows]
+
+    def run():
+        h.grad = W.grad = A.grad = c.grad = None
+        fn(h, mask, W, A, c).backward(grad)
+    return run
+
 
 def step(impl, mode, shape, rows=None):
     """The function timed (and measured) for one case, on its inputs (the first `rows` rows only if given)."""
+    if shape in HEAD_SHAPES:
+        return head_step(impl, shape, rows)
     fn = IMPLS[impl]
     h, mask, W, grad = inputs(shape, requires_grad=mode == "forward+backward")
     if rows is not None:
@@ -110,6 +156,7 @@ def peak_in_subprocess(impl, mode, shape):
 
 
 RESULTS = {}  # (shape, mode) -> impl -> {"median_s", "peak_extra_mib"}
+INTERLEAVED = {}  # head shape -> impl -> median over rounds of (its time / fused's time in that round)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -119,21 +166,25 @@ def summary(request):
     yield
     tr = request.config.pluginmanager.getplugin("terminalreporter")
     capture = request.config.pluginmanager.getplugin("capturemanager")
-    if not RESULTS or tr is None:
+    if not (RESULTS or INTERLEAVED) or tr is None:
         return
     lines = ["", f"label_attention (CPU, {THREADS} threads, torch {torch.__version__}): medians and extra peak RSS"]
     for (shape, mode), r in RESULTS.items():
-        if "ours" not in r:
+        base = "fused" if shape in HEAD_SHAPES else "ours"
+        if base not in r:
             continue
-        ours = r["ours"]
-        parts = [f"{shape:10s} {mode:17s} ours {ours['median_s']:.3f} s {ours['peak_extra_mib']:.0f} MiB"]
-        for peer in ("eager", "sdpa"):
+        ours = r[base]
+        parts = [f"{shape:12s} {mode:17s} {base} {ours['median_s']:.3f} s {ours['peak_extra_mib']:.0f} MiB"]
+        for peer in ("eager", "sdpa", "unfused"):
             if peer in r:
                 p = r[peer]
                 parts.append(f"{peer} {p['median_s'] / ours['median_s']:.2f}x slower, "
                              f"{p['median_s']:.3f} s, {p['peak_extra_mib']:.0f} MiB "
-                             f"(ours {ours['peak_extra_mib'] / p['peak_extra_mib']:.2f} of it)")
+                             f"({base} {ours['peak_extra_mib'] / p['peak_extra_mib']:.2f} of it)")
         lines.append(" | ".join(parts))
+    for shape, ratios in INTERLEAVED.items():
+        lines.append(f"{shape:12s} forward+backward interleaved, per-round ratios to fused: " +
+                     ", ".join(f"{impl} {r:.2f}x slower" for impl, r in ratios.items()))
     with capture.global_and_fixture_disabled():  # module teardown output is captured otherwise
         for line in lines:
             tr.write_line(line)
@@ -148,13 +199,26 @@ def test_the_three_agree():
     assert abs(1 - mask.float().mean().item() - PADDING) < 0.01
 
 
-@pytest.mark.parametrize("impl", list(IMPLS))
-@pytest.mark.parametrize("mode", ["forward", "forward+backward"])
-@pytest.mark.parametrize("shape", list(SHAPES))
-def test_label_attention(benchmark, shape, mode, impl):
-    if impl == "ours" and not ops.has_kernel("label_attention", "cpu"):
-        pytest.skip(f"compiled kernel not in use: {ops.extension_status()}")
-    benchmark.group = f"label_attention {shape} {mode}"
+def test_the_head_three_agree():
+    """What the head groups time computes one thing: eager, unfused and fused give the same scores and
+    gradients (every row has a real token), here on small shapes."""
+    torch.manual_seed(0)
+    h = torch.randn(4, 20, 64, requires_grad=True)
+    W = (torch.randn(30, 64) / 8).requires_grad_()
+    A = (torch.randn(FC, 64) / 8).requires_grad_()
+    c = torch.randn(FC).requires_grad_()
+    mask = torch.arange(20).unsqueeze(0) < torch.tensor([[20], [3], [14], [1]])
+    results = {}
+    for impl, fn in HEAD_IMPLS.items():
+        out = fn(h, mask, W, A, c)
+        results[impl] = (out, *torch.autograd.grad(out, (h, W, A, c), torch.ones_like(out)))
+    for impl in ("unfused", "fused"):
+        for a, b in zip(results[impl], results["eager"]):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def _case(benchmark, impl, mode, shape):
+    """Time one case; beside it, its extra peak memory from a fresh subprocess."""
     run = step(impl, mode, shape)
     if benchmark.disabled:  # a plain test run: one call, no measurements
         benchmark(run)
@@ -164,6 +228,53 @@ def test_label_attention(benchmark, shape, mode, impl):
     benchmark.pedantic(run, rounds=ROUNDS[shape], iterations=1, warmup_rounds=1)
     RESULTS.setdefault((shape, mode), {})[impl] = {"median_s": benchmark.stats.stats.median,
                                                    "peak_extra_mib": peak}
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("mode", ["forward", "forward+backward"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_label_attention(benchmark, shape, mode, impl):
+    if impl == "ours" and not ops.has_kernel("label_attention", "cpu"):
+        pytest.skip(f"compiled kernel not in use: {ops.extension_status()}")
+    benchmark.group = f"label_attention {shape} {mode}"
+    _case(benchmark, impl, mode, shape)
+
+
+@pytest.mark.parametrize("impl", list(HEAD_IMPLS))
+@pytest.mark.parametrize("shape", list(HEAD_SHAPES))
+def test_head(benchmark, shape, impl):
+    if impl != "eager" and not ops.has_kernel("label_attention", "cpu"):
+        pytest.skip(f"compiled kernel not in use: {ops.extension_status()}")
+    benchmark.group = f"label_attention + Linear({FC}) {shape} forward+backward"
+    _case(benchmark, impl, "forward+backward", shape)
+
+
+
+@pytest.mark.parametrize("shape", list(HEAD_SHAPES))
+def test_head_interleaved(benchmark, shape):
+    """The three head cases in turn in each round; the group's time is that of a whole round."""
+    if not ops.has_kernel("label_attention", "cpu"):
+        pytest.skip(f"compiled kernel not in use: {ops.extension_status()}")
+    benchmark.group = f"label_attention + Linear({FC}) {shape} forward+backward, interleaved"
+    runs = {impl: step(impl, "forward+backward", shape) for impl in HEAD_IMPLS}
+    times = {impl: [] for impl in runs}
+    order = list(runs)
+
+    def one_round():
+        for impl in order:
+            t = time.perf_counter()
+            runs[impl]()
+            times[impl].append(time.perf_counter() - t)
+        order.append(order.pop(0))
+
+    if benchmark.disabled:
+        benchmark(one_round)
+        return
+    benchmark.pedantic(one_round, rounds=ROUNDS[shape], iterations=1, warmup_rounds=1)
+    fused = times["fused"][1:]  # after the warm-up round
+    ratios = {impl: statistics.median(t / f for t, f in zip(times[impl][1:], fused)) for impl in ("eager", "unfused")}
+    benchmark.extra_info.update({f"{impl}_over_fused": round(r, 3) for impl, r in ratios.items()})
+    INTERLEAVED[shape] = ratios
 
 
 if __name__ == "__main__":  # python benchmarks/bench_label_attention.py IMPL MODE SHAPE

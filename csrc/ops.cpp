@@ -12,13 +12,15 @@ PyMODINIT_FUNC PyInit__C(void) {
 }
 
 TORCH_LIBRARY(xmcnas_fast, m) {
-  // Label-wise attention: ctx[b,l] = sum_n softmax_n(W[l].h[b,n] | mask[b,n]) h[b,n].
-  // Returns (ctx [B,L,D] in h's dtype, lse [B,L] float32: log-sum-exp of the
-  // scores over real tokens, +inf for a row with no real token).
-  m.def("label_attention(Tensor h, Tensor mask, Tensor W) -> (Tensor, Tensor)");
+  // Label-wise attention: ctx[b,l] = sum_n softmax_n(W[l].h[b,n] | mask[b,n]) v[b,n],
+  // with values v [B,N,Dv] (h's dtype and padding), or h itself when v is None.
+  // Returns (ctx [B,L,Dv] in h's dtype, lse [B,L] float32: log-sum-exp of the
+  // scores over real tokens, +inf for a row with no real token). The backward
+  // returns (grad_h, grad_W, grad_v); grad_v is empty (numel 0) when v is None.
+  m.def("label_attention(Tensor h, Tensor mask, Tensor W, Tensor? v=None) -> (Tensor, Tensor)");
   m.def(
-      "label_attention_backward(Tensor grad_ctx, Tensor h, Tensor mask, Tensor W, "
-      "Tensor ctx, Tensor lse) -> (Tensor, Tensor)");
+      "label_attention_backward(Tensor grad_ctx, Tensor h, Tensor mask, Tensor W, Tensor? v, "
+      "Tensor ctx, Tensor lse) -> (Tensor, Tensor, Tensor)");
   // Ranking metrics of the top k scores against a CSR truth. Returns
   // (sums float64 [4,k], topk int64 [R,k]); sums rows, each summed over the R
   // rows, at ranks 1..k: hits in the top j, nDCG@j, propensity-scored hits in

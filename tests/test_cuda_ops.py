@@ -135,8 +135,8 @@ def test_label_attention_misaligned_view_takes_the_simple_path(dtype):
     ctx, lse = XOPS.label_attention(hv, mask, W)
     close(ctx, attention_reference64(h, mask, W)[0], TOL[dtype], "ctx")
     grad = torch.randn_like(ctx)
-    gh, gW = XOPS.label_attention_backward(grad, hv, mask, W, ctx, lse)
-    gh2, gW2 = XOPS.label_attention_backward(grad, h, mask, W, ctx, lse)  # tensor-core path
+    gh, gW, _ = XOPS.label_attention_backward(grad, hv, mask, W, None, ctx, lse)
+    gh2, gW2, _ = XOPS.label_attention_backward(grad, h, mask, W, None, ctx, lse)  # tensor-core path
     close(gh, gh2.float(), 5 * TOL[dtype], "grad_h, simple vs tensor cores")
     close(gW, gW2.float(), 5 * TOL[dtype], "grad_W, simple vs tensor cores")
 
@@ -146,8 +146,8 @@ def test_label_attention_backward_is_deterministic(dtype):
     h, mask, W = attention_inputs(5, 70, 136, 300, dtype, seed=5)
     ctx, lse = XOPS.label_attention(h, mask, W)
     grad = torch.randn_like(ctx)
-    first = XOPS.label_attention_backward(grad, h, mask, W, ctx, lse)
-    second = XOPS.label_attention_backward(grad, h, mask, W, ctx, lse)
+    first = XOPS.label_attention_backward(grad, h, mask, W, None, ctx, lse)
+    second = XOPS.label_attention_backward(grad, h, mask, W, None, ctx, lse)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
@@ -156,8 +156,8 @@ def test_label_attention_all_padding_and_empty_sizes():
     mask = torch.zeros(2, 6, dtype=torch.bool, device=DEV)
     ctx, lse = XOPS.label_attention(h, mask, W)
     assert (ctx == 0).all() and torch.isinf(lse).all() and (lse > 0).all()
-    gh, gW = XOPS.label_attention_backward(torch.ones_like(ctx), h, mask, W, ctx, lse)
-    assert (gh == 0).all() and (gW == 0).all()
+    gh, gW, gv = XOPS.label_attention_backward(torch.ones_like(ctx), h, mask, W, None, ctx, lse)
+    assert (gh == 0).all() and (gW == 0).all() and gv.numel() == 0
     for B, N, L in [(0, 6, 5), (2, 0, 5), (2, 6, 0)]:
         hh = torch.randn(B, N, 16, device=DEV)
         mm = torch.ones(B, N, dtype=torch.bool, device=DEV)
@@ -185,7 +185,17 @@ def test_label_attention_opcheck():
     h, mask, W = attention_inputs(3, 20, 64, 9, torch.bfloat16)
     ctx, lse = XOPS.label_attention(h, mask, W)
     torch.library.opcheck(torch.ops.xmcnas_fast.label_attention_backward.default,
-                          (torch.randn_like(ctx), h, mask, W, ctx, lse))
+                          (torch.randn_like(ctx), h, mask, W, None, ctx, lse))
+
+
+def test_label_attention_separate_values_not_implemented():
+    h, mask, W = attention_inputs(2, 5, 8, 3, torch.float32)
+    ctx, lse = XOPS.label_attention(h, mask, W)
+    assert not ops.label_attention_supports_values(h.device)
+    with pytest.raises(NotImplementedError, match="separate values are not implemented on CUDA"):
+        XOPS.label_attention(h, mask, W, torch.randn_like(h))
+    with pytest.raises(NotImplementedError, match="separate values are not implemented on CUDA"):
+        XOPS.label_attention_backward(torch.randn_like(ctx), h, mask, W, torch.randn_like(h), ctx, lse)
 
 
 @pytest.mark.parametrize("case, message", [

@@ -8,7 +8,8 @@ Each operator has
     fallback when the compiled extension is missing or was built for another
     torch (a warning says so once, at import).
 
-Public functions: label_attention, topk_metrics, layer_sum. Use these, never
+Public functions: label_attention (and label_attention_supports_values),
+topk_metrics, layer_sum. Use these, never
 torch.ops.xmcnas_fast directly: they choose the compiled op or the reference.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 
 __all__ = [
-    "label_attention", "topk_metrics", "layer_sum",
+    "label_attention", "label_attention_supports_values", "topk_metrics", "layer_sum",
     "label_attention_reference", "topk_metrics_reference", "layer_sum_reference",
     "EXTENSION_LOADED", "extension_status",
 ]
@@ -79,16 +80,18 @@ def has_kernel(op: str, device_type: str) -> bool:
 # References: plain PyTorch, differentiable through autograd. The tests' oracle.
 # --------------------------------------------------------------------------------------------
 
-def label_attention_reference(h: torch.Tensor, mask: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+def label_attention_reference(h: torch.Tensor, mask: torch.Tensor, W: torch.Tensor,
+                              v: Optional[torch.Tensor] = None) -> torch.Tensor:
     """AttentionXML's MLAttention: scores [B,L,N] materialised, masked softmax over tokens.
 
-    A row without any real token gives a zero context (not NaN).
+    The values are v [B,N,Dv] if given, else h. A row without any real token
+    gives a zero context (not NaN).
     """
     scores = torch.matmul(W.float(), h.float().transpose(1, 2))          # [B, L, N]
     m = mask.bool().unsqueeze(1)                                         # [B, 1, N]
     scores = scores.masked_fill(~m, torch.finfo(scores.dtype).min)
     p = torch.softmax(scores, dim=-1) * m                                # all-padding rows -> 0
-    return torch.matmul(p, h.float()).to(h.dtype)                        # [B, L, D]
+    return torch.matmul(p, (h if v is None else v).float()).to(h.dtype)  # [B, L, Dv]
 
 
 def _check_csr(indptr: torch.Tensor, indices: torch.Tensor, rows: int) -> None:
@@ -158,26 +161,27 @@ def layer_sum_reference(xs: Sequence[torch.Tensor], w: torch.Tensor) -> torch.Te
 if EXTENSION_LOADED:
 
     @torch.library.register_fake("xmcnas_fast::label_attention")
-    def _label_attention_fake(h, mask, W):
+    def _label_attention_fake(h, mask, W, v=None):
         torch._check(h.dim() == 3 and W.dim() == 2 and mask.dim() == 2)
-        B, _, D = h.shape
-        return h.new_empty(B, W.shape[0], D), h.new_empty(B, W.shape[0], dtype=torch.float32)
+        torch._check(v is None or v.dim() == 3)
+        B, L, Dv = h.shape[0], W.shape[0], (h if v is None else v).shape[2]
+        return h.new_empty(B, L, Dv), h.new_empty(B, L, dtype=torch.float32)
 
     @torch.library.register_fake("xmcnas_fast::label_attention_backward")
-    def _label_attention_backward_fake(grad_ctx, h, mask, W, ctx, lse):
-        return torch.empty_like(h), torch.empty_like(W)
+    def _label_attention_backward_fake(grad_ctx, h, mask, W, v, ctx, lse):
+        return torch.empty_like(h), torch.empty_like(W), h.new_empty(0) if v is None else torch.empty_like(v)
 
     def _label_attention_setup(ctx, inputs, output):
-        h, mask, W = inputs
+        h, mask, W, v = inputs
         out, lse = output
         ctx.mark_non_differentiable(lse)
-        ctx.save_for_backward(h, mask, W, out, lse)
+        ctx.save_for_backward(h, mask, W, v, out, lse)
 
     def _label_attention_backward(ctx, grad_out, grad_lse):
-        h, mask, W, out, lse = ctx.saved_tensors
-        grad_h, grad_W = torch.ops.xmcnas_fast.label_attention_backward(
-            grad_out.contiguous(), h, mask, W, out, lse)
-        return grad_h, None, grad_W
+        h, mask, W, v, out, lse = ctx.saved_tensors
+        grad_h, grad_W, grad_v = torch.ops.xmcnas_fast.label_attention_backward(
+            grad_out.contiguous(), h, mask, W, v, out, lse)
+        return grad_h, None, grad_W, None if v is None else grad_v
 
     torch.library.register_autograd("xmcnas_fast::label_attention", _label_attention_backward,
                                     setup_context=_label_attention_setup)
@@ -217,20 +221,46 @@ def _compiled(op: str, device: torch.device) -> bool:
 # Public functions.
 # --------------------------------------------------------------------------------------------
 
-def label_attention(h: torch.Tensor, mask: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+def label_attention(h: torch.Tensor, mask: torch.Tensor, W: torch.Tensor,
+                    v: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Label-wise attention (AttentionXML's MLAttention) without the [B,L,N] score tensor.
 
     h: [B,N,D] token states (float32, bfloat16 or float16); mask: [B,N] bool,
-    True for real tokens; W: [L,D] one attention vector per label, same dtype as h.
-    Returns ctx [B,L,D]: ctx[b,l] = sum_n softmax_n(W[l] . h[b,n] over real tokens) h[b,n];
+    True for real tokens; W: [L,D] one attention vector per label, same dtype as h;
+    v: optional values [B,N,Dv], same dtype as h (h itself when None).
+    Returns ctx [B,L,Dv]: ctx[b,l] = sum_n softmax_n(W[l] . h[b,n] over real tokens) v[b,n];
     a row with no real token gives zeros.
+
+    Since the weights of a row sum to 1, a linear layer after the attention
+    folds into the values: Linear(label_attention(h, mask, W)) equals
+    label_attention(h, mask, W, Linear(h)) on rows with a real token (rows
+    without one give zeros instead of the bias). On CUDA, separate values are
+    not implemented yet: see label_attention_supports_values.
     """
     if h.dim() != 3 or W.dim() != 2 or mask.shape != h.shape[:2] or W.shape[1] != h.shape[2]:
         raise ValueError(f"label_attention: expected h [B,N,D], mask [B,N], W [L,D]; got "
                          f"{tuple(h.shape)}, {tuple(mask.shape)}, {tuple(W.shape)}")
+    if v is not None:
+        if v.dim() != 3 or v.shape[:2] != h.shape[:2]:
+            raise ValueError(f"label_attention: v must be [B,N,Dv] with [B,N] = {tuple(h.shape[:2])}, "
+                             f"got {tuple(v.shape)}")
+        if v.dtype != h.dtype or v.device != h.device:
+            raise ValueError(f"label_attention: v must have h's dtype and device ({h.dtype}, {h.device}), "
+                             f"got {v.dtype}, {v.device}")
     if _compiled("label_attention", h.device):
-        return torch.ops.xmcnas_fast.label_attention(h, mask.bool(), W)[0]
-    return label_attention_reference(h, mask, W)
+        return torch.ops.xmcnas_fast.label_attention(h, mask.bool(), W, v)[0]
+    return label_attention_reference(h, mask, W, v)
+
+
+def label_attention_supports_values(device) -> bool:
+    """Whether label_attention(h, mask, W, v) with separate values runs on `device`.
+
+    True where the compiled CPU kernel or the reference fallback serves the
+    device; False on CUDA with the compiled kernels, whose separate-values path
+    does not exist yet (the op raises NotImplementedError there).
+    """
+    device = torch.device(device)
+    return not (device.type == "cuda" and _compiled("label_attention", device))
 
 
 def topk_metrics(scores: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor, k: int,

@@ -1,5 +1,7 @@
 // Label-wise attention on the CPU, forward and backward, without the [B,L,N]
-// score tensor.
+// score tensor. The values are h itself, or a separate v [B,N,Dv] with h's
+// padding (a model folds the first linear layer after the attention into v:
+// the attention weights of a row sum to 1, so Linear(ctx) = P (h A^T + b)).
 //
 // The work is cut into tasks (b, label block): a block of kLabelBlock labels
 // attends over the real tokens of batch row b. A task computes its scores one
@@ -35,6 +37,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -145,18 +148,30 @@ struct Plan {
   }
 };
 
-// The real tokens of row b, in the accumulation type, as hc [Np, D] and its
-// transpose hT [D, Np] (Np = rt.padded(b)), zero past the real ones.
+// The real tokens of row b of x [B,N,D] (h or v), in the accumulation type,
+// as xc [Np, D] and, unless xT is null, its transpose xT [D, Np]
+// (Np = rt.padded(b)), zero past the real ones.
 template <typename scalar_t, typename acc_t>
-void gather_real(const at::Tensor& h, const RealTokens& rt, int64_t b, acc_t* hc, acc_t* hT) {
-  const int64_t N = h.size(1), D = h.size(2), nr = rt.count(b), np = rt.padded(b);
-  const scalar_t* src = h.data_ptr<scalar_t>() + b * N * D;
+void gather_real(const at::Tensor& x, const RealTokens& rt, int64_t b, acc_t* xc, acc_t* xT) {
+  const int64_t N = x.size(1), D = x.size(2), nr = rt.count(b), np = rt.padded(b);
+  const scalar_t* src = x.data_ptr<scalar_t>() + b * N * D;
   const int64_t* pos = rt.positions(b);
   for (int64_t j = 0; j < nr; ++j)
-    for (int64_t d = 0; d < D; ++d) hc[j * D + d] = static_cast<acc_t>(src[pos[j] * D + d]);
-  std::fill(hc + nr * D, hc + np * D, acc_t(0));
+    for (int64_t d = 0; d < D; ++d) xc[j * D + d] = static_cast<acc_t>(src[pos[j] * D + d]);
+  std::fill(xc + nr * D, xc + np * D, acc_t(0));
+  if (xT == nullptr) return;
   for (int64_t d = 0; d < D; ++d)
-    for (int64_t j = 0; j < np; ++j) hT[d * np + j] = hc[j * D + d];
+    for (int64_t j = 0; j < np; ++j) xT[d * np + j] = xc[j * D + d];
+}
+
+// x [B,N,D] <- the compact rows g [Nr, D] of row b (padding tokens untouched).
+template <typename scalar_t, typename acc_t>
+void scatter_real(at::Tensor& x, const RealTokens& rt, int64_t b, const acc_t* g) {
+  const int64_t N = x.size(1), D = x.size(2);
+  scalar_t* dst = x.data_ptr<scalar_t>() + b * N * D;
+  const int64_t* pos = rt.positions(b);
+  for (int64_t j = 0; j < rt.count(b); ++j)
+    for (int64_t d = 0; d < D; ++d) dst[pos[j] * D + d] = static_cast<scalar_t>(g[j * D + d]);
 }
 
 // Reductions over a row, split over 8 lanes so that they vectorize (or at
@@ -225,7 +240,8 @@ void grad_scores(const acc_t* P, acc_t* dS, acc_t* PT, acc_t* dST, const acc_t* 
   }
 }
 
-void check_inputs(const at::Tensor& h, const at::Tensor& mask, const at::Tensor& W) {
+void check_inputs(const at::Tensor& h, const at::Tensor& mask, const at::Tensor& W,
+                  const std::optional<at::Tensor>& v) {
   TORCH_CHECK_VALUE(h.dim() == 3 && mask.dim() == 2 && W.dim() == 2,
                     "label_attention: expected h [B,N,D], mask [B,N], W [L,D]; got h ", h.sizes(),
                     ", mask ", mask.sizes(), ", W ", W.sizes());
@@ -242,26 +258,36 @@ void check_inputs(const at::Tensor& h, const at::Tensor& mask, const at::Tensor&
                     "label_attention: h must be float32, bfloat16, float16 or float64, got ", t);
   TORCH_CHECK_VALUE(h.device().is_cpu() && mask.device().is_cpu() && W.device().is_cpu(),
                     "label_attention: all inputs must be on the CPU");
+  if (!v) return;
+  TORCH_CHECK_VALUE(v->dim() == 3 && v->size(0) == h.size(0) && v->size(1) == h.size(1),
+                    "label_attention: v must be [B,N,Dv] with [B,N] = ", h.sizes().slice(0, 2), ", got ",
+                    v->sizes());
+  TORCH_CHECK_VALUE(v->scalar_type() == h.scalar_type(), "label_attention: v must have h's dtype (",
+                    h.scalar_type(), "), got ", v->scalar_type());
+  TORCH_CHECK_VALUE(v->device().is_cpu(), "label_attention: all inputs must be on the CPU");
 }
 
+// v: the values [B,N,Dv], or undefined for h itself (Dv = D).
 template <typename scalar_t>
-void forward_impl(const at::Tensor& h, const at::Tensor& mask, const at::Tensor& W, at::Tensor& ctx,
-                  at::Tensor& lse) {
+void forward_impl(const at::Tensor& h, const at::Tensor& mask, const at::Tensor& W, const at::Tensor& v,
+                  at::Tensor& ctx, at::Tensor& lse) {
   using acc_t = acc_type<scalar_t>;
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
   const Plan plan(h, mask, W, acc_dtype);
-  const int64_t D = plan.D, L = plan.L, nlb = plan.nlb, np_max = plan.padded_max();
+  const bool has_v = v.defined();
+  const int64_t D = plan.D, Dv = has_v ? v.size(2) : D, L = plan.L, nlb = plan.nlb, np_max = plan.padded_max();
   const RealTokens& rt = plan.rt;
   const acc_t* Wa = plan.Wa.data_ptr<acc_t>();
 
   at::parallel_for(0, plan.parts, 1, [&](int64_t p0, int64_t p1) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: set in each worker
     const auto opt = h.options().dtype(acc_dtype);
-    at::Tensor hbuf = at::empty({2 * np_max * D}, opt);
+    at::Tensor hbuf = at::empty({2 * np_max * D + (has_v ? np_max * Dv : 0)}, opt);
     at::Tensor sbuf = at::empty({kLabelBlock * kTokenTile}, opt);
-    at::Tensor abuf = at::empty({kLabelBlock * D}, opt);
+    at::Tensor abuf = at::empty({kLabelBlock * Dv}, opt);
     acc_t* const hc = hbuf.data_ptr<acc_t>();
     acc_t* const hT = hc + np_max * D;
+    acc_t* const vc = has_v ? hT + np_max * D : hc;  // the values, [Np, Dv]
     std::vector<acc_t> mx(kLabelBlock), sum(kLabelBlock), scale(kLabelBlock);
     for (int64_t p = p0; p < p1; ++p) {
       int64_t cur_b = -1;
@@ -270,12 +296,13 @@ void forward_impl(const at::Tensor& h, const at::Tensor& mask, const at::Tensor&
         const int64_t lb = std::min(kLabelBlock, L - l0), nr = rt.count(b), np = rt.padded(b);
         if (b != cur_b) {
           gather_real<scalar_t>(h, rt, b, hc, hT);
+          if (has_v) gather_real<scalar_t>(v, rt, b, vc, static_cast<acc_t*>(nullptr));
           cur_b = b;
         }
-        scalar_t* out = ctx.data_ptr<scalar_t>() + (b * L + l0) * D;
+        scalar_t* out = ctx.data_ptr<scalar_t>() + (b * L + l0) * Dv;
         float* lse_out = lse.data_ptr<float>() + b * L + l0;
         if (nr == 0) {  // no real token: zero context, lse = +inf
-          std::fill(out, out + lb * D, scalar_t(0));
+          std::fill(out, out + lb * Dv, scalar_t(0));
           std::fill(lse_out, lse_out + lb, std::numeric_limits<float>::infinity());
           continue;
         }
@@ -299,12 +326,12 @@ void forward_impl(const at::Tensor& h, const at::Tensor& mask, const at::Tensor&
           for (int64_t i = 0; i < lb; ++i) sum[i] = sum[i] * scale[i] + row_sum(s + i * n, n);
           if (t0 > 0)
             for (int64_t i = 0; i < lb; ++i)
-              for (int64_t d = 0; d < D; ++d) acc[i * D + d] *= scale[i];
-          gemm(lb, D, n, s, n, hc + t0 * D, D, acc, D, t0 > 0);
+              for (int64_t d = 0; d < Dv; ++d) acc[i * Dv + d] *= scale[i];
+          gemm(lb, Dv, n, s, n, vc + t0 * Dv, Dv, acc, Dv, t0 > 0);
         }
         for (int64_t i = 0; i < lb; ++i) {
           const acc_t inv = acc_t(1) / sum[i];
-          for (int64_t d = 0; d < D; ++d) out[i * D + d] = static_cast<scalar_t>(acc[i * D + d] * inv);
+          for (int64_t d = 0; d < Dv; ++d) out[i * Dv + d] = static_cast<scalar_t>(acc[i * Dv + d] * inv);
           lse_out[i] = static_cast<float>(mx[i] + std::log(sum[i]));
         }
       }
@@ -313,37 +340,45 @@ void forward_impl(const at::Tensor& h, const at::Tensor& mask, const at::Tensor&
 }
 
 std::tuple<at::Tensor, at::Tensor> label_attention_cpu(const at::Tensor& h_in, const at::Tensor& mask_in,
-                                                       const at::Tensor& W_in) {
-  check_inputs(h_in, mask_in, W_in);
+                                                       const at::Tensor& W_in,
+                                                       const std::optional<at::Tensor>& v_in) {
+  check_inputs(h_in, mask_in, W_in, v_in);
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the ATen calls on tiles are not recorded
   const at::Tensor h = h_in.contiguous(), mask = mask_in.contiguous(), W = W_in.contiguous();
-  const int64_t B = h.size(0), D = h.size(2), L = W.size(0);
-  at::Tensor ctx = at::empty({B, L, D}, h.options());
+  const at::Tensor v = v_in ? v_in->contiguous() : at::Tensor();
+  const int64_t B = h.size(0), Dv = v.defined() ? v.size(2) : h.size(2), L = W.size(0);
+  at::Tensor ctx = at::empty({B, L, Dv}, h.options());
   at::Tensor lse = at::empty({B, L}, h.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "label_attention", [&] {
-    forward_impl<scalar_t>(h, mask, W, ctx, lse);
+    forward_impl<scalar_t>(h, mask, W, v, ctx, lse);
   });
   return {ctx, lse};
 }
 
-// Backward. With p = exp(s - lse) and ds = p * (grad_ctx[l].h_n - grad_ctx[l].ctx[l]):
-//   grad_h[b,n] = sum_l p grad_ctx[b,l] + ds W[l],   grad_W[l] = sum_{b,n} ds h[b,n].
+// Backward. With p = exp(s - lse), values u_n (v[b,n], or h[b,n] without v)
+// and ds = p * (grad_ctx[l].u_n - grad_ctx[l].ctx[l]):
+//   grad_v[b,n] = sum_l p grad_ctx[b,l],   grad_h[b,n] = sum_l ds W[l],
+//   grad_W[l] = sum_{b,n} ds h[b,n];
+// without v, grad_h gets both sums over l (the two products accumulate into
+// one buffer: the arithmetic is that of separate values aliased to h).
 // Races: the tasks are split into per-thread ranges in b-major order, so a
 // thread sees every label block of most of its rows. grad_W gets one
 // accumulator per thread ([L,D]: small beside the activations), summed in
-// thread order afterwards. grad_h of a row is owned by the thread whose range
-// covers all of that row's tasks and written once; a row cut between two
-// ranges (at most two per thread) is handed back as a partial sum and added
-// after the parallel region. Fixed reduction order: results do not depend on
-// scheduling.
+// thread order afterwards. grad_h (and grad_v) of a row is owned by the
+// thread whose range covers all of that row's tasks and written once; a row
+// cut between two ranges (at most two per thread) is handed back as a
+// partial sum and added after the parallel region. Fixed reduction order:
+// results do not depend on scheduling.
 template <typename scalar_t>
 void backward_impl(const at::Tensor& grad_ctx, const at::Tensor& h, const at::Tensor& mask,
-                   const at::Tensor& W, const at::Tensor& ctx, const at::Tensor& lse, at::Tensor& grad_h,
-                   at::Tensor& grad_W) {
+                   const at::Tensor& W, const at::Tensor& v, const at::Tensor& ctx, const at::Tensor& lse,
+                   at::Tensor& grad_h, at::Tensor& grad_W, at::Tensor& grad_v) {
   using acc_t = acc_type<scalar_t>;
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
   const Plan plan(h, mask, W, acc_dtype);
-  const int64_t B = plan.B, N = plan.N, D = plan.D, L = plan.L, nlb = plan.nlb, np_max = plan.padded_max();
+  const bool has_v = v.defined();
+  const int64_t B = plan.B, D = plan.D, Dv = has_v ? v.size(2) : D, L = plan.L, nlb = plan.nlb,
+                np_max = plan.padded_max();
   const RealTokens& rt = plan.rt;
   const acc_t* Wa = plan.Wa.data_ptr<acc_t>();
   const auto opt = h.options().dtype(acc_dtype);
@@ -351,23 +386,24 @@ void backward_impl(const at::Tensor& grad_ctx, const at::Tensor& h, const at::Te
   std::vector<at::Tensor> gW_parts(plan.parts);
   for (int64_t p = 0; p < plan.parts; ++p)
     gW_parts[p] = p == 0 && std::is_same_v<scalar_t, acc_t> ? grad_W : at::empty({L, D}, opt);
-  std::vector<std::vector<std::pair<int64_t, at::Tensor>>> cut_rows(plan.parts);
-
-  auto write_row = [&](int64_t b, const acc_t* g) {  // compact [Nr,D] -> grad_h[b] (padding stays 0)
-    scalar_t* dst = grad_h.data_ptr<scalar_t>() + b * N * D;
-    const int64_t* pos = rt.positions(b);
-    for (int64_t j = 0; j < rt.count(b); ++j)
-      for (int64_t d = 0; d < D; ++d) dst[pos[j] * D + d] = static_cast<scalar_t>(g[j * D + d]);
+  struct CutRow {
+    int64_t b;
+    at::Tensor gh, gv;  // partial sums, compact [Nr, D] and [Nr, Dv] (gv only with v)
   };
+  std::vector<std::vector<CutRow>> cut_rows(plan.parts);
+  // per-thread buffer: hc, hT, gh [Np, D] each, then with v: vT, gv [Np, Dv] each
+  const int64_t gh_at = 2 * np_max * D, gv_at = 3 * np_max * D + np_max * Dv;
 
   at::parallel_for(0, plan.parts, 1, [&](int64_t p0, int64_t p1) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: set in each worker
-    at::Tensor hbuf = at::empty({3 * np_max * D}, opt);
+    at::Tensor hbuf = at::empty({3 * np_max * D + (has_v ? 2 * np_max * Dv : 0)}, opt);
     at::Tensor tbuf = at::empty({4 * kLabelBlock * kTokenTile}, opt);
-    at::Tensor gbuf = at::empty({kLabelBlock * D}, opt);
+    at::Tensor gbuf = at::empty({kLabelBlock * Dv}, opt);
     acc_t* const hc = hbuf.data_ptr<acc_t>();
     acc_t* const hT = hc + np_max * D;
-    acc_t* const gh = hT + np_max * D;  // grad of the current row's real tokens, [Np, D]
+    acc_t* const gh = hc + gh_at;                        // grad of the current row's real tokens, [Np, D]
+    acc_t* const vT = has_v ? gh + np_max * D : hT;      // the values transposed, [Dv, Np]
+    acc_t* const gv = has_v ? hc + gv_at : gh;           // grad of the values, [Np, Dv]
     std::vector<acc_t> delta(kLabelBlock), lse_b(kLabelBlock);
     for (int64_t p = p0; p < p1; ++p) {
       acc_t* const gW = gW_parts[p].template data_ptr<acc_t>();
@@ -375,12 +411,15 @@ void backward_impl(const at::Tensor& grad_ctx, const at::Tensor& h, const at::Te
       const int64_t first = plan.bounds[p], last = plan.bounds[p + 1];
       int64_t cur_b = -1;
       auto flush = [&] {
-        if (cur_b < 0 || rt.count(cur_b) == 0) return;
-        const bool whole = cur_b * nlb >= first && (cur_b + 1) * nlb <= last;
-        if (whole)
-          write_row(cur_b, gh);
-        else
-          cut_rows[p].emplace_back(cur_b, hbuf.narrow(0, 2 * np_max * D, rt.count(cur_b) * D).clone());
+        const int64_t nr = cur_b < 0 ? 0 : rt.count(cur_b);
+        if (nr == 0) return;
+        if (cur_b * nlb >= first && (cur_b + 1) * nlb <= last) {  // the whole row is ours
+          scatter_real<scalar_t>(grad_h, rt, cur_b, gh);
+          if (has_v) scatter_real<scalar_t>(grad_v, rt, cur_b, gv);
+        } else {
+          cut_rows[p].push_back({cur_b, hbuf.narrow(0, gh_at, nr * D).clone(),
+                                 has_v ? hbuf.narrow(0, gv_at, nr * Dv).clone() : at::Tensor()});
+        }
       };
       for (int64_t task = first; task < last; ++task) {
         const int64_t b = task / nlb, l0 = (task % nlb) * kLabelBlock;
@@ -390,19 +429,23 @@ void backward_impl(const at::Tensor& grad_ctx, const at::Tensor& h, const at::Te
           cur_b = b;
           gather_real<scalar_t>(h, rt, b, hc, hT);
           std::fill(gh, gh + np * D, acc_t(0));
+          if (has_v) {
+            gather_real<scalar_t>(v, rt, b, gv, vT);  // gv as scratch for the compact copy
+            std::fill(gv, gv + np * Dv, acc_t(0));
+          }
         }
         if (nr == 0) continue;
         const acc_t* Wb = Wa + l0 * D;
-        const scalar_t* go_raw = grad_ctx.data_ptr<scalar_t>() + (b * L + l0) * D;
-        const scalar_t* cx = ctx.data_ptr<scalar_t>() + (b * L + l0) * D;
+        const scalar_t* go_raw = grad_ctx.data_ptr<scalar_t>() + (b * L + l0) * Dv;
+        const scalar_t* cx = ctx.data_ptr<scalar_t>() + (b * L + l0) * Dv;
         const acc_t* go = reinterpret_cast<const acc_t*>(go_raw);
         if (!std::is_same_v<scalar_t, acc_t>) {
           acc_t* g = gbuf.data_ptr<acc_t>();
-          for (int64_t i = 0; i < lb * D; ++i) g[i] = static_cast<acc_t>(go_raw[i]);
+          for (int64_t i = 0; i < lb * Dv; ++i) g[i] = static_cast<acc_t>(go_raw[i]);
           go = g;
         }
         for (int64_t i = 0; i < lb; ++i) {
-          delta[i] = dot(go + i * D, cx + i * D, D);
+          delta[i] = dot(go + i * Dv, cx + i * Dv, Dv);
           lse_b[i] = static_cast<acc_t>(lse.data_ptr<float>()[b * L + l0 + i]);
         }
         for (int64_t t0 = 0; t0 < np; t0 += kTokenTile) {
@@ -412,13 +455,12 @@ void backward_impl(const at::Tensor& grad_ctx, const at::Tensor& h, const at::Te
           acc_t* ds = pp + lb * n;   // [lb, n]: dP, then dS
           acc_t* pT = ds + lb * n;   // [n, lb]: P transposed
           acc_t* dsT = pT + lb * n;  // [n, lb]: dS transposed
-          gemm(lb, n, D, Wb, D, hT + t0, np, pp, n, false);  // scores
-          gemm(lb, n, D, go, D, hT + t0, np, ds, n, false);  // dP = grad_ctx . h_n
-          exp_rows(P, lse_b.data(), real);                   // P = exp(S - lse), 0 on padding
+          gemm(lb, n, D, Wb, D, hT + t0, np, pp, n, false);   // scores
+          gemm(lb, n, Dv, go, Dv, vT + t0, np, ds, n, false);  // dP = grad_ctx . u_n
+          exp_rows(P, lse_b.data(), real);                     // P = exp(S - lse), 0 on padding
           grad_scores(pp, ds, pT, dsT, delta.data(), lb, n);
-          acc_t* ght = gh + t0 * D;
-          gemm(n, D, lb, pT, lb, go, D, ght, D, true);   // grad_h += P^T grad_ctx
-          gemm(n, D, lb, dsT, lb, Wb, D, ght, D, true);  //         + dS^T W
+          gemm(n, Dv, lb, pT, lb, go, Dv, gv + t0 * Dv, Dv, true);  // grad_v += P^T grad_ctx
+          gemm(n, D, lb, dsT, lb, Wb, D, gh + t0 * D, D, true);     // grad_h += dS^T W
           gemm(lb, D, n, ds, n, hc + t0 * D, D, gW + l0 * D, D, true);  // grad_W += dS h
         }
       }
@@ -427,27 +469,35 @@ void backward_impl(const at::Tensor& grad_ctx, const at::Tensor& h, const at::Te
   });
 
   // rows cut between thread ranges: partial sums added in range order
-  std::vector<at::Tensor> row_sum(B);
+  std::vector<CutRow> row_sum(B);
   for (auto& rows : cut_rows)
-    for (auto& [b, g] : rows) row_sum[b] = row_sum[b].defined() ? row_sum[b].add_(g) : g;
-  for (int64_t b = 0; b < B; ++b)
-    if (row_sum[b].defined()) write_row(b, row_sum[b].data_ptr<acc_t>());
+    for (auto& r : rows) {
+      CutRow& s = row_sum[r.b];
+      if (!s.gh.defined()) {
+        s = r;
+      } else {
+        s.gh.add_(r.gh);
+        if (has_v) s.gv.add_(r.gv);
+      }
+    }
+  for (int64_t b = 0; b < B; ++b) {
+    if (!row_sum[b].gh.defined()) continue;
+    scatter_real<scalar_t>(grad_h, rt, b, row_sum[b].gh.template data_ptr<acc_t>());
+    if (has_v) scatter_real<scalar_t>(grad_v, rt, b, row_sum[b].gv.template data_ptr<acc_t>());
+  }
   for (int64_t p = 1; p < plan.parts; ++p) gW_parts[0].add_(gW_parts[p]);
   if (!std::is_same_v<scalar_t, acc_t>) grad_W.copy_(gW_parts[0]);
 }
 
-std::tuple<at::Tensor, at::Tensor> label_attention_backward_cpu(const at::Tensor& grad_ctx_in,
-                                                                const at::Tensor& h_in,
-                                                                const at::Tensor& mask_in,
-                                                                const at::Tensor& W_in,
-                                                                const at::Tensor& ctx_in,
-                                                                const at::Tensor& lse_in) {
-  check_inputs(h_in, mask_in, W_in);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> label_attention_backward_cpu(
+    const at::Tensor& grad_ctx_in, const at::Tensor& h_in, const at::Tensor& mask_in, const at::Tensor& W_in,
+    const std::optional<at::Tensor>& v_in, const at::Tensor& ctx_in, const at::Tensor& lse_in) {
+  check_inputs(h_in, mask_in, W_in, v_in);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const int64_t B = h_in.size(0), D = h_in.size(2), L = W_in.size(0);
-  const std::vector<int64_t> ctx_shape{B, L, D}, lse_shape{B, L};
+  const int64_t B = h_in.size(0), Dv = v_in ? v_in->size(2) : h_in.size(2), L = W_in.size(0);
+  const std::vector<int64_t> ctx_shape{B, L, Dv}, lse_shape{B, L};
   TORCH_CHECK_VALUE(grad_ctx_in.sizes() == ctx_shape && ctx_in.sizes() == ctx_shape,
-                    "label_attention: grad_ctx and ctx must be [B,L,D] = ", ctx_shape, ", got ",
+                    "label_attention: grad_ctx and ctx must be [B,L,Dv] = ", ctx_shape, ", got ",
                     grad_ctx_in.sizes(), " and ", ctx_in.sizes());
   TORCH_CHECK_VALUE(grad_ctx_in.scalar_type() == h_in.scalar_type() && ctx_in.scalar_type() == h_in.scalar_type(),
                     "label_attention: grad_ctx and ctx must have h's dtype (", h_in.scalar_type(), "), got ",
@@ -457,12 +507,14 @@ std::tuple<at::Tensor, at::Tensor> label_attention_backward_cpu(const at::Tensor
                     " ", lse_in.sizes());
   const at::Tensor grad_ctx = grad_ctx_in.contiguous(), h = h_in.contiguous(), mask = mask_in.contiguous(),
                    W = W_in.contiguous(), ctx = ctx_in.contiguous(), lse = lse_in.contiguous();
+  const at::Tensor v = v_in ? v_in->contiguous() : at::Tensor();
   at::Tensor grad_h = at::zeros_like(h);
   at::Tensor grad_W = at::empty_like(W);
+  at::Tensor grad_v = v.defined() ? at::zeros_like(v) : at::empty({0}, h.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "label_attention_backward", [&] {
-    backward_impl<scalar_t>(grad_ctx, h, mask, W, ctx, lse, grad_h, grad_W);
+    backward_impl<scalar_t>(grad_ctx, h, mask, W, v, ctx, lse, grad_h, grad_W, grad_v);
   });
-  return {grad_h, grad_W};
+  return {grad_h, grad_W, grad_v};
 }
 
 }  // namespace
