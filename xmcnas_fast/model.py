@@ -192,9 +192,18 @@ class AttentionHead(nn.Module):
 
     def forward(self, h, mask):
         W = self.attention.to(h.dtype)
-        fn = ops.label_attention if self.use_kernels else ops.label_attention_reference
-        ctx = fn(h, mask, W)                                  # [B, L, D]
-        return self.out(self.fc(ctx)).squeeze(-1) + self.label_bias   # [B, L]
+        if self.use_kernels and len(self.fc) and ops.label_attention_supports_values(h.device):
+            # The attention weights of a row sum to 1, so the first FC layer commutes with the
+            # attention: Linear(sum_n p_n h_n) = sum_n p_n Linear(h_n). Attending over the
+            # projected tokens skips the [B,L,D] x [D,fc] product and the [B,L,D] context.
+            # (Rows always hold a real token: the data layer gives an empty text one <unk>.)
+            first = self.fc[0]
+            v = F.linear(h, first.weight.to(h.dtype), first.bias.to(h.dtype))    # [B, N, fc0]
+            x = self.fc[1:](ops.label_attention(h, mask, W, v))               # [B, L, fc0]
+        else:
+            fn = ops.label_attention if self.use_kernels else ops.label_attention_reference
+            x = self.fc(fn(h, mask, W))                                         # via [B, L, D]
+        return self.out(x).squeeze(-1) + self.label_bias                        # [B, L]
 
 
 class XMCModel(nn.Module):
