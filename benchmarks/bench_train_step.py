@@ -58,5 +58,5 @@ def test_train_step(benchmark, debtags, batch, name, impl):
     step = make_step(model)
     benchmark.group = f"train step: {name}, B=40, T={batch.tokens.shape[1]}, L={debtags.num_labels}"
     benchmark.extra_info["tokens"] = int(batch.mask.sum())
-    loss = benchmark.pedantic(step, args=(batch,), rounds=8, iterations=1, warmup_rounds=2)
+    loss = benchmark.pedantic(step, args=(batch,), rounds=15, iterations=1, warmup_rounds=2)
     assert torch.isfinite(loss)

@@ -67,7 +67,8 @@ def test_scores_shape_and_layer_weights(merge):
 
 def test_kernels_and_eager_build_the_same_function():
     g = Genotype((("conv5", 0), ("bilstm", 0), ("maxpool3", 1)))
-    a, b = model(g, use_kernels=True), model(g, use_kernels=False)
+    # no dropout: the two draw their masks from different random streams
+    a, b = model(g, True, dropout=0.0, dropout_emb=0.0), model(g, False, dropout=0.0, dropout_emb=0.0)
     b.load_state_dict(a.state_dict())
     tok, mask = tokens_and_mask([6, 4, 1])
     with torch.no_grad():

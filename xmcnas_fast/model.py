@@ -170,39 +170,43 @@ class Merge(nn.Module):
 
 
 class AttentionHead(nn.Module):
-    """Label-wise attention, then an FC chain shared by all labels, then one score per label."""
+    """Label-wise attention, then an FC chain shared by all labels (Linear, ReLU, dropout), then
+    one score per label."""
 
     def __init__(self, d: int, num_labels: int, fc: list, dropout: float, use_kernels: bool = True):
         super().__init__()
-        self.use_kernels = use_kernels
+        self.use_kernels, self.p = use_kernels, dropout
         self.attention = nn.Parameter(torch.empty(num_labels, d))
-        layers, d_in = [], d
-        for d_out in fc:
-            layers += [nn.Linear(d_in, d_out), nn.ReLU(), nn.Dropout(dropout)]
-            d_in = d_out
-        self.fc = nn.Sequential(*layers)
-        self.out = nn.Linear(d_in, 1, bias=False)
+        self.fc = nn.ModuleList(nn.Linear(a, b) for a, b in zip([d] + fc[:-1], fc))
+        self.out = nn.Linear(fc[-1] if fc else d, 1, bias=False)
         self.label_bias = nn.Parameter(torch.zeros(num_labels))   # set to the labels' prior log-odds
         nn.init.xavier_uniform_(self.attention)
         for m in self.fc:
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
         nn.init.xavier_uniform_(self.out.weight)
+
+    def _act(self, x):
+        if self.use_kernels:
+            return ops.dropout(x, self.p, self.training, relu=True)     # one fused pass
+        return F.dropout(F.relu(x), self.p, self.training)
 
     def forward(self, h, mask):
         W = self.attention.to(h.dtype)
-        if self.use_kernels and len(self.fc) and ops.label_attention_supports_values(h.device):
+        fc = list(self.fc)
+        if self.use_kernels and fc and ops.label_attention_supports_values(h.device):
             # The attention weights of a row sum to 1, so the first FC layer commutes with the
             # attention: Linear(sum_n p_n h_n) = sum_n p_n Linear(h_n). Attending over the
             # projected tokens skips the [B,L,D] x [D,fc] product and the [B,L,D] context.
             # (Rows always hold a real token: the data layer gives an empty text one <unk>.)
-            first = self.fc[0]
+            first = fc.pop(0)
             v = F.linear(h, first.weight.to(h.dtype), first.bias.to(h.dtype))    # [B, N, fc0]
-            x = self.fc[1:](ops.label_attention(h, mask, W, v))               # [B, L, fc0]
+            x = self._act(ops.label_attention(h, mask, W, v))                    # [B, L, fc0]
         else:
             fn = ops.label_attention if self.use_kernels else ops.label_attention_reference
-            x = self.fc(fn(h, mask, W))                                         # via [B, L, D]
+            x = fn(h, mask, W)                                                  # [B, L, D]
+        for lin in fc:
+            x = self._act(lin(x))
         return self.out(x).squeeze(-1) + self.label_bias                        # [B, L]
 
 
@@ -226,16 +230,18 @@ class XMCModel(nn.Module):
         with torch.no_grad():
             self.embedding.weight[0].zero_()
         self.embedding.weight.requires_grad_(not cfg.freeze_emb)
-        self.emb_dropout = nn.Dropout(cfg.dropout_emb)
         self.encoder = DAGEncoder(self.genotype, emb_dim, cfg.width)
         self.merge = Merge(self.genotype.depth, self.genotype.merge, use_kernels)
         merged = cfg.width * (self.genotype.depth if self.genotype.merge == "concat" else 1)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.use_kernels = use_kernels
         self.head = AttentionHead(merged, num_labels, cfg.fc, cfg.dropout, use_kernels)
 
+    def _drop(self, x, p):
+        return ops.dropout(x, p, self.training) if self.use_kernels else F.dropout(x, p, self.training)
+
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = self.emb_dropout(self.embedding(tokens))
-        h = self.dropout(self.merge(self.encoder(x, mask)))
+        x = self._drop(self.embedding(tokens), self.cfg.dropout_emb)
+        h = self._drop(self.merge(self.encoder(x, mask)), self.cfg.dropout)
         return self.head(h, mask)
 
     def init_label_bias(self, log_odds: np.ndarray) -> None:
@@ -271,13 +277,8 @@ class TfidfMLP(nn.Module):
         self.vocab_size = vocab_size
         self.bag = nn.EmbeddingBag(F_, cfg.hidden[0], mode="sum", sparse=True)
         self.bias0 = nn.Parameter(torch.zeros(cfg.hidden[0]))
-        layers, d_in = [], cfg.hidden[0]
-        for d_out in cfg.hidden[1:]:
-            layers += [nn.Linear(d_in, d_out), nn.ReLU(), nn.Dropout(cfg.dropout)]
-            d_in = d_out
-        self.mlp = nn.Sequential(*layers)
-        self.out = nn.Linear(d_in, num_labels)
-        self.drop0 = nn.Dropout(cfg.dropout)
+        self.mlp = nn.ModuleList(nn.Linear(a, b) for a, b in zip(cfg.hidden[:-1], cfg.hidden[1:]))
+        self.out = nn.Linear(cfg.hidden[-1], num_labels)
         nn.init.normal_(self.bag.weight, std=1.0 / math.sqrt(cfg.hidden[0]))
 
     def _keys(self, tokens, mask):
@@ -346,8 +347,11 @@ class TfidfMLP(nn.Module):
 
     def forward(self, tokens, mask):
         f, offsets, w = self.features(tokens, mask)
-        x = F.relu(self.bag(f, offsets, per_sample_weights=w) + self.bias0)
-        return self.out(self.mlp(self.drop0(x)))
+        x = ops.dropout(self.bag(f, offsets, per_sample_weights=w) + self.bias0, self.cfg.dropout,
+                        self.training, relu=True)
+        for lin in self.mlp:
+            x = ops.dropout(lin(x), self.cfg.dropout, self.training, relu=True)
+        return self.out(x)
 
     def init_label_bias(self, log_odds: np.ndarray) -> None:
         self.out.bias.data.copy_(torch.as_tensor(log_odds, dtype=torch.float32))

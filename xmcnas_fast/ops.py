@@ -20,6 +20,7 @@ import warnings
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     "label_attention", "label_attention_supports_values", "topk_metrics", "layer_sum",
@@ -154,6 +155,11 @@ def layer_sum_reference(xs: Sequence[torch.Tensor], w: torch.Tensor) -> torch.Te
     return (torch.stack(list(xs), 0) * w.to(xs[0].dtype).view(-1, *([1] * xs[0].dim()))).sum(0)
 
 
+def dropout_reference(x: torch.Tensor, p: float, training: bool = True, relu: bool = False) -> torch.Tensor:
+    """torch's own: F.dropout(F.relu(x)) (same distribution as the kernel, another random stream)."""
+    return F.dropout(F.relu(x) if relu else x, p, training)
+
+
 # --------------------------------------------------------------------------------------------
 # Fake (meta) implementations and autograd for the compiled ops.
 # --------------------------------------------------------------------------------------------
@@ -211,6 +217,25 @@ if EXTENSION_LOADED:
 
     torch.library.register_autograd("xmcnas_fast::layer_sum", _layer_sum_backward,
                                     setup_context=_layer_sum_setup)
+
+    @torch.library.register_fake("xmcnas_fast::dropout")
+    def _dropout_fake(x, p, seed, relu):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("xmcnas_fast::dropout_backward")
+    def _dropout_backward_fake(grad, y, p, seed, relu):
+        return torch.empty_like(grad)
+
+    def _dropout_setup(ctx, inputs, output):
+        _, ctx.p, ctx.seed, ctx.relu = inputs
+        ctx.save_for_backward(output if ctx.relu else None)
+
+    def _dropout_backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        y = grad if y is None else y  # without the ReLU the mask comes from the seed alone
+        return torch.ops.xmcnas_fast.dropout_backward(grad, y, ctx.p, ctx.seed, ctx.relu), None, None, None
+
+    torch.library.register_autograd("xmcnas_fast::dropout", _dropout_backward, setup_context=_dropout_setup)
 
 
 def _compiled(op: str, device: torch.device) -> bool:
@@ -298,3 +323,20 @@ def layer_sum(xs: Sequence[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
     if _compiled("layer_sum", xs[0].device):
         return torch.ops.xmcnas_fast.layer_sum(xs, w)
     return layer_sum_reference(xs, w)
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True, relu: bool = False) -> torch.Tensor:
+    """Inverted dropout, fused after a ReLU when `relu`: one pass, no stored mask.
+
+    The mask is drawn from a counter-based stream seeded from torch's default
+    generator (torch.manual_seed makes it repeatable) and recomputed in backward.
+    Out of training (or p == 0) it is the identity (or the ReLU).
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+    if not training or p == 0.0:
+        return F.relu(x) if relu else x
+    if _compiled("dropout", x.device):
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+        return torch.ops.xmcnas_fast.dropout(x, float(p), seed, bool(relu))
+    return dropout_reference(x, p, training, relu)

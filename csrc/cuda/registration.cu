@@ -37,6 +37,8 @@ TORCH_LIBRARY_IMPL(xmcnas_fast, CUDA, m) {
   m.impl("topk_metrics", &topk_metrics_cuda);
   m.impl("layer_sum", &layer_sum_cuda);
   m.impl("layer_sum_backward", &layer_sum_backward_cuda);
+  m.impl("dropout", &dropout_cuda);
+  m.impl("dropout_backward", &dropout_backward_cuda);
 }
 
 }  // namespace xmcnas_fast::cuda

@@ -1,0 +1,84 @@
+// Inverted dropout, optionally fused after a ReLU, on CUDA: the same
+// counter-based mask as the CPU kernel (dropout_mask.h), so both devices drop
+// the same elements for the same seed. Elementwise, grid-stride.
+#include <algorithm>
+
+#include "../dropout_mask.h"
+#include "common.cuh"
+#include "ops.cuh"
+
+namespace xmcnas_fast::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    dropout_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t n, uint64_t seed, uint32_t thr, float scale,
+                   bool relu) {
+  for (int64_t i = blockIdx.x * int64_t(kThreads) + threadIdx.x; i < n; i += int64_t(gridDim.x) * kThreads) {
+    float v = to_float(x[i]);
+    if (relu && v < 0.0f) v = 0.0f;
+    y[i] = from_float<T>(dropout_keep(seed, static_cast<uint64_t>(i), thr) ? v * scale : 0.0f);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    dropout_backward_kernel(const T* __restrict__ g, const T* __restrict__ y, T* __restrict__ out, int64_t n,
+                            uint64_t seed, uint32_t thr, float scale, bool relu) {
+  for (int64_t i = blockIdx.x * int64_t(kThreads) + threadIdx.x; i < n; i += int64_t(gridDim.x) * kThreads) {
+    const bool flows = relu ? to_float(y[i]) > 0.0f : dropout_keep(seed, static_cast<uint64_t>(i), thr);
+    out[i] = from_float<T>(flows ? to_float(g[i]) * scale : 0.0f);
+  }
+}
+
+unsigned blocks_for(int64_t n) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, 65535)));
+}
+
+void check(const char* op, const at::Tensor& x, double p) {
+  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, op, ": p must be in [0, 1), got ", p);
+}
+
+}  // namespace
+
+at::Tensor dropout_cuda(const at::Tensor& x_, double p, int64_t seed, bool relu) {
+  check("dropout", x_, p);
+  const at::Tensor x = x_.contiguous();
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = x.new_empty(x.sizes());
+  const int64_t n = x.numel();
+  if (n == 0) return y;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const float scale = static_cast<float>(dropout_scale(dropout_threshold(p)));
+  dispatch_float_types(x.scalar_type(), "dropout", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    dropout_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(mptr<T>(x), mptr<T>(y), n, static_cast<uint64_t>(seed),
+                                                              dropout_threshold(p), scale, relu);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return y;
+}
+
+at::Tensor dropout_backward_cuda(const at::Tensor& grad_, const at::Tensor& y_, double p, int64_t seed, bool relu) {
+  check("dropout_backward", grad_, p);
+  TORCH_CHECK_VALUE(grad_.sizes() == y_.sizes(), "dropout_backward: grad and output differ in shape");
+  const at::Tensor grad = grad_.contiguous();
+  const at::Tensor y = relu ? y_.contiguous().to(grad.scalar_type()) : grad;
+  const c10::cuda::CUDAGuard guard(grad.device());
+  at::Tensor out = grad.new_empty(grad.sizes());
+  const int64_t n = grad.numel();
+  if (n == 0) return out;
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const float scale = static_cast<float>(dropout_scale(dropout_threshold(p)));
+  dispatch_float_types(grad.scalar_type(), "dropout_backward", [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    dropout_backward_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(
+        mptr<T>(grad), mptr<T>(y), mptr<T>(out), n, static_cast<uint64_t>(seed), dropout_threshold(p), scale, relu);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace xmcnas_fast::cuda
