@@ -9,7 +9,8 @@ import torch
 
 from xmcnas_fast import ops
 
-OPS = ["label_attention", "label_attention_backward", "topk_metrics", "layer_sum", "layer_sum_backward"]
+OPS = ["label_attention", "label_attention_backward", "topk_metrics", "layer_sum", "layer_sum_backward",
+       "dropout", "dropout_backward"]
 PKG = os.path.dirname(ops.__file__)
 
 

@@ -21,6 +21,7 @@ import time
 from typing import Optional
 
 from . import __version__
+from .space import OPERATIONS
 
 
 class CLIError(Exception):
@@ -214,6 +215,10 @@ def _load_data(name: str, console, **kw):
         return load(name, **kw)
 
 
+# Training settings a preset is known to do better with (flags still override them).
+PRESET_TRAINING = {"tfidf-mlp": {"batch_size": 128}}
+
+
 def cmd_train(args) -> int:
     import torch
 
@@ -242,8 +247,9 @@ def cmd_train(args) -> int:
         arch_name = args.arch
     for k, v in _pick(args, ["width", "emb_dim", "fc", "dropout", "freeze_emb"]).items():
         setattr(mcfg, k, v)
-    tcfg = TrainConfig(**_pick(args, ["max_epochs", "max_steps", "batch_size", "lr", "warmup_steps",
-                                      "eval_every", "patience", "seed", "max_minutes", "threads"]))
+    tcfg = TrainConfig(**{**PRESET_TRAINING.get(args.arch, {}),
+                          **_pick(args, ["max_epochs", "max_steps", "batch_size", "lr", "warmup_steps",
+                                         "eval_every", "patience", "seed", "max_minutes", "threads"])})
     tcfg.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.max_len is not None:
         tcfg.max_len = args.max_len
@@ -289,8 +295,9 @@ def _train_with_progress(model, data, tcfg, console, quiet: bool):
                   disable=quiet) as bar:
         task = bar.add_task("train", total=total, info="")
 
-        def report(epoch, step, loss, valid_p5, best_p5):
-            info = f"epoch {epoch}  loss {loss:.4f}  valid P@5 {100 * valid_p5:.2f} (best {100 * best_p5:.2f})"
+        def report(epoch, step, loss, valid_p1, valid_p5, best_p5):
+            info = (f"epoch {epoch}  loss {loss:.4f}  valid P@1 {100 * valid_p1:.2f}  "
+                    f"P@5 {100 * valid_p5:.2f} (best {100 * best_p5:.2f})")
             bar.update(task, completed=step, info=info)
             if not console.is_terminal and not quiet:
                 console.print(f"step {step}: {info}")
@@ -463,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cycles", type=int, help="C: children trained after the initial population")
     g.add_argument("--sample", type=int, help="S: tournament size")
     g.add_argument("--max-depth", type=int, help="most layer nodes in an architecture")
-    g.add_argument("--constraint", choices=["bilstm", "bigru", "conv3"],
+    g.add_argument("--constraint", choices=list(OPERATIONS),
                    help="node 1 of part of the population is this operation reading the embedding")
     g.add_argument("--constraint-fraction", type=float, help="that part (0..1)")
     g = s.add_argument_group("devices")

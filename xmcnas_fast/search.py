@@ -31,9 +31,9 @@ CONFIG_VERSION = 1
 BUDGETS = {
     # finishes in about 10 minutes on a 2-core CPU with the bundled debtags data
     "demo": {
-        "search": {"population": 6, "cycles": 8, "sample": 3, "max_depth": 4},
+        "search": {"population": 6, "cycles": 10, "sample": 3, "max_depth": 4},
         "model": {"emb_dim": 64, "width": 64, "fc": [64]},
-        "train": {"max_epochs": 2, "max_minutes": 0.5, "eval_every": 100, "patience": 5, "max_len": 64,
+        "train": {"max_epochs": 2, "max_minutes": 0.8, "eval_every": 100, "patience": 5, "max_len": 64,
                   "eval_batch_size": 500},
         "data": {"valid": 1000, "max_len": 64},
     },

@@ -160,7 +160,7 @@ def train_model(model: nn.Module, data, cfg: TrainConfig, *,
     status, error = "ok", None
     best_p5, best_state, best_valid, best_step = -1.0, None, None, 0
     evals_without_gain, step, epoch, docs = 0, 0, 0, 0
-    curve = []
+    curve = []                            # [step, epoch, valid P@1, valid P@5] at each evaluation
     train_seconds = 0.0
     running_loss = deque(maxlen=50)
     start = time.monotonic()
@@ -169,7 +169,7 @@ def train_model(model: nn.Module, data, cfg: TrainConfig, *,
         nonlocal best_p5, best_state, best_valid, best_step, evals_without_gain
         v = evaluate(model, data.valid, data.num_labels, inv_prop=inv_prop, batch_size=cfg.eval_batch_size,
                      max_len=cfg.max_len, device=device, amp=cfg.amp)
-        curve.append([step, round(v["P@5"], 6)])
+        curve.append([step, epoch, round(v["P@1"], 6), round(v["P@5"], 6)])
         if v["P@5"] > best_p5:
             best_p5, best_valid, best_step = v["P@5"], v, step
             best_state = {k: t.detach().to("cpu", copy=True) for k, t in model.state_dict().items()}
@@ -178,7 +178,7 @@ def train_model(model: nn.Module, data, cfg: TrainConfig, *,
             evals_without_gain += 1
         if report:
             report(epoch=epoch, step=step, loss=float(np.mean(running_loss)) if running_loss else None,
-                   valid_p5=v["P@5"], best_p5=best_p5)
+                   valid_p1=v["P@1"], valid_p5=v["P@5"], best_p5=best_p5)
 
     stop = False
     while epoch < cfg.max_epochs and not stop:
