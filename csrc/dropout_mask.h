@@ -40,3 +40,4 @@ inline uint32_t dropout_threshold(double p) { return static_cast<uint32_t>(std::
 inline double dropout_scale(uint32_t threshold) { return 65536.0 / (65536.0 - threshold); }
 
 }  // namespace xmcnas_fast
+

@@ -31,10 +31,11 @@ TORCH_LIBRARY(xmcnas_fast, m) {
   // Weighted layer-sum: out = sum_i w[i] * xs[i].
   // Inverted dropout, after a ReLU when relu=True: y = keep ? f(x) / (1 - p) : 0.
   // The mask is a counter-based stream of (seed, element index) (dropout_mask.h),
-  // recomputed in backward: nothing is stored. The backward takes the output y
-  // (used when relu=True: the gradient flows where y > 0).
-  m.def("dropout(Tensor x, float p, int seed, bool relu) -> Tensor");
-  m.def("dropout_backward(Tensor grad, Tensor y, float p, int seed, bool relu) -> Tensor");
+  // recomputed in backward: nothing is stored. seed: an int64 scalar tensor on
+  // the CPU (a tensor, so that drawing it traces under torch.compile). The
+  // backward takes the output y (used when relu=True: the gradient flows where y > 0).
+  m.def("dropout(Tensor x, float p, Tensor seed, bool relu) -> Tensor");
+  m.def("dropout_backward(Tensor grad, Tensor y, float p, Tensor seed, bool relu) -> Tensor");
   m.def("layer_sum(Tensor[] xs, Tensor w) -> Tensor");
   m.def("layer_sum_backward(Tensor grad, Tensor[] xs, Tensor w) -> (Tensor[], Tensor)");
 }

@@ -22,7 +22,7 @@ def scale(p):
 
 
 def op(x, p, seed, relu):
-    return torch.ops.xmcnas_fast.dropout(x, p, seed, relu)
+    return torch.ops.xmcnas_fast.dropout(x, p, torch.tensor(seed), relu)
 
 
 pytestmark = pytest.mark.skipif(not ops.has_kernel("dropout", "cpu"), reason="compiled extension not built")
@@ -64,7 +64,7 @@ def test_backward_recomputes_the_mask(relu):
 def test_opcheck():
     x = torch.randn(4, 6, requires_grad=True)
     for relu in (False, True):
-        torch.library.opcheck(torch.ops.xmcnas_fast.dropout.default, (x, 0.4, 5, relu))
+        torch.library.opcheck(torch.ops.xmcnas_fast.dropout.default, (x, 0.4, torch.tensor(5), relu))
 
 
 def test_public_function_seeding_eval_and_dtypes():
@@ -98,7 +98,7 @@ def test_cuda_drops_the_same_elements_as_the_cpu(dtype, relu):
     y_cpu = op(x, 0.35, 2024, relu)
     y_gpu = op(x.cuda(), 0.35, 2024, relu)
     torch.testing.assert_close(y_gpu.cpu(), y_cpu)
-    gx_cpu = torch.ops.xmcnas_fast.dropout_backward(g, y_cpu, 0.35, 2024, relu)
-    gx_gpu = torch.ops.xmcnas_fast.dropout_backward(g.cuda(), y_gpu, 0.35, 2024, relu)
+    gx_cpu = torch.ops.xmcnas_fast.dropout_backward(g, y_cpu, 0.35, torch.tensor(2024), relu)
+    gx_gpu = torch.ops.xmcnas_fast.dropout_backward(g.cuda(), y_gpu, 0.35, torch.tensor(2024), relu)
     torch.testing.assert_close(gx_gpu.cpu(), gx_cpu)
-    torch.library.opcheck(torch.ops.xmcnas_fast.dropout.default, (x.cuda().float().requires_grad_(), 0.35, 7, relu))
+    torch.library.opcheck(torch.ops.xmcnas_fast.dropout.default, (x.cuda().float().requires_grad_(), 0.35, torch.tensor(7), relu))

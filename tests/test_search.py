@@ -117,3 +117,23 @@ def test_torn_last_line_is_dropped(tmp_path):
     assert [r["id"] for r in again.records] == [0, 1]
     again.append({"id": 2})
     assert [r["id"] for r in JsonLog(str(tmp_path / "h.jsonl")).records] == [0, 1, 2]
+
+
+def test_ctrl_c_stops_cleanly_and_resume_finishes(tmp_path, debtags_slice):
+    p = search_cli(tmp_path, debtags_slice, "interrupted")
+    run_dir = tmp_path / "runs" / "interrupted"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and p.poll() is None:
+        if (run_dir / "history.jsonl").exists() and candidates(run_dir):
+            break
+        time.sleep(0.01)
+    p.send_signal(signal.SIGINT)
+    out, _ = p.communicate(timeout=120)
+    assert p.returncode == 130, out
+    assert f"--resume {run_dir}" in out
+    assert not (run_dir / ".lock").exists() or Run.open(str(run_dir)).lock()  # the directory is free again
+    r = search_cli(tmp_path, debtags_slice, None, "--resume", str(run_dir), "--plain")
+    out, _ = r.communicate(timeout=600)
+    assert r.returncode == 0, out
+    recs = candidates(run_dir)
+    assert len(recs) == 7 and len({x["id"] for x in recs}) == 7

@@ -69,12 +69,16 @@ def extension_status() -> str:
     return _STATUS
 
 
+_OPS = ("label_attention", "label_attention_backward", "topk_metrics", "layer_sum", "layer_sum_backward",
+        "dropout", "dropout_backward")
+# which compiled op has a kernel for which device: asked once, so that choosing traces under torch.compile
+_KERNELS = {(op, dev): EXTENSION_LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(f"xmcnas_fast::{op}", key)
+            for op in _OPS for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
+
+
 def has_kernel(op: str, device_type: str) -> bool:
     """Whether the compiled op `op` has a kernel for `device_type` ("cpu", "cuda")."""
-    if not EXTENSION_LOADED:
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"xmcnas_fast::{op}", key)
+    return _KERNELS.get((op, device_type), False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -227,19 +231,19 @@ if EXTENSION_LOADED:
         return torch.empty_like(grad)
 
     def _dropout_setup(ctx, inputs, output):
-        _, ctx.p, ctx.seed, ctx.relu = inputs
-        ctx.save_for_backward(output if ctx.relu else None)
+        _, ctx.p, seed, ctx.relu = inputs
+        ctx.save_for_backward(output if ctx.relu else None, seed)
 
     def _dropout_backward(ctx, grad):
-        (y,) = ctx.saved_tensors
+        y, seed = ctx.saved_tensors
         y = grad if y is None else y  # without the ReLU the mask comes from the seed alone
-        return torch.ops.xmcnas_fast.dropout_backward(grad, y, ctx.p, ctx.seed, ctx.relu), None, None, None
+        return torch.ops.xmcnas_fast.dropout_backward(grad, y, ctx.p, seed, ctx.relu), None, None, None
 
     torch.library.register_autograd("xmcnas_fast::dropout", _dropout_backward, setup_context=_dropout_setup)
 
 
 def _compiled(op: str, device: torch.device) -> bool:
-    return EXTENSION_LOADED and has_kernel(op, device.type) if device.type in ("cpu", "cuda") else False
+    return has_kernel(op, device.type)
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,6 +341,6 @@ def dropout(x: torch.Tensor, p: float, training: bool = True, relu: bool = False
     if not training or p == 0.0:
         return F.relu(x) if relu else x
     if _compiled("dropout", x.device):
-        seed = int(torch.randint(0, 2**62, (1,)).item())
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64)   # torch's default generator
         return torch.ops.xmcnas_fast.dropout(x, float(p), seed, bool(relu))
     return dropout_reference(x, p, training, relu)

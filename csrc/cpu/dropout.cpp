@@ -19,19 +19,21 @@ namespace {
 
 constexpr int64_t kGrain = 1 << 15;
 
-void check(const char* op, const at::Tensor& x, double p) {
+uint64_t check(const char* op, const at::Tensor& x, double p, const at::Tensor& seed) {
   TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, op, ": p must be in [0, 1), got ", p);
   TORCH_CHECK_VALUE(at::isFloatingType(x.scalar_type()), op, ": expected a floating-point tensor, got ",
                     x.scalar_type());
+  TORCH_CHECK_VALUE(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(), op,
+                    ": seed must be one int64 on the CPU");
+  return static_cast<uint64_t>(*seed.const_data_ptr<int64_t>());
 }
 
-at::Tensor dropout_cpu(const at::Tensor& x_, double p, int64_t seed, bool relu) {
-  check("dropout", x_, p);
+at::Tensor dropout_cpu(const at::Tensor& x_, double p, const at::Tensor& seed, bool relu) {
+  const uint64_t s = check("dropout", x_, p, seed);
   const at::Tensor x = x_.contiguous();
   at::Tensor y = at::empty_like(x);
   const uint32_t thr = xmcnas_fast::dropout_threshold(p);
   const double scale = xmcnas_fast::dropout_scale(thr);
-  const uint64_t s = static_cast<uint64_t>(seed);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "dropout_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;  // float, or double for float64
     const opmath_t sc = static_cast<opmath_t>(scale);
@@ -55,8 +57,9 @@ at::Tensor dropout_cpu(const at::Tensor& x_, double p, int64_t seed, bool relu) 
   return y;
 }
 
-at::Tensor dropout_backward_cpu(const at::Tensor& grad_, const at::Tensor& y_, double p, int64_t seed, bool relu) {
-  check("dropout_backward", grad_, p);
+at::Tensor dropout_backward_cpu(const at::Tensor& grad_, const at::Tensor& y_, double p, const at::Tensor& seed,
+                                bool relu) {
+  const uint64_t s = check("dropout_backward", grad_, p, seed);
   TORCH_CHECK_VALUE(grad_.sizes() == y_.sizes(), "dropout_backward: grad ", grad_.sizes(), " and output ",
                     y_.sizes(), " differ in shape");
   const at::Tensor grad = grad_.contiguous();
@@ -64,7 +67,6 @@ at::Tensor dropout_backward_cpu(const at::Tensor& grad_, const at::Tensor& y_, d
   at::Tensor gx = at::empty_like(grad);
   const uint32_t thr = xmcnas_fast::dropout_threshold(p);
   const double scale = xmcnas_fast::dropout_scale(thr);
-  const uint64_t s = static_cast<uint64_t>(seed);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grad.scalar_type(), "dropout_backward_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const opmath_t sc = static_cast<opmath_t>(scale);

@@ -37,14 +37,17 @@ unsigned blocks_for(int64_t n) {
   return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, 65535)));
 }
 
-void check(const char* op, const at::Tensor& x, double p) {
+uint64_t check(const char* op, const at::Tensor& x, double p, const at::Tensor& seed) {
   TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, op, ": p must be in [0, 1), got ", p);
+  TORCH_CHECK_VALUE(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(), op,
+                    ": seed must be one int64 on the CPU");
+  return static_cast<uint64_t>(*seed.const_data_ptr<int64_t>());
 }
 
 }  // namespace
 
-at::Tensor dropout_cuda(const at::Tensor& x_, double p, int64_t seed, bool relu) {
-  check("dropout", x_, p);
+at::Tensor dropout_cuda(const at::Tensor& x_, double p, const at::Tensor& seed_, bool relu) {
+  const uint64_t seed = check("dropout", x_, p, seed_);
   const at::Tensor x = x_.contiguous();
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = x.new_empty(x.sizes());
@@ -54,15 +57,16 @@ at::Tensor dropout_cuda(const at::Tensor& x_, double p, int64_t seed, bool relu)
   const float scale = static_cast<float>(dropout_scale(dropout_threshold(p)));
   dispatch_float_types(x.scalar_type(), "dropout", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    dropout_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(mptr<T>(x), mptr<T>(y), n, static_cast<uint64_t>(seed),
+    dropout_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(mptr<T>(x), mptr<T>(y), n, seed,
                                                               dropout_threshold(p), scale, relu);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return y;
 }
 
-at::Tensor dropout_backward_cuda(const at::Tensor& grad_, const at::Tensor& y_, double p, int64_t seed, bool relu) {
-  check("dropout_backward", grad_, p);
+at::Tensor dropout_backward_cuda(const at::Tensor& grad_, const at::Tensor& y_, double p, const at::Tensor& seed_,
+                                 bool relu) {
+  const uint64_t seed = check("dropout_backward", grad_, p, seed_);
   TORCH_CHECK_VALUE(grad_.sizes() == y_.sizes(), "dropout_backward: grad and output differ in shape");
   const at::Tensor grad = grad_.contiguous();
   const at::Tensor y = relu ? y_.contiguous().to(grad.scalar_type()) : grad;
@@ -75,7 +79,7 @@ at::Tensor dropout_backward_cuda(const at::Tensor& grad_, const at::Tensor& y_, 
   dispatch_float_types(grad.scalar_type(), "dropout_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
     dropout_backward_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(
-        mptr<T>(grad), mptr<T>(y), mptr<T>(out), n, static_cast<uint64_t>(seed), dropout_threshold(p), scale, relu);
+        mptr<T>(grad), mptr<T>(y), mptr<T>(out), n, seed, dropout_threshold(p), scale, relu);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

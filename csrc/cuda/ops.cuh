@@ -24,7 +24,8 @@ std::tuple<at::Tensor, at::Tensor> topk_metrics_cuda(const at::Tensor& scores, c
 at::Tensor layer_sum_cuda(at::TensorList xs, const at::Tensor& w);
 std::tuple<std::vector<at::Tensor>, at::Tensor> layer_sum_backward_cuda(const at::Tensor& grad, at::TensorList xs,
                                                                         const at::Tensor& w);
-at::Tensor dropout_cuda(const at::Tensor& x, double p, int64_t seed, bool relu);
-at::Tensor dropout_backward_cuda(const at::Tensor& grad, const at::Tensor& y, double p, int64_t seed, bool relu);
+at::Tensor dropout_cuda(const at::Tensor& x, double p, const at::Tensor& seed, bool relu);
+at::Tensor dropout_backward_cuda(const at::Tensor& grad, const at::Tensor& y, double p, const at::Tensor& seed,
+                                 bool relu);
 
 }  // namespace xmcnas_fast::cuda
