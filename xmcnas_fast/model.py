@@ -57,7 +57,7 @@ PRESETS = {
     # the architecture XMC-NAS discovered: two BiLSTMs reading the embedding, concatenated
     "discovered": ModelConfig(genotype=Genotype((("bilstm", 0), ("bilstm", 0)), "concat").to_dict()),
     # the Keras arXiv example: TF-IDF uni+bigrams -> 512 ReLU -> 256 ReLU -> one sigmoid per label
-    "tfidf-mlp": ModelConfig(kind="tfidf-mlp", dropout=0.2),
+    "tfidf-mlp": ModelConfig(kind="tfidf-mlp"),
 }
 
 
