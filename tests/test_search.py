@@ -34,7 +34,7 @@ def candidates(run_dir):
     return recs
 
 
-def test_search_end_to_end_then_predict(tmp_path, debtags_slice):
+def test_search_end_to_end_then_predict(tmp_path, debtags_slice, capsys):
     p = search_cli(tmp_path, debtags_slice, "full")
     out, _ = p.communicate(timeout=600)
     assert p.returncode == 0, out
@@ -64,6 +64,11 @@ def test_search_end_to_end_then_predict(tmp_path, debtags_slice):
     # analysis of the run
     assert main(["analyze", str(run_dir)]) == 0
     assert any(f.endswith(".dot") for f in os.listdir(run_dir / "analysis"))
+    # without matplotlib, the analysis says which extra to install (the brackets survive Rich markup)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "matplotlib", None)
+        assert main(["analyze", str(run_dir), "--out", str(tmp_path / "no-plots")]) == 0
+    assert "pip install 'xmcnas-fast[plot]'" in capsys.readouterr().out
 
 
 def test_kill_9_at_a_random_moment_then_resume_gives_the_same_candidates(tmp_path, debtags_slice):

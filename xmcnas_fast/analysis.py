@@ -13,7 +13,11 @@ import statistics
 from collections import defaultdict
 from typing import Optional
 
+from rich.text import Text
+
 from .space import OPERATIONS, Genotype
+
+PLOT_INSTALL_HINT = "PNG plots need matplotlib: pip install 'xmcnas-fast[plot]'"
 
 
 def _mean(xs):
@@ -138,7 +142,7 @@ def _plots(records, imp, out_dir, console) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        console.print("[dim]PNG plots need matplotlib: pip install 'xmcnas-fast[plot]'[/dim]")
+        console.print(Text(PLOT_INSTALL_HINT, style="dim"))
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ops = [op for op, v in imp["by_operation"].items() if v["nodes"]]
