@@ -69,6 +69,21 @@ def test_bad_arch_and_missing_bundle(tmp_path, capsys):
     assert "config.json: missing" in capsys.readouterr().err
 
 
+def test_tfidf_mlp_sizes_from_the_command_line(debtags_slice, tmp_path, capsys):
+    out = tmp_path / "tfidf"
+    assert main(["train", "--arch", "tfidf-mlp", "--dataset", debtags_slice, "--out", str(out), "--hidden", "24,12",
+                 "--max-features", "300", "--max-steps", "6", "--eval-every", "3", "--valid", "40",
+                 "--device", "cpu", "--quiet"]) == 0
+    cfg = json.load(open(out / "config.json"))["model"]
+    assert cfg["hidden"] == [24, 12] and cfg["max_features"] == 300
+    assert main(["predict", str(out), "an editor for the terminal", "-k", "2", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out.strip())["labels"]) == 2
+    assert main(["train", "--arch", "attentionxml", "--hidden", "64"]) == 2
+    assert "apply to tfidf-mlp only" in capsys.readouterr().err
+    assert main(["train", "--arch", "tfidf-mlp", "--max-features", "0"]) == 2
+    assert "--max-features: expected a positive count" in capsys.readouterr().err
+
+
 def test_data_show(debtags_slice, capsys):
     assert main(["data", "show", debtags_slice, "--valid", "20"]) == 0
     out = capsys.readouterr().out

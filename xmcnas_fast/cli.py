@@ -245,7 +245,14 @@ def cmd_train(args) -> int:
         except ValueError as e:
             raise CLIError(str(e)) from None
         arch_name = args.arch
-    for k, v in _pick(args, ["width", "emb_dim", "fc", "dropout", "freeze_emb"]).items():
+    tfidf_only = _pick(args, ["hidden", "max_features"])
+    if tfidf_only and mcfg.kind != "tfidf-mlp":
+        raise CLIError(f"--{'/--'.join(k.replace('_', '-') for k in tfidf_only)} apply to tfidf-mlp only")
+    if "hidden" in tfidf_only and (not args.hidden or min(args.hidden) < 1):
+        raise CLIError(f"--hidden: expected one or more positive sizes, got {args.hidden}")
+    if "max_features" in tfidf_only and args.max_features < 1:
+        raise CLIError(f"--max-features: expected a positive count, got {args.max_features}")
+    for k, v in _pick(args, ["width", "emb_dim", "fc", "dropout", "freeze_emb", "hidden", "max_features"]).items():
         setattr(mcfg, k, v)
     tcfg = TrainConfig(**{**PRESET_TRAINING.get(args.arch, {}),
                           **_pick(args, ["max_epochs", "max_steps", "batch_size", "lr", "warmup_steps",
@@ -496,6 +503,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true")
     _add_data_args(t)
     _add_model_args(t)
+    g = t.add_argument_group("tfidf-mlp")
+    g.add_argument("--hidden", type=_int_list, help="hidden layer sizes (default 512,256)")
+    g.add_argument("--max-features", type=int,
+                   help="unigrams and bigrams kept, by document frequency (default 60000)")
     _add_train_args(t)
     t.set_defaults(func=cmd_train)
 
