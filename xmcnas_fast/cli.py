@@ -465,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Regularized evolution (Real et al. 2019) over text-encoding DAGs, as XMC-NAS.\n"
                        "Every finished candidate is appended to runs/NAME/history.jsonl; the best models are kept\n"
                        "under runs/NAME/models/. Ctrl-C stops cleanly; --resume continues to the same end.\n\n"
-                       "Budgets: demo (default; about 10 minutes on a 2-core CPU with debtags) and paper\n"
+                       "Budgets: demo (default; about 6 minutes on a 2-core CPU with debtags) and paper\n"
                        "(P=20, C=50, S=10, up to 30 epochs, width 512). Every setting below overrides the budget.")
     s.add_argument("--budget", choices=["demo", "paper"], default="demo", help="starting values of every setting")
     s.add_argument("--name", help="run directory name under --runs-dir (default: budget + date)")
