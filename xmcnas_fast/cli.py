@@ -267,7 +267,7 @@ def cmd_train(args) -> int:
 
         vectors, coverage = load_word_vectors(args.vectors, data.vocab, seed=tcfg.seed)
         console.print(f"word vectors: {vectors.shape[1]} dimensions, {100 * coverage:.1f}% of the vocabulary")
-    model = build_model(mcfg, len(data.vocab), data.num_labels, vectors=vectors)
+    model = build_model(mcfg, len(data.vocab), data.num_labels, vectors=vectors, seed=tcfg.seed)
     if mcfg.kind == "tfidf-mlp":
         model.fit(data.train.token_ids, data.train.offsets)
     console.print(f"[bold]{arch_name}[/bold]: {count_parameters(model):,} parameters, "

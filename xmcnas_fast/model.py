@@ -361,12 +361,17 @@ class TfidfMLP(nn.Module):
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, num_labels: int, vectors=None,
-                use_kernels: bool = True) -> nn.Module:
-    if cfg.kind == "dag":
-        return XMCModel(cfg, vocab_size, num_labels, vectors, use_kernels)
-    if cfg.kind == "tfidf-mlp":
+                use_kernels: bool = True, seed: Optional[int] = None) -> nn.Module:
+    """The network of `cfg`. With a seed, its initial weights depend on the seed alone
+    (the global random state is left as it was)."""
+    if cfg.kind not in ("dag", "tfidf-mlp"):
+        raise ValueError(f"unknown model kind {cfg.kind!r}")
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        if cfg.kind == "dag":
+            return XMCModel(cfg, vocab_size, num_labels, vectors, use_kernels)
         return TfidfMLP(cfg, vocab_size, num_labels)
-    raise ValueError(f"unknown model kind {cfg.kind!r}")
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -107,7 +107,7 @@ def train_candidate(payload: dict, ctx) -> dict:
     tcfg = TrainConfig.from_dict(payload["train"])
     tcfg.device = str(ctx.device)
     model = build_model(mcfg, len(data.vocab), data.num_labels,
-                        vectors=None if vectors is None else np.asarray(vectors))
+                        vectors=None if vectors is None else np.asarray(vectors), seed=tcfg.seed)
     res = train_model(model, data, tcfg, report=ctx.report, should_stop=ctx.should_stop)
     rec = res.record
     fitness = (rec.get("valid") or {}).get("P@5")
