@@ -79,7 +79,7 @@ def test_tfidf_mlp_sizes_from_the_command_line(debtags_slice, tmp_path, capsys):
     assert main(["predict", str(out), "an editor for the terminal", "-k", "2", "--json"]) == 0
     assert len(json.loads(capsys.readouterr().out.strip())["labels"]) == 2
     assert main(["train", "--arch", "attentionxml", "--hidden", "64"]) == 2
-    assert "apply to tfidf-mlp only" in capsys.readouterr().err
+    assert "only tfidf-mlp takes --hidden" in capsys.readouterr().err
     assert main(["train", "--arch", "tfidf-mlp", "--max-features", "0"]) == 2
     assert "--max-features: expected a positive count" in capsys.readouterr().err
 

@@ -247,7 +247,7 @@ def cmd_train(args) -> int:
         arch_name = args.arch
     tfidf_only = _pick(args, ["hidden", "max_features"])
     if tfidf_only and mcfg.kind != "tfidf-mlp":
-        raise CLIError(f"--{'/--'.join(k.replace('_', '-') for k in tfidf_only)} apply to tfidf-mlp only")
+        raise CLIError(f"only tfidf-mlp takes --{' and --'.join(k.replace('_', '-') for k in tfidf_only)}")
     if "hidden" in tfidf_only and (not args.hidden or min(args.hidden) < 1):
         raise CLIError(f"--hidden: expected one or more positive sizes, got {args.hidden}")
     if "max_features" in tfidf_only and args.max_features < 1:
