@@ -116,7 +116,7 @@ def _search_overrides(args) -> dict:
 def cmd_search(args) -> int:
     from .progress import SearchProgress
     from .runs import Run
-    from .search import default_devices, make_config, run_search
+    from .search import candidate_total, make_config, resolve_devices, run_search
 
     console = _console(args.quiet)
     if args.resume:
@@ -131,14 +131,14 @@ def cmd_search(args) -> int:
         run = Run.create(os.path.join(args.runs_dir, name), cfg)
     run.lock()
     cfg = run.config
-    devices = args.devices or cfg["run"]["devices"] or default_devices()
+    devices = resolve_devices(cfg, args.devices)
     s, t = cfg["search"], cfg["train"]
     console.print(f"[bold]xmcnas-fast search[/bold] {run.path}\n"
                   f"  {s['strategy']}: population {s['population']}, cycles {s['cycles']}, sample {s['sample']}, "
                   f"depth <= {s['max_depth']}; width {cfg['model']['width']}, {t['max_epochs']} epochs max"
                   + (f", {t['max_minutes']} min max" if t.get("max_minutes") else "")
                   + f" per candidate; dataset {cfg['data']['dataset']}; devices {devices}")
-    total = s["population"] + s["cycles"]
+    total = candidate_total(cfg)
     done = len(run.history.records)
     dev_list = _device_names(devices)
     with SearchProgress(total, dev_list, done=done, quiet=args.quiet, console=console,

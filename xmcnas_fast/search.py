@@ -57,6 +57,16 @@ def default_devices() -> str:
     return "cpu:2" if cores >= 2 else "cpu"
 
 
+def resolve_devices(cfg: dict, devices: Optional[str] = None) -> str:
+    """The devices a run uses: those given now, else the run's saved ones, else this machine's default."""
+    return devices or cfg["run"]["devices"] or default_devices()
+
+
+def candidate_total(cfg: dict) -> int:
+    """How many candidates the run's search trains in all (its strategy's budget)."""
+    return _strategy(cfg).budget
+
+
 def make_config(budget: str = "demo", *, dataset: str = "debtags", overrides: Optional[dict] = None) -> dict:
     """The full configuration of a search: a budget's values, then any overrides {section: {key: value}}."""
     if budget not in BUDGETS:
@@ -195,7 +205,7 @@ def run_search(run: Run, *, progress=None, backend: Optional[str] = None, device
     are left unfinished in the logs and re-run on resume."""
     cfg = run.config
     backend = backend or cfg["run"]["backend"]
-    devices = devices or cfg["run"]["devices"] or default_devices()
+    devices = resolve_devices(cfg, devices)
     timeout = candidate_timeout if candidate_timeout is not None else cfg["run"]["candidate_timeout"]
     data = load_data(cfg["data"])
     vectors_path = _prepare_vectors(run, cfg, data)
