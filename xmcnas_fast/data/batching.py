@@ -19,14 +19,17 @@ class Batch:
     tokens: torch.Tensor   # int64 [B, T], T = longest in the batch, padded with 0
     mask: torch.Tensor     # bool [B, T], True on real tokens
     labels: torch.Tensor   # float32 [B, num_labels], dense 0/1, trained labels only
-    index: torch.Tensor    # int64 [B], rows of the split
+    index: torch.Tensor    # int64 [B], rows of the split: always on the host (it addresses host arrays)
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
-        return Batch(*(t.to(device, non_blocking=non_blocking)
-                       for t in (self.tokens, self.mask, self.labels, self.index)))
+        """The batch with its tensors on `device`; `index` stays on the host, where the split's labels
+        and ids are, so that `ds.labels[batch.index.numpy()]` works for a batch on any device."""
+        tokens, mask, labels = (t.to(device, non_blocking=non_blocking)
+                                for t in (self.tokens, self.mask, self.labels))
+        return Batch(tokens, mask, labels, self.index)
 
     def pin_memory(self) -> "Batch":
-        return Batch(*(t.pin_memory() for t in (self.tokens, self.mask, self.labels, self.index)))
+        return Batch(*(t.pin_memory() for t in (self.tokens, self.mask, self.labels)), self.index)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
