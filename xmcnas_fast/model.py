@@ -105,8 +105,17 @@ class Pool(nn.Module):
         return self.proj(y) * m.to(y.dtype) if self.proj is not None else y
 
 
+#: The dtype recurrent layers compute in, chosen on purpose: under torch.autocast the packed
+#: cuDNN RNN runs in float16 whatever autocast's dtype (aten/src/ATen/cudnn/AutocastRNN.cpp casts
+#: input, states and weights to kHalf), and with no loss scaling small float16 gradients vanish.
+#: float32 keeps them (on CUDA through TF32 tensor cores where torch.backends.cudnn.allow_tf32).
+RNN_DTYPE = torch.float32
+
+
 class BiRNN(nn.Module):
-    """Bidirectional LSTM or GRU on packed sequences; output = both directions concatenated."""
+    """Bidirectional LSTM or GRU on packed sequences; output = both directions concatenated.
+
+    Runs outside autocast in RNN_DTYPE and hands back its input's dtype."""
 
     def __init__(self, d_in: int, d_out: int, cell: str):
         super().__init__()
@@ -117,10 +126,12 @@ class BiRNN(nn.Module):
 
     def forward(self, x, mask):
         lengths = mask.sum(1)
-        packed = pack_padded_sequence(x, lengths.clamp_min(1).cpu(), batch_first=True, enforce_sorted=False)
-        out, _ = self.rnn(packed)
-        out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
-        return out * mask.unsqueeze(-1).to(out.dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            packed = pack_padded_sequence(x.to(RNN_DTYPE), lengths.clamp_min(1).cpu(), batch_first=True,
+                                          enforce_sorted=False)
+            out, _ = self.rnn(packed)
+            out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        return out.to(x.dtype) * mask.unsqueeze(-1).to(x.dtype)
 
 
 def build_node(op: str, d_in: int, d_out: int) -> nn.Module:
@@ -136,8 +147,21 @@ def build_node(op: str, d_in: int, d_out: int) -> nn.Module:
 
 # ---- the network ------------------------------------------------------------------------------
 
+def state_dtype(x: torch.Tensor) -> torch.dtype:
+    """The one dtype of the states a network hands between its parts (DESIGN.md "Precision"):
+    autocast's dtype on x's device when autocast is on there, else x's own."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        if dtype == torch.float16:
+            raise ValueError("float16 autocast is not supported (there is no loss scaling): use bfloat16")
+        return dtype
+    return x.dtype
+
+
 class DAGEncoder(nn.Module):
-    """Runs the genotype's nodes in order; returns every layer node's output [B,N,D]."""
+    """Runs the genotype's nodes in order; returns every layer node's output [B,N,D], all of one
+    dtype (state_dtype of the embedding), whatever dtype each operation computes in."""
 
     def __init__(self, genotype: Genotype, emb_dim: int, width: int):
         super().__init__()
@@ -146,9 +170,10 @@ class DAGEncoder(nn.Module):
             build_node(op, emb_dim if i == 0 else width, width) for op, i in genotype.nodes)
 
     def forward(self, emb, mask):
-        states = [emb]
+        dtype = state_dtype(emb)
+        states = [emb.to(dtype)]
         for node, (_, i) in zip(self.nodes, self.genotype.nodes):
-            states.append(node(states[i], mask))
+            states.append(node(states[i], mask).to(dtype))
         return states[1:]
 
 
@@ -163,8 +188,6 @@ class Merge(nn.Module):
     def forward(self, outs):
         if self.how == "concat":
             return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
-        dtype = outs[0].dtype
-        outs = [o.to(dtype) for o in outs]
         fn = ops.layer_sum if self.use_kernels else ops.layer_sum_reference
         return fn(outs, self.weight)
 
@@ -200,7 +223,7 @@ class AttentionHead(nn.Module):
             # projected tokens skips the [B,L,D] x [D,fc] product and the [B,L,D] context.
             # (Rows always hold a real token: the data layer gives an empty text one <unk>.)
             first = fc.pop(0)
-            v = F.linear(h, first.weight.to(h.dtype), first.bias.to(h.dtype))    # [B, N, fc0]
+            v = F.linear(h, first.weight, first.bias).to(h.dtype)                # [B, N, fc0]
             x = self._act(ops.label_attention(h, mask, W, v))                    # [B, L, fc0]
         else:
             fn = ops.label_attention if self.use_kernels else ops.label_attention_reference
