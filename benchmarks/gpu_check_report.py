@@ -1,0 +1,156 @@
+"""The figures of a benchmarks/gpu_check.sh run: one table printed, gpu_check.md and gpu_check.json written.
+
+Reads the steps file (name, status, seconds), the combined log, the trained bundle, the search runs
+and the pytest-benchmark JSON. Exits non-zero when a step failed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+
+
+def sections(log: str) -> dict:
+    """The log's text under each '== NAME: ...' header."""
+    out, name = {}, None
+    for line in log.splitlines():
+        m = re.match(r"== (\S+): ", line)
+        if m:
+            name = m.group(1)
+            out[name] = []
+        elif name:
+            out[name].append(line)
+    return {k: "\n".join(v) for k, v in out.items()}
+
+
+def pytest_summary(text: str) -> str | None:
+    lines = [ln.strip("= ") for ln in text.splitlines() if re.search(r"\d+ (passed|failed|error)", ln)]
+    return lines[-1] if lines else None
+
+
+def parity(text: str) -> dict | None:
+    m = re.search(r"validation P@5 after (\d+) steps: cpu ([\d.]+), cuda ([\d.]+), label prior ([\d.]+)", text)
+    if not m:
+        return None
+    steps, cpu, cuda, prior = int(m.group(1)), *map(float, m.groups()[1:])
+    return {"steps": steps, "cpu_valid_P@5": cpu, "cuda_valid_P@5": cuda, "label_prior_P@5": prior,
+            "difference": round(cuda - cpu, 2)}
+
+
+def trained(bundle: str) -> dict | None:
+    path = os.path.join(bundle, "metrics.json")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        rec = json.load(f)
+    test = rec.get("test") or {}
+    return {"device": rec.get("device"), "steps": rec.get("steps"), "epochs": rec.get("epochs"),
+            "seconds": rec.get("seconds"),
+            "test P@1/3/5": [round(100 * test.get(f"P@{k}", float("nan")), 2) for k in (1, 3, 5)],
+            "train_docs_per_s": round(rec.get("train_docs_per_s") or 0.0, 1),
+            "predict_docs_per_s": round(rec.get("predict_docs_per_s") or 0.0, 1),
+            "peak_memory_mb": rec.get("peak_memory_mb")}
+
+
+def searches(runs: str, steps: dict) -> dict:
+    out = {}
+    if not os.path.isdir(runs):
+        return out
+    for name in sorted(os.listdir(runs)):
+        hist = os.path.join(runs, name, "history.jsonl")
+        if not os.path.exists(hist):
+            continue
+        with open(hist, encoding="utf-8") as f:
+            recs = [json.loads(line) for line in f if line.strip()]
+        workers = name.rsplit("-x", 1)[-1]
+        wall = float(steps.get(f"search_x{workers}", {}).get("seconds") or 0.0)
+        fit = [r["fitness"] for r in recs if r.get("fitness") is not None]
+        statuses = sorted({r.get("status") for r in recs})
+        out[f"x{workers}"] = {
+            "candidates": len(recs), "statuses": statuses, "wall_seconds": wall,
+            "candidates_per_hour": round(len(recs) / wall * 3600, 1) if wall else None,
+            "mean_candidate_seconds": round(sum(r.get("seconds") or 0 for r in recs) / max(len(recs), 1), 1),
+            "best_valid_P@5": round(100 * max(fit), 2) if fit else None}
+    return out
+
+
+def benchmarks(path: str) -> list:
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        doc = json.load(f)
+    rows = []
+    for b in doc.get("benchmarks", []):
+        extra = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in (b.get("extra_info") or {}).items()}
+        rows.append({"name": b["name"], "median_ms": round(1e3 * b["stats"]["median"], 3), **extra})
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    for flag in ("--steps", "--log", "--bundle", "--runs", "--bench", "--out"):
+        p.add_argument(flag, required=True)
+    p.add_argument("--device", default="cuda")
+    a = p.parse_args(argv)
+    with open(a.steps, encoding="utf-8") as f:
+        steps = {n: {"status": s, "seconds": float(t)} for n, s, t in (ln.rstrip("\n").split("\t") for ln in f if ln.strip())}
+    with open(a.log, encoding="utf-8", errors="replace") as f:
+        log = f.read()
+    sec = sections(log)
+    gpu = None
+    try:
+        import torch
+
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        versions = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    except ImportError:
+        versions = {}
+    kernels = re.search(r"^kernels: (.*)$", log, re.M)
+    sanitizer = re.search(r"ERROR SUMMARY: (\d+) error", sec.get("sanitizer", ""))
+    figures = {
+        "machine": {"gpu": gpu, "device": a.device, "cpu_cores": os.cpu_count(), "host": platform.node(),
+                    **versions, "kernels": kernels.group(1) if kernels else None},
+        "steps": steps,
+        "tests": pytest_summary(sec.get("tests", "")),
+        "sanitizer_memcheck_errors": int(sanitizer.group(1)) if sanitizer else None,
+        "sanitizer_tests": pytest_summary(sec.get("sanitizer", "")),
+        "parity": parity(sec.get("parity", "")),
+        "train": trained(a.bundle),
+        "evaluate": next((json.loads(ln) for ln in reversed(sec.get("evaluate", "").splitlines())
+                          if ln.startswith("{")), None),
+        "search": searches(a.runs, steps),
+        "bench_cuda": benchmarks(a.bench),
+    }
+    md = [f"# GPU check: {gpu or 'no GPU'} ({a.device}), torch {versions.get('torch')}", "",
+          "| step | status | seconds | figure |", "|---|---|---|---|"]
+    notes = {"tests": figures["tests"], "sanitizer": f"{figures['sanitizer_memcheck_errors']} memcheck errors; "
+             f"{figures['sanitizer_tests']}" if sanitizer else figures["sanitizer_tests"],
+             "parity": json.dumps(figures["parity"]) if figures["parity"] else None,
+             "train": json.dumps(figures["train"]) if figures["train"] else None,
+             "bench": f"{len(figures['bench_cuda'])} cases in bench_cuda.json" if figures["bench_cuda"] else None}
+    for name, st in steps.items():
+        note = notes.get(name)
+        if name.startswith("search_x") and name[len("search_"):] in figures["search"]:
+            note = json.dumps(figures["search"][name[len("search_"):]])
+        md.append(f"| {name} | {st['status']} | {st['seconds']} | {note or ''} |")
+    if figures["bench_cuda"]:
+        md += ["", "## bench_cuda (median of few rounds)", "", "```"]
+        md += [json.dumps(r) for r in figures["bench_cuda"]]
+        md += ["```"]
+    text = "\n".join(md) + "\n"
+    with open(os.path.join(a.out, "gpu_check.md"), "w", encoding="utf-8") as f:
+        f.write(text)
+    with open(os.path.join(a.out, "gpu_check.json"), "w", encoding="utf-8") as f:
+        json.dump(figures, f, indent=2)
+    print(text)
+    failed = [n for n, st in steps.items() if st["status"].startswith("FAIL")]
+    if failed:
+        print(f"failed steps: {', '.join(failed)} (see {os.path.join(a.out, 'gpu_check.log')})", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
