@@ -211,12 +211,12 @@ def _ranked(records: dict) -> list[dict]:
 
 
 class _Silent:
-    """Progress for a search nobody watches."""
+    """Progress for a search nobody watches: every event is dropped."""
 
-    def started(self, *a, **kw): pass
-    def progress(self, *a, **kw): pass
-    def finished(self, *a, **kw): pass
-    def note(self, *a, **kw): pass
+    def _drop(self, *args, **kwargs) -> None:
+        return None
+
+    started = progress = finished = note = _drop
 
 
 class _SearchLoop:
@@ -224,7 +224,7 @@ class _SearchLoop:
 
     def __init__(self, run: Run, strategy: Strategy, sched, progress, reruns: list[Candidate]):
         self.run, self.cfg, self.strategy, self.sched = run, run.config, strategy, sched
-        self.progress = progress or _Silent()
+        self.progress = progress
         self.reruns = deque(reruns)                  # in flight when the search last stopped
         self.records = {r["id"]: r for r in run.history.records}
         self.keep = int(self.cfg["run"]["keep_models"])
@@ -317,9 +317,10 @@ def run_search(run: Run, *, progress=None, backend: Optional[str] = None, device
     """Run (or resume) the search in `run` to its end. Ctrl-C stops it cleanly: in-flight candidates
     are left unfinished in the logs and re-run on resume."""
     cfg = run.config
+    progress = progress or _Silent()
     timeout = candidate_timeout if candidate_timeout is not None else cfg["run"]["candidate_timeout"]
     data = load_data(cfg["data"])
-    vectors_path = _prepare_vectors(run, cfg, data, progress or _Silent())
+    vectors_path = _prepare_vectors(run, cfg, data, progress)
     strategy = _strategy(cfg)
     reruns = replay(strategy, run)
     sched = make_scheduler(backend or cfg["run"]["backend"], resolve_devices(cfg, devices),
