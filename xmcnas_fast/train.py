@@ -78,8 +78,10 @@ def label_log_odds(data) -> np.ndarray:
     return np.log(p / (1.0 - p))
 
 
-def label_inv_propensity(data, columns: int) -> np.ndarray:
-    """Inverse propensities over `columns` label columns, from train+valid counts (unseen labels: count 0)."""
+def label_inv_propensity(data, columns: Optional[int] = None) -> np.ndarray:
+    """Inverse propensities over `columns` label columns (default: the trained labels and those only the
+    test split has), from train+valid counts (unseen labels: count 0)."""
+    columns = max(data.test.labels.shape[1], data.num_labels) if columns is None else columns
     counts = np.zeros(columns)
     for split in (data.train, data.valid):
         c = np.asarray(split.labels.sum(0)).ravel()
@@ -179,7 +181,7 @@ class Trainer:
         self.model, self.data, self.cfg, self.device, self.report = model, data, cfg, device, report
         self.dense, self.opts = _optimizers(model, cfg.lr)
         self.clipper = GradientClipper(cfg.clip)
-        self.inv_prop = label_inv_propensity(data, max(data.test.labels.shape[1], data.num_labels))
+        self.inv_prop = label_inv_propensity(data)
         self.deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
         self.best = BestWeights()
         self.status, self.error = "ok", None
