@@ -19,63 +19,95 @@ TINY = ["--population", "3", "--cycles", "4", "--sample", "2", "--max-depth", "3
         "--max-len", "24", "--valid", "60", "--backend", "inline", "--devices", "cpu", "--plain"]
 
 
-def search_cli(tmp_path, data, name, *extra):
+def search_cli(base, data, name, *extra):
+    """Start `xmcnas-fast search` on `data` with runs and cache under `base`: a new TINY search called
+    `name`, or (name None) one with only the arguments `extra`."""
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
-           "XMCNAS_CACHE": str(tmp_path / "cache")}
-    return subprocess.Popen([sys.executable, "-m", "xmcnas_fast.cli", "search", "--dataset", data,
-                             "--runs-dir", str(tmp_path / "runs"), *extra] if name is None else
-                            [sys.executable, "-m", "xmcnas_fast.cli", "search", "--dataset", data,
-                             "--runs-dir", str(tmp_path / "runs"), "--name", name, *TINY, *extra],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+           "XMCNAS_CACHE": str(base / "cache")}
+    args = [sys.executable, "-m", "xmcnas_fast.cli", "search", "--dataset", data, "--runs-dir", str(base / "runs")]
+    args += list(extra) if name is None else ["--name", name, *TINY, *extra]
+    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=base)
 
 
 def candidates(run_dir):
-    recs = JsonLog(os.path.join(run_dir, "history.jsonl")).records
-    return recs
+    return JsonLog(os.path.join(run_dir, "history.jsonl")).records
 
 
-def test_search_end_to_end_then_predict(tmp_path, debtags_slice, capsys):
-    p = search_cli(tmp_path, debtags_slice, "full")
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, debtags_slice):
+    """One TINY search run to its end: (run directory, its history, what it printed)."""
+    base = tmp_path_factory.mktemp("search")
+    p = search_cli(base, debtags_slice, "full")
     out, _ = p.communicate(timeout=600)
     assert p.returncode == 0, out
-    run_dir = tmp_path / "runs" / "full"
-    recs = candidates(run_dir)
+    run_dir = base / "runs" / "full"
+    return run_dir, candidates(run_dir), out
+
+
+def test_every_candidate_is_recorded_once(finished):
+    _, recs, _ = finished
     assert len(recs) == 7 and len({r["id"] for r in recs}) == 7
+
+
+def test_no_network_is_trained_twice(finished):
+    _, recs, _ = finished
     trained = [r for r in recs if r["reused_from"] is None]
-    assert len({r["hash"] for r in trained}) == len(trained)          # no network trained twice
+    assert len({r["hash"] for r in trained}) == len(trained)
+
+
+def test_each_record_holds_its_metrics_and_layer_weights(finished):
+    _, recs, _ = finished
     for r in recs:
         assert r["status"] == "ok", r
         assert 0 <= r["fitness"] <= 1 and r["valid"]["P@5"] == r["fitness"]
         assert set(r["test"]) >= {"P@1", "P@3", "P@5", "nDCG@1", "nDCG@3", "nDCG@5", "PSP@1", "PSP@3", "PSP@5"}
         assert len(r["layer_weights"]) == r["depth"] and r["params"] > 0
-    assert all(r["parent"] is None for r in recs[:3]) and all(r["parent"] is not None for r in recs[3:]
-                                                              if r["reused_from"] is None)
+
+
+def test_the_population_is_random_then_every_child_has_a_parent(finished):
+    _, recs, _ = finished
+    assert all(r["parent"] is None and r["stands_in_for"] is None for r in recs[:3])
+    # one worker: no child is ever replaced by a random stand-in
+    assert all(r["parent"] is not None and r["stands_in_for"] is None for r in recs[3:])
+
+
+def test_best_json_names_the_best_and_only_the_best_bundles_are_kept(finished):
+    run_dir, recs, _ = finished
     best = json.loads((run_dir / "best.json").read_text())
     assert best["fitness"] == max(r["fitness"] for r in recs)
-    assert "best architecture" in out and "0 embedding" in out
-    # the best model's bundle loads and labels raw text
     assert os.path.isdir(best["model_dir"])
     assert len(os.listdir(run_dir / "models")) <= 3
+
+
+def test_the_summary_draws_the_best_architecture(finished):
+    _, _, out = finished
+    assert "best architecture" in out and "0 embedding" in out
+
+
+def test_the_best_bundle_labels_raw_text(finished):
     from xmcnas_fast.bundle import load_bundle
 
-    b = load_bundle(best["model_dir"])
+    run_dir, _, _ = finished
+    b = load_bundle(json.loads((run_dir / "best.json").read_text())["model_dir"])
     preds = b.predict(["a command line tool written in c to edit text files"], k=3)
     assert len(preds[0]) == 3 and all(name in b.label_names for name, _ in preds[0])
-    # analysis of the run
+
+
+def test_analysis_of_the_run_draws_its_graphs(finished):
+    run_dir, _, _ = finished
     assert main(["analyze", str(run_dir)]) == 0
     assert any(f.endswith(".dot") for f in os.listdir(run_dir / "analysis"))
-    # without matplotlib, the analysis says which extra to install (the brackets survive Rich markup)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(sys.modules, "matplotlib", None)
-        assert main(["analyze", str(run_dir), "--out", str(tmp_path / "no-plots")]) == 0
-    assert "pip install 'xmcnas-fast[plot]'" in capsys.readouterr().out
 
 
-def test_kill_9_at_a_random_moment_then_resume_gives_the_same_candidates(tmp_path, debtags_slice):
-    ref = search_cli(tmp_path, debtags_slice, "ref")
-    out, _ = ref.communicate(timeout=600)
-    assert ref.returncode == 0, out
-    expected = sorted(r["hash"] for r in candidates(tmp_path / "runs" / "ref"))
+def test_analysis_without_matplotlib_names_the_extra_to_install(finished, tmp_path, capsys, monkeypatch):
+    run_dir, _, _ = finished
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["analyze", str(run_dir), "--out", str(tmp_path / "no-plots")]) == 0
+    assert "pip install 'xmcnas-fast[plot]'" in capsys.readouterr().out    # the brackets survive Rich markup
+
+
+def test_kill_9_at_a_random_moment_then_resume_gives_the_same_candidates(tmp_path, debtags_slice, finished):
+    expected = sorted(r["hash"] for r in finished[1])      # the same search, run without a stop
 
     p = search_cli(tmp_path, debtags_slice, "killed")
     run_dir = tmp_path / "runs" / "killed"

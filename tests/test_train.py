@@ -1,5 +1,7 @@
 """The trainer on real debtags examples: repeatable by seed, learns, keeps its best weights, honours budgets."""
 import dataclasses
+import math
+from itertools import islice
 
 import pytest
 import torch
@@ -7,7 +9,7 @@ import torch.nn as nn
 
 from xmcnas_fast.model import ModelConfig, build_model
 from xmcnas_fast.space import Genotype
-from xmcnas_fast.train import TrainConfig, evaluate, train_model
+from xmcnas_fast.train import BestWeights, GradientClipper, Trainer, TrainConfig, evaluate, train_model
 
 SMALL = dict(emb_dim=16, width=16, fc=[16])
 
@@ -102,3 +104,65 @@ def test_a_diverging_run_is_recorded_not_raised(data):
                       TrainConfig(max_steps=20, eval_every=2, batch_size=16))
     assert res.record["status"] == "nan"
     assert "non-finite training loss at step 4" in res.record["error"]
+
+
+def test_patience_ends_training_after_that_many_evaluations_without_gain(data):
+    # lr 1e-12: steps far below float32 resolution leave the weights as they are, so validation P@5
+    # never beats its first value
+    _, res = run(data, cfg_of([["conv3", 0]]), seed=0, lr=1e-12, max_steps=60, eval_every=2, patience=3)
+    rec = res.record
+    assert rec["status"] == "ok" and rec["steps"] == 8
+    assert [c[0] for c in rec["curve"]] == [2, 4, 6, 8] and rec["best_step"] == 2
+
+
+def test_a_cooperative_stop_is_recorded_and_its_best_weights_tested(data):
+    polls = []
+    model = build_model(cfg_of([["conv1", 0]]), len(data.vocab), data.num_labels, seed=0)
+    res = train_model(model, data, TrainConfig(max_steps=50, eval_every=4, batch_size=16),
+                      should_stop=lambda: polls.append(1) or len(polls) >= 6)
+    rec = res.record
+    assert rec["status"] == "stopped" and rec["steps"] == 6 and len(polls) == 6
+    assert [c[0] for c in rec["curve"]] == [4, 6]                # the steps since the last evaluation count
+    assert set(rec["test"]) >= {"P@1", "P@5"}
+
+
+def test_warm_up_ramps_the_learning_rate_linearly(data):
+    from xmcnas_fast.data import iterate_batches
+
+    model = build_model(cfg_of([["conv1", 0]]), len(data.vocab), data.num_labels, seed=0)
+    trainer = Trainer(model, data, TrainConfig(lr=1e-3, warmup_steps=4, batch_size=16), torch.device("cpu"))
+    lrs = []
+    for batch in islice(iterate_batches(data.train, data.num_labels, 16, shuffle=False), 6):
+        assert trainer.train_step(batch)
+        lrs.append(trainer.opts[0].param_groups[0]["lr"])
+    assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    assert trainer.step == 6 and trainer.docs == 96 and len(trainer.running_loss) == 6
+
+
+def test_best_weights_are_a_copy_and_only_a_strictly_better_p5_replaces_them():
+    model = nn.Linear(3, 1)
+    best = BestWeights()
+    best.update(model, {"P@1": 0.5, "P@5": 0.2}, step=1, epoch=1)
+    kept = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    best.update(model, {"P@1": 0.9, "P@5": 0.2}, step=2, epoch=1)       # as good is not better
+    assert (best.step, best.stale) == (1, 1) and torch.equal(best.state["weight"], kept)
+    best.update(model, {"P@1": 0.1, "P@5": 0.3}, step=3, epoch=2)
+    assert (best.step, best.stale, best.p5) == (3, 0, 0.3) and torch.equal(best.state["weight"], model.weight)
+    assert best.curve == [[1, 1, 0.5, 0.2], [2, 1, 0.9, 0.2], [3, 2, 0.1, 0.3]] and best.evaluated_at(3)
+
+
+def test_gradient_clipping_follows_the_recent_norms_as_attentionxml_does():
+    """Clip to factor x the largest of the last 5 norms (each bounded by 1): none of the first 5 is
+    clipped, since the queue starts with infinity; the sixth is clipped to 5 x 1."""
+    w = nn.Parameter(torch.zeros(4))
+    clip = GradientClipper(5.0)
+    norms = []
+    for _ in range(6):
+        w.grad = torch.full((4,), 5.0)                               # norm 10
+        norms.append(clip([w]))
+        assert norms[-1] == pytest.approx(10.0)
+    assert float(w.grad.norm()) == pytest.approx(5.0)
+    w.grad = torch.full((4,), 5.0)
+    assert math.isnan(GradientClipper(None)([w])) and float(w.grad.norm()) == 10.0    # off: untouched

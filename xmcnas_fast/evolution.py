@@ -31,18 +31,22 @@ class Candidate:
     constrained: bool = False             # node 1 fixed by the constraint (kept by its children)
     fitness: Optional[float] = None       # validation P@5; None until reported (or a failed run)
     reused_from: Optional[int] = None     # an identical network trained before: its result is reused
+    stands_in_for: Optional[int] = None   # drawn at random for this parent: its mutations were all in flight
 
 
 def _key(c: Candidate) -> float:
     return -math.inf if c.fitness is None else c.fitness
 
 
-class RandomSearch:
-    """The ablation: the same budget of P + C architectures, all drawn at random (no duplicates)."""
+class Strategy:
+    """What every strategy shares: the budget of P + C candidates, the seeded generator, the record
+    of every candidate (by id and by network), the reported history, random draws without repeats."""
 
     def __init__(self, population_size: int = 20, cycles: int = 50, *, max_depth: int = DEFAULT_MAX_DEPTH,
                  seed: int = 0, constraint: Optional[tuple] = None, constraint_fraction: float = 0.0,
-                 max_redraws: int = 100, **_):
+                 max_redraws: int = 100):
+        if population_size < 1 or cycles < 0:
+            raise ValueError(f"population ({population_size}) must be >= 1 and cycles ({cycles}) >= 0")
         self.P, self.C, self.max_depth = population_size, cycles, max_depth
         self.rng = random.Random(seed)
         self.constraint, self.constraint_fraction = constraint, constraint_fraction
@@ -50,6 +54,7 @@ class RandomSearch:
         self.candidates: dict[int, Candidate] = {}
         self.by_hash: dict[str, int] = {}          # canonical hash -> first candidate with it
         self.history: list[Candidate] = []         # reported, in report order
+        self.reported: set[int] = set()
         self.proposed = 0
 
     @property
@@ -64,6 +69,28 @@ class RandomSearch:
     def done(self) -> bool:
         return len(self.history) >= self.budget
 
+    @property
+    def population(self) -> list[Candidate]:
+        """The candidates the strategy currently draws on (shown as the search's population)."""
+        return self.history
+
+    def propose(self) -> Optional[Candidate]:
+        raise NotImplementedError
+
+    def report(self, cand_id: int, fitness: Optional[float]) -> Candidate:
+        if cand_id in self.reported:
+            raise ValueError(f"candidate {cand_id} was reported twice")
+        c = self.candidates[cand_id]
+        c.fitness = None if fitness is None or math.isnan(fitness) else float(fitness)
+        self.reported.add(cand_id)
+        self.history.append(c)
+        return c
+
+    def best(self) -> Optional[Candidate]:
+        done = [c for c in self.history if c.fitness is not None]
+        return max(done, key=_key) if done else None
+
+    # ---- drawing candidates ----------------------------------------------------------------------
     def _new(self, genotype: Genotype, **kw) -> Candidate:
         c = Candidate(self.proposed, genotype, **kw)
         self.proposed += 1
@@ -79,61 +106,44 @@ class RandomSearch:
                 return g
         raise RuntimeError("the search space seems exhausted: no new random architecture found")
 
-    def _constrained_draw(self) -> bool:
-        return self.constraint is not None and self.rng.random() < self.constraint_fraction
-
-    def propose(self) -> Optional[Candidate]:
-        if self.exhausted:
-            return None
-        constrained = self._constrained_draw()
+    def _random_candidate(self) -> Candidate:
+        """A new architecture drawn at random, constrained for the configured fraction of draws."""
+        constrained = self.constraint is not None and self.rng.random() < self.constraint_fraction
         return self._new(self._random(constrained), constrained=constrained)
 
-    def report(self, cand_id: int, fitness: Optional[float]) -> Candidate:
-        c = self.candidates[cand_id]
-        if c in self.history:
-            raise ValueError(f"candidate {cand_id} was reported twice")
-        c.fitness = None if fitness is None or math.isnan(fitness) else float(fitness)
-        self.history.append(c)
-        return c
 
-    def best(self) -> Optional[Candidate]:
-        done = [c for c in self.history if c.fitness is not None]
-        return max(done, key=_key) if done else None
+class RandomSearch(Strategy):
+    """The ablation: the same budget of P + C architectures, all drawn at random (no duplicates)."""
+
+    def propose(self) -> Optional[Candidate]:
+        return None if self.exhausted else self._random_candidate()
 
 
-class RegularizedEvolution(RandomSearch):
+class RegularizedEvolution(Strategy):
     """Aging evolution: tournament of S from the population, mutate the winner, the oldest dies."""
 
     def __init__(self, population_size: int = 20, cycles: int = 50, sample_size: int = 10, **kw):
         super().__init__(population_size, cycles, **kw)
-        if not 1 <= sample_size:
-            raise ValueError("sample_size must be >= 1")
+        if not 1 <= sample_size <= population_size:
+            raise ValueError(f"sample size ({sample_size}) must be between 1 and the population "
+                             f"({population_size})")
         self.S = sample_size
-        self.population: deque[Candidate] = deque()
+        self._population: deque[Candidate] = deque()
+
+    @property
+    def population(self) -> deque[Candidate]:
+        return self._population
 
     def propose(self) -> Optional[Candidate]:
         if self.exhausted:
             return None
         if self.proposed < self.P:                       # the initial population: random architectures
-            constrained = self._constrained_draw()
-            return self._new(self._random(constrained), constrained=constrained)
+            return self._random_candidate()
         if not self.population:                          # nothing reported yet to breed from
             return None
         sample = [self.rng.choice(self.population) for _ in range(self.S)]   # with replacement, as Real et al.
         parent = max(sample, key=_key)
-        frozen = 1 if parent.constrained else 0
-        child = kind = None
-        for _ in range(self.max_redraws):               # an architecture trained before is redrawn...
-            child, kind = mutate(parent.genotype, self.rng, self.max_depth, frozen=frozen)
-            if child.hash() not in self.by_hash:
-                return self._new(child, parent=parent.id, mutation=kind, constrained=parent.constrained)
-        prior = self.candidates[self.by_hash[child.hash()]]
-        if prior.fitness is not None or prior in self.history:   # ...up to a bound: then its result is reused
-            c = self._new(child, parent=parent.id, mutation=kind, constrained=parent.constrained,
-                          reused_from=prior.id)
-            c.fitness = prior.fitness
-            return c
-        return self._new(self._random(parent.constrained), constrained=parent.constrained)
+        return self._child_of(parent)
 
     def report(self, cand_id: int, fitness: Optional[float]) -> Candidate:
         c = super().report(cand_id, fitness)
@@ -142,11 +152,36 @@ class RegularizedEvolution(RandomSearch):
             self.population.popleft()                    # the oldest dies, whatever its fitness
         return c
 
+    def _child_of(self, parent: Candidate) -> Candidate:
+        """A mutation of `parent` never seen before, redrawn up to a bound; past it, the network it
+        keeps giving is reused if trained, or replaced by a random draw if still in flight."""
+        child = kind = None
+        for _ in range(self.max_redraws):
+            child, kind = mutate(parent.genotype, self.rng, self.max_depth, frozen=int(parent.constrained))
+            if child.hash() not in self.by_hash:
+                return self._new(child, parent=parent.id, mutation=kind, constrained=parent.constrained)
+        prior = self.candidates[self.by_hash[child.hash()]]
+        if prior.id in self.reported:
+            return self._reuse(prior, child, parent, kind)
+        return self._stand_in(parent)
+
+    def _reuse(self, prior: Candidate, child: Genotype, parent: Candidate, kind: str) -> Candidate:
+        """The child is a network trained before: it takes that result instead of training again."""
+        c = self._new(child, parent=parent.id, mutation=kind, constrained=parent.constrained,
+                      reused_from=prior.id)
+        c.fitness = prior.fitness
+        return c
+
+    def _stand_in(self, parent: Candidate) -> Candidate:
+        """A random draw in place of the child of `parent`, recorded as standing in for it."""
+        return self._new(self._random(parent.constrained), constrained=parent.constrained,
+                         stands_in_for=parent.id)
+
 
 STRATEGIES = {"evolution": RegularizedEvolution, "random": RandomSearch}
 
 
-def make_strategy(name: str, **kw) -> RandomSearch:
+def make_strategy(name: str, **kw) -> Strategy:
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; expected one of {sorted(STRATEGIES)}")
     return STRATEGIES[name](**kw)

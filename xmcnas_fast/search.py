@@ -8,6 +8,7 @@ candidates that were in flight when it stopped.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -18,11 +19,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .evolution import Candidate, RandomSearch, make_strategy
+from .evolution import Candidate, Strategy, make_strategy
 from .model import ModelConfig, build_model
-from .runs import Run, RunError
+from .runs import Run, RunError, write_json_atomic
 from .scheduler import Event, TaskResult, make_scheduler
-from .space import DEFAULT_MAX_DEPTH, Genotype
 from .train import TrainConfig, train_model
 
 CONFIG_VERSION = 1
@@ -87,6 +87,7 @@ def make_config(budget: str = "demo", *, dataset: str = "debtags", overrides: Op
             if k not in cfg[section]:
                 raise ValueError(f"unknown setting {section}.{k}")
             cfg[section][k] = v
+    _strategy(cfg)  # refuses settings no search can run with (a sample larger than the population) up front
     return cfg
 
 
@@ -129,15 +130,24 @@ def train_candidate(payload: dict, ctx) -> dict:
 
 # ---- the loop -------------------------------------------------------------------------------------
 
-def _strategy(cfg: dict) -> RandomSearch:
+SEED_STRIDE = 100003  # a prime above any budget's candidate count: no two (search seed, candidate) share a seed
+
+
+def training_seed(search_seed: int, cand_id: int) -> int:
+    """The seed a candidate trains with: its own, and the same again when the search is resumed."""
+    return search_seed * SEED_STRIDE + cand_id
+
+
+def _strategy(cfg: dict) -> Strategy:
     s = cfg["search"]
+    kw = {"sample_size": s["sample"]} if s["strategy"] == "evolution" else {}
     constraint = (s["constraint"], 0) if s["constraint"] else None
     return make_strategy(s["strategy"], population_size=s["population"], cycles=s["cycles"],
-                         sample_size=s["sample"], max_depth=s["max_depth"], seed=s["seed"],
-                         constraint=constraint, constraint_fraction=s["constraint_fraction"])
+                         max_depth=s["max_depth"], seed=s["seed"], constraint=constraint,
+                         constraint_fraction=s["constraint_fraction"], **kw)
 
 
-def replay(strategy: RandomSearch, run: Run) -> list[Candidate]:
+def replay(strategy: Strategy, run: Run) -> list[Candidate]:
     """Bring a fresh strategy to the state the run's logs describe; return the unfinished candidates."""
     results = {r["id"]: r for r in run.history.records}
     order = [r["id"] for r in run.history.records]
@@ -155,16 +165,19 @@ def replay(strategy: RandomSearch, run: Run) -> list[Candidate]:
     return [strategy.candidates[p["id"]] for p in run.unfinished_proposals()]
 
 
-def _proposal_record(c: Candidate, after_reports: int) -> dict:
+def _candidate_fields(c: Candidate) -> dict:
+    """Who a candidate is and where it came from, as both of a run's logs record it."""
     return {"id": c.id, "hash": c.genotype.hash(), "genotype": c.genotype.to_dict(), "parent": c.parent,
             "mutation": c.mutation, "constrained": c.constrained, "reused_from": c.reused_from,
-            "after_reports": after_reports, "time": time.time()}
+            "stands_in_for": c.stands_in_for}
+
+
+def _proposal_record(c: Candidate, after_reports: int) -> dict:
+    return {**_candidate_fields(c), "after_reports": after_reports, "time": time.time()}
 
 
 def _result_record(c: Candidate, res: Optional[TaskResult], rec: Optional[dict], prior: Optional[dict]) -> dict:
-    base = {"id": c.id, "hash": c.genotype.hash(), "genotype": c.genotype.to_dict(),
-            "depth": c.genotype.depth, "parent": c.parent, "mutation": c.mutation,
-            "constrained": c.constrained, "reused_from": c.reused_from}
+    base = {**_candidate_fields(c), "depth": c.genotype.depth}
     if prior is not None:  # the same network was trained before: its result, not a new training
         keep = ("status", "error", "valid", "test", "layer_weights", "params", "epochs", "steps")
         return {**base, **{k: prior.get(k) for k in keep}, "fitness": prior.get("fitness"),
@@ -191,6 +204,106 @@ def _json_safe(x):
     return x
 
 
+def _ranked(records: dict) -> list[dict]:
+    """The finished candidates with a fitness, best first."""
+    return sorted((r for r in records.values() if r.get("fitness") is not None),
+                  key=lambda r: r["fitness"], reverse=True)
+
+
+class _Silent:
+    """Progress for a search nobody watches: every event is dropped."""
+
+    def _drop(self, *args, **kwargs) -> None:
+        return None
+
+    started = progress = finished = note = _drop
+
+
+class _SearchLoop:
+    """Keeps the scheduler's slots busy with the strategy's candidates and records each as it ends."""
+
+    def __init__(self, run: Run, strategy: Strategy, sched, progress, reruns: list[Candidate]):
+        self.run, self.cfg, self.strategy, self.sched = run, run.config, strategy, sched
+        self.progress = progress
+        self.reruns = deque(reruns)                  # in flight when the search last stopped
+        self.records = {r["id"]: r for r in run.history.records}
+        self.keep = int(self.cfg["run"]["keep_models"])
+        self.in_flight: dict[str, Candidate] = {}
+
+    def run_to_end(self) -> None:
+        while not self.strategy.done:
+            self.fill_slots()
+            self.check_can_go_on()
+            self.collect()
+
+    def fill_slots(self) -> None:
+        while self.sched.free_slots() > 0:
+            c = self.next_candidate()
+            if c is None:
+                break
+            if c.reused_from is not None:
+                self.finish(c, None, None)
+            else:
+                self.submit(c)
+
+    def next_candidate(self) -> Optional[Candidate]:
+        if self.reruns:
+            return self.reruns.popleft()
+        c = self.strategy.propose()
+        if c is not None:
+            self.run.proposals.append(_proposal_record(c, len(self.strategy.history)))
+        return c
+
+    def submit(self, c: Candidate) -> None:
+        payload = {"model": {**self.cfg["model"], "genotype": c.genotype.to_dict()},
+                   "train": {**self.cfg["train"], "seed": training_seed(self.cfg["search"]["seed"], c.id)},
+                   "model_dir": self.run.model_dir(c.id), "save_above": self.save_threshold()}
+        self.sched.submit(str(c.id), train_candidate, payload)
+        self.in_flight[str(c.id)] = c
+        self.progress.started(c.id, self.sched.running().get(str(c.id), "?"), str(c.genotype))
+
+    def save_threshold(self) -> float:
+        """The fitness a new candidate must beat for its bundle to be saved (the keep-th best saved one)."""
+        saved = self.saved()
+        return saved[self.keep - 1]["fitness"] if len(saved) >= self.keep else -math.inf
+
+    def saved(self) -> list[dict]:
+        """The finished candidates whose bundle was saved, best first."""
+        return [r for r in _ranked(self.records) if r.get("model_dir")]
+
+    def check_can_go_on(self) -> None:
+        if self.in_flight or self.strategy.done:
+            return
+        last = self.run.history.records[-1].get("error") if self.run.history.records else None
+        raise RuntimeError("the search cannot go on: no candidate is running and none can start"
+                           + (f" (last error: {last})" if last else ""))
+
+    def collect(self) -> None:
+        for item in self.sched.poll(timeout=0.5):
+            if isinstance(item, Event):
+                self.progress.progress(int(item.task_id), item.device, item.data)
+            else:
+                self.finish(self.in_flight.pop(item.task_id), item, item.value)
+
+    def finish(self, c: Candidate, res: Optional[TaskResult], rec: Optional[dict]) -> None:
+        prior = self.records.get(c.reused_from) if c.reused_from is not None else None
+        out = _result_record(c, res, rec, prior)
+        self.run.history.append(out)                 # recorded first: a crash after this loses nothing
+        self.records[c.id] = out
+        self.strategy.report(c.id, out["fitness"])
+        self.keep_best_models()
+        self.progress.finished(c.id, out.get("device") or "-", out["status"], out["fitness"],
+                               out.get("seconds") or 0.0, str(c.genotype),
+                               population=[m.fitness for m in self.strategy.population])
+
+    def keep_best_models(self) -> None:
+        """Delete all bundles but the `keep` best ones; point best.json at the best if it has one."""
+        ranked = _ranked(self.records)
+        self.run.keep_models({r["id"] for r in self.saved()[: self.keep]})
+        if ranked and ranked[0].get("model_dir"):
+            self.run.set_best(ranked[0])
+
+
 @dataclass
 class SearchOutcome:
     finished: int
@@ -204,96 +317,42 @@ def run_search(run: Run, *, progress=None, backend: Optional[str] = None, device
     """Run (or resume) the search in `run` to its end. Ctrl-C stops it cleanly: in-flight candidates
     are left unfinished in the logs and re-run on resume."""
     cfg = run.config
-    backend = backend or cfg["run"]["backend"]
-    devices = resolve_devices(cfg, devices)
+    progress = progress or _Silent()
     timeout = candidate_timeout if candidate_timeout is not None else cfg["run"]["candidate_timeout"]
     data = load_data(cfg["data"])
-    vectors_path = _prepare_vectors(run, cfg, data)
+    vectors_path = _prepare_vectors(run, cfg, data, progress)
     strategy = _strategy(cfg)
-    reruns = deque(replay(strategy, run))
-    records = {r["id"]: r for r in run.history.records}
-    keep = int(cfg["run"]["keep_models"])
-    model_cfg = dict(cfg["model"])
-    labels: dict[int, str] = {}
-
-    def save_threshold() -> float:
-        f = sorted((r["fitness"] for r in records.values() if r.get("fitness") is not None and r.get("model_dir")),
-                   reverse=True)
-        return f[keep - 1] if len(f) >= keep else -math.inf
-
-    def finish(c: Candidate, res: Optional[TaskResult], rec: Optional[dict]):
-        prior = records.get(c.reused_from) if c.reused_from is not None else None
-        out = _result_record(c, res, rec, prior)
-        run.history.append(out)                      # recorded first: a crash after this loses nothing
-        records[c.id] = out
-        strategy.report(c.id, out["fitness"])
-        best = max((r for r in records.values() if r.get("fitness") is not None),
-                   key=lambda r: r["fitness"], default=None)
-        ranked = sorted((r for r in records.values() if r.get("model_dir") and r.get("fitness") is not None),
-                        key=lambda r: r["fitness"], reverse=True)[:keep]
-        run.keep_models({r["id"] for r in ranked})
-        if best is not None and best.get("model_dir"):
-            run.set_best(best)
-        if progress:
-            pop = getattr(strategy, "population", strategy.history)
-            progress.finished(c.id, out.get("device") or "-", out["status"], out["fitness"],
-                              out.get("seconds") or 0.0, labels.get(c.id, str(c.genotype)),
-                              population=[m.fitness for m in pop])
-
-    sched = make_scheduler(backend, devices, init_fn=_worker_init, init_args=(data.cache_path, vectors_path),
+    reruns = replay(strategy, run)
+    sched = make_scheduler(backend or cfg["run"]["backend"], resolve_devices(cfg, devices),
+                           init_fn=_worker_init, init_args=(data.cache_path, vectors_path),
                            candidate_timeout=timeout)
-    in_flight: dict[str, Candidate] = {}
     interrupted = False
     try:
         with sched:
-            while not strategy.done:
-                while sched.free_slots() > 0:
-                    if reruns:
-                        c = reruns.popleft()
-                    else:
-                        c = strategy.propose()
-                        if c is None:
-                            break
-                        run.proposals.append(_proposal_record(c, len(strategy.history)))
-                    labels[c.id] = str(c.genotype)
-                    if c.reused_from is not None:
-                        finish(c, None, None)
-                        continue
-                    payload = {"model": {**model_cfg, "genotype": c.genotype.to_dict()},
-                               "train": {**cfg["train"], "seed": cfg["search"]["seed"] * 100003 + c.id},
-                               "model_dir": run.model_dir(c.id), "save_above": save_threshold()}
-                    sched.submit(str(c.id), train_candidate, payload)
-                    in_flight[str(c.id)] = c
-                    if progress:
-                        progress.started(c.id, sched.running().get(str(c.id), "?"), labels[c.id])
-                if not in_flight and not strategy.done:
-                    last = run.history.records[-1].get("error") if run.history.records else None
-                    raise RuntimeError("the search cannot go on: no candidate is running and none can start"
-                                       + (f" (last error: {last})" if last else ""))
-                for item in sched.poll(timeout=0.5):
-                    if isinstance(item, Event):
-                        if progress:
-                            progress.progress(int(item.task_id), item.device, item.data)
-                        continue
-                    c = in_flight.pop(item.task_id)
-                    finish(c, item, item.value)
+            _SearchLoop(run, strategy, sched, progress, reruns).run_to_end()
     except KeyboardInterrupt:
         interrupted = True
-    best = run.best()
-    return SearchOutcome(len(run.history.records), strategy.budget, interrupted, best)
+    return SearchOutcome(len(run.history.records), strategy.budget, interrupted, run.best())
 
 
-def _prepare_vectors(run: Run, cfg: dict, data) -> Optional[str]:
-    """Pretrained word vectors, aligned to the vocabulary once and stored in the run for the workers."""
+def _prepare_vectors(run: Run, cfg: dict, data, progress) -> Optional[str]:
+    """Pretrained word vectors, aligned to the vocabulary once and stored in the run for the workers;
+    how much of the vocabulary they cover is kept beside them and shown at every start."""
     path = cfg["data"].get("vectors")
     if not path:
         return None
     out = os.path.join(run.path, "vectors.npy")
+    info_path = os.path.join(run.path, "vectors.json")
     if not os.path.exists(out):
         from .data import load_word_vectors
 
         matrix, coverage = load_word_vectors(path, data.vocab, seed=cfg["data"]["seed"])
         tmp = out + ".tmp.npy"
         np.save(tmp, matrix.astype(np.float32))
+        write_json_atomic(info_path, {"source": path, "coverage": coverage, "dim": int(matrix.shape[1])})
         os.replace(tmp, out)
+    if os.path.exists(info_path):                    # (runs from before it was kept have none)
+        with open(info_path, encoding="utf-8") as f:
+            info = json.load(f)
+        progress.note(f"word vectors {info['source']}: {100 * info['coverage']:.1f}% of the vocabulary found")
     return out

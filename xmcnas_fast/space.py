@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 OPERATIONS = ("conv1", "conv3", "conv5", "conv7", "maxpool3", "avgpool3", "bilstm", "bigru")

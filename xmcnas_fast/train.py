@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -79,8 +78,10 @@ def label_log_odds(data) -> np.ndarray:
     return np.log(p / (1.0 - p))
 
 
-def label_inv_propensity(data, columns: int) -> np.ndarray:
-    """Inverse propensities over `columns` label columns, from train+valid counts (unseen labels: count 0)."""
+def label_inv_propensity(data, columns: Optional[int] = None) -> np.ndarray:
+    """Inverse propensities over `columns` label columns (default: the trained labels and those only the
+    test split has), from train+valid counts (unseen labels: count 0)."""
+    columns = max(data.test.labels.shape[1], data.num_labels) if columns is None else columns
     counts = np.zeros(columns)
     for split in (data.train, data.valid):
         c = np.asarray(split.labels.sum(0)).ravel()
@@ -125,6 +126,181 @@ class TrainResult:
     state: Optional[dict] = None          # the best weights (state_dict on CPU)
 
 
+@dataclass
+class BestWeights:
+    """The validation curve, the best weights met on it, and the evaluations since (for early stopping)."""
+    p5: float = -1.0
+    valid: Optional[dict] = None          # the metrics of the best evaluation
+    step: int = 0
+    state: Optional[dict] = None          # its weights, on the CPU
+    stale: int = 0                        # evaluations without a better validation P@5
+    curve: list = field(default_factory=list)   # [step, epoch, valid P@1, valid P@5] at each evaluation
+
+    def update(self, model: nn.Module, v: dict, step: int, epoch: int) -> None:
+        self.curve.append([step, epoch, round(v["P@1"], 6), round(v["P@5"], 6)])
+        if v["P@5"] > self.p5:
+            self.p5, self.valid, self.step, self.stale = v["P@5"], v, step, 0
+            self.state = {k: t.detach().to("cpu", copy=True) for k, t in model.state_dict().items()}
+        else:
+            self.stale += 1
+
+    def evaluated_at(self, step: int) -> bool:
+        return bool(self.curve) and self.curve[-1][0] == step
+
+
+def _optimizers(model: nn.Module, lr: float) -> tuple[list, list]:
+    """AttentionXML's DenseSparseAdam, as two optimizers: Adam, and SparseAdam for sparse embedding rows.
+    Returns (the dense parameters, which are clipped; the optimizers)."""
+    sparse_ids = {id(m.weight) for m in model.modules()
+                  if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse}
+    params = [p for p in model.parameters() if p.requires_grad]
+    dense = [p for p in params if id(p) not in sparse_ids]
+    sparse = [p for p in params if id(p) in sparse_ids]
+    return dense, [torch.optim.Adam(dense, lr=lr)] + ([torch.optim.SparseAdam(sparse, lr=lr)] if sparse else [])
+
+
+def _prepare(model: nn.Module, data, cfg: TrainConfig) -> torch.device:
+    """Threads, seed, label biases, device: everything before the optimizers exist."""
+    device = torch.device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if hasattr(model, "init_label_bias"):
+        model.init_label_bias(label_log_odds(data))
+    model.to(device).train()
+    return device
+
+
+class Trainer:
+    """One training run of a model: its optimizers, clipper, best-weights tracker and counters."""
+
+    def __init__(self, model: nn.Module, data, cfg: TrainConfig, device: torch.device,
+                 report: Optional[Callable[..., None]] = None):
+        self.model, self.data, self.cfg, self.device, self.report = model, data, cfg, device, report
+        self.dense, self.opts = _optimizers(model, cfg.lr)
+        self.clipper = GradientClipper(cfg.clip)
+        self.inv_prop = label_inv_propensity(data)
+        self.deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
+        self.best = BestWeights()
+        self.status, self.error = "ok", None
+        self.step = self.epoch = self.docs = 0
+        self.train_seconds = 0.0
+        self.running_loss: deque = deque(maxlen=50)
+        self.start = time.monotonic()
+
+    def fit(self, should_stop: Optional[Callable[[], bool]] = None) -> None:
+        """Epochs until a budget, the patience or a stop ends training; the last steps are evaluated too."""
+        while self.epoch < self.cfg.max_epochs and self.run_epoch(should_stop):
+            pass
+        if self.status != "nan" and self.step > 0 and not self.best.evaluated_at(self.step):
+            self.validate()
+
+    def run_epoch(self, should_stop) -> bool:
+        """One shuffled pass over the training split; False when training must end."""
+        from .data import iterate_batches
+
+        self.epoch += 1
+        for batch in iterate_batches(self.data.train, self.data.num_labels, self.cfg.batch_size, shuffle=True,
+                                     seed=self.cfg.seed * 1000 + self.epoch, max_len=self.cfg.max_len):
+            if not self.train_step(batch):
+                self.status, self.error = "nan", f"non-finite training loss at step {self.step + 1}"
+                return False
+            if self.step % self.cfg.eval_every == 0:
+                self.validate()
+            if self.should_end(should_stop):
+                return False
+        return True
+
+    def train_step(self, batch) -> bool:
+        """Forward, loss, backward, clip, update; False (and no update) when the loss is not finite."""
+        t0 = time.perf_counter()
+        batch = batch.to(self.device, non_blocking=True)
+        self.warm_up()
+        with _autocast(self.device, self.cfg.amp):
+            logits = self.model(batch.tokens, batch.mask)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), batch.labels)
+        if not torch.isfinite(loss):
+            return False
+        self.update(loss)
+        self.step += 1
+        self.docs += batch.tokens.shape[0]
+        self.running_loss.append(loss.item())
+        self.train_seconds += time.perf_counter() - t0
+        return True
+
+    def warm_up(self) -> None:
+        """The linear learning-rate warm-up over the first `warmup_steps` steps."""
+        if self.cfg.warmup_steps and self.step < self.cfg.warmup_steps:
+            for opt in self.opts:
+                for g in opt.param_groups:
+                    g["lr"] = self.cfg.lr * (self.step + 1) / self.cfg.warmup_steps
+
+    def update(self, loss: torch.Tensor) -> None:
+        for opt in self.opts:
+            opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.clipper(self.dense)
+        for opt in self.opts:
+            opt.step()
+
+    def should_end(self, should_stop) -> bool:
+        """Patience spent, step or time budget reached, or a cooperative stop (the run is "stopped")."""
+        cfg = self.cfg
+        if self.best.stale >= cfg.patience or (cfg.max_steps is not None and self.step >= cfg.max_steps):
+            return True
+        if time.monotonic() > self.deadline:
+            return True
+        if should_stop is not None and should_stop():
+            self.status = "stopped"
+            return True
+        return False
+
+    def evaluate(self, ds) -> dict:
+        return evaluate(self.model, ds, self.data.num_labels, inv_prop=self.inv_prop,
+                        batch_size=self.cfg.eval_batch_size, max_len=self.cfg.max_len, device=self.device,
+                        amp=self.cfg.amp)
+
+    def validate(self) -> None:
+        v = self.evaluate(self.data.valid)
+        self.best.update(self.model, v, self.step, self.epoch)
+        if self.report:
+            loss = float(np.mean(self.running_loss)) if self.running_loss else None
+            self.report(epoch=self.epoch, step=self.step, loss=loss, valid_p1=v["P@1"], valid_p5=v["P@5"],
+                        best_p5=self.best.p5)
+
+    def result(self, evaluate_test: bool = True) -> TrainResult:
+        """The record of the run; the model is left holding its best weights."""
+        record = {
+            "status": self.status, "error": self.error,
+            "valid": None, "test": None, "best_step": self.best.step, "curve": self.best.curve,
+            "layer_weights": None, "params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+            "epochs": self.epoch, "steps": self.step, "seconds": round(time.monotonic() - self.start, 3),
+            "train_docs_per_s": self.docs / self.train_seconds if self.train_seconds > 0 else None,
+            "device": str(self.device),
+        }
+        if self.best.state is not None:
+            record.update(self.restore_best(evaluate_test))
+        elif self.status == "ok":
+            record["status"] = "error"
+            record["error"] = "no evaluation was reached (budget too small for one step?)"
+        record["peak_memory_mb"] = round(_peak_memory_mb(self.device), 1)
+        return TrainResult(record, self.best.state)
+
+    def restore_best(self, evaluate_test: bool) -> dict:
+        """Load the best weights back: their validation metrics, layer weights and (if asked) test metrics."""
+        self.model.load_state_dict(self.best.state)
+        lw = getattr(self.model, "layer_weights", None)
+        out = {"valid": {k: v for k, v in self.best.valid.items() if k != "docs_per_s"},
+               "layer_weights": lw() if callable(lw) else None}
+        if evaluate_test and self.status in ("ok", "stopped"):
+            test = self.evaluate(self.data.test)
+            out["predict_docs_per_s"] = test.pop("docs_per_s")
+            out["test"] = test
+        return out
+
+
 def train_model(model: nn.Module, data, cfg: TrainConfig, *,
                 report: Optional[Callable[..., None]] = None,
                 should_stop: Optional[Callable[[], bool]] = None,
@@ -135,113 +311,7 @@ def train_model(model: nn.Module, data, cfg: TrainConfig, *,
     should_stop() is polled every step (a cooperative stop: the record says "stopped").
     Never raises for a diverging run: a NaN/inf loss ends it with status "nan".
     """
-    from .data import iterate_batches
-
-    device = torch.device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    if hasattr(model, "init_label_bias"):
-        model.init_label_bias(label_log_odds(data))
-    model.to(device).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    sparse_ids = {id(m.weight) for m in model.modules()
-                  if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse}
-    dense = [p for p in params if id(p) not in sparse_ids]
-    sparse = [p for p in params if id(p) in sparse_ids]
-    # AttentionXML's DenseSparseAdam, as two optimizers: Adam, and SparseAdam for embedding rows
-    opts = [torch.optim.Adam(dense, lr=cfg.lr)] + ([torch.optim.SparseAdam(sparse, lr=cfg.lr)] if sparse else [])
-    clipper = GradientClipper(cfg.clip)
-    inv_prop = label_inv_propensity(data, max(data.test.labels.shape[1], data.num_labels))
-    deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
-
-    status, error = "ok", None
-    best_p5, best_state, best_valid, best_step = -1.0, None, None, 0
-    evals_without_gain, step, epoch, docs = 0, 0, 0, 0
-    curve = []                            # [step, epoch, valid P@1, valid P@5] at each evaluation
-    train_seconds = 0.0
-    running_loss = deque(maxlen=50)
-    start = time.monotonic()
-
-    def validate():
-        nonlocal best_p5, best_state, best_valid, best_step, evals_without_gain
-        v = evaluate(model, data.valid, data.num_labels, inv_prop=inv_prop, batch_size=cfg.eval_batch_size,
-                     max_len=cfg.max_len, device=device, amp=cfg.amp)
-        curve.append([step, epoch, round(v["P@1"], 6), round(v["P@5"], 6)])
-        if v["P@5"] > best_p5:
-            best_p5, best_valid, best_step = v["P@5"], v, step
-            best_state = {k: t.detach().to("cpu", copy=True) for k, t in model.state_dict().items()}
-            evals_without_gain = 0
-        else:
-            evals_without_gain += 1
-        if report:
-            report(epoch=epoch, step=step, loss=float(np.mean(running_loss)) if running_loss else None,
-                   valid_p1=v["P@1"], valid_p5=v["P@5"], best_p5=best_p5)
-
-    stop = False
-    while epoch < cfg.max_epochs and not stop:
-        epoch += 1
-        for batch in iterate_batches(data.train, data.num_labels, cfg.batch_size, shuffle=True,
-                                     seed=cfg.seed * 1000 + epoch, max_len=cfg.max_len):
-            t0 = time.perf_counter()
-            batch = batch.to(device, non_blocking=True)
-            if cfg.warmup_steps and step < cfg.warmup_steps:
-                for opt in opts:
-                    for g in opt.param_groups:
-                        g["lr"] = cfg.lr * (step + 1) / cfg.warmup_steps
-            with _autocast(device, cfg.amp):
-                logits = model(batch.tokens, batch.mask)
-            loss = F.binary_cross_entropy_with_logits(logits.float(), batch.labels)
-            if not torch.isfinite(loss):
-                status, error, stop = "nan", f"non-finite training loss at step {step + 1}", True
-                break
-            for opt in opts:
-                opt.zero_grad(set_to_none=True)
-            loss.backward()
-            clipper(dense)
-            for opt in opts:
-                opt.step()
-            step += 1
-            docs += batch.tokens.shape[0]
-            running_loss.append(loss.item())
-            train_seconds += time.perf_counter() - t0
-            if step % cfg.eval_every == 0:
-                validate()
-            if evals_without_gain >= cfg.patience:
-                stop = True
-            elif cfg.max_steps is not None and step >= cfg.max_steps:
-                stop = True
-            elif time.monotonic() > deadline:
-                stop = True
-            elif should_stop is not None and should_stop():
-                status, stop = "stopped", True
-            if stop:
-                break
-    if status != "nan" and (not curve or curve[-1][0] != step) and step > 0:
-        validate()  # the last steps since the previous evaluation count too
-
-    record = {
-        "status": status, "error": error,
-        "valid": best_valid, "test": None, "best_step": best_step, "curve": curve,
-        "layer_weights": None, "params": sum(p.numel() for p in params),
-        "epochs": epoch, "steps": step, "seconds": round(time.monotonic() - start, 3),
-        "train_docs_per_s": docs / train_seconds if train_seconds > 0 else None,
-        "device": str(device),
-    }
-    if best_state is not None:
-        model.load_state_dict(best_state)
-        lw = getattr(model, "layer_weights", None)
-        record["layer_weights"] = lw() if callable(lw) else None
-        if evaluate_test and status in ("ok", "stopped"):
-            t = evaluate(model, data.test, data.num_labels, inv_prop=inv_prop, batch_size=cfg.eval_batch_size,
-                         max_len=cfg.max_len, device=device, amp=cfg.amp)
-            record["predict_docs_per_s"] = t.pop("docs_per_s")
-            record["test"] = t
-        record["valid"] = {k: v for k, v in best_valid.items() if k != "docs_per_s"}
-    elif status == "ok":
-        status = record["status"] = "error"
-        record["error"] = "no evaluation was reached (budget too small for one step?)"
-    record["peak_memory_mb"] = round(_peak_memory_mb(device), 1)
-    return TrainResult(record, best_state)
+    device = _prepare(model, data, cfg)
+    trainer = Trainer(model, data, cfg, device, report)
+    trainer.fit(should_stop)
+    return trainer.result(evaluate_test)
