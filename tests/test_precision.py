@@ -110,3 +110,48 @@ def test_the_head_attends_over_values_of_the_states_dtype():
     ref = AttentionHead(16, L, [8], 0.0, use_kernels=False).eval()
     ref.load_state_dict(head.state_dict())
     torch.testing.assert_close(out.float(), ref(h.float(), mask).float(), rtol=0.05, atol=0.05)
+
+
+# ---- training under bf16 autocast ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def data(debtags_slice, tmp_path_factory):
+    from xmcnas_fast.data import load
+
+    return load(debtags_slice, max_len=48, valid=40, cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+def test_a_model_still_learns_under_bf16_autocast(data):
+    """The 24-document overfit of test_train, with a BiLSTM, under bf16 autocast on the CPU."""
+    import dataclasses
+
+    from xmcnas_fast.train import TrainConfig, evaluate, train_model
+
+    tiny = data.train.subset(range(24))
+    small = dataclasses.replace(data, train=tiny, valid=tiny)
+    cfg = ModelConfig(genotype=Genotype((("conv3", 0), ("bilstm", 1)), "sum").to_dict(), emb_dim=64, width=64,
+                      fc=[64], dropout=0.0, dropout_emb=0.0)
+    model = build_model(cfg, len(data.vocab), data.num_labels, seed=0)
+    losses = []
+    tcfg = TrainConfig(max_steps=300, max_epochs=1000, eval_every=10, batch_size=8, lr=1e-2, patience=1000,
+                       precision="bf16")
+
+    def train():
+        train_model(model, small, tcfg, report=lambda **f: losses.append(f["loss"]), evaluate_test=False)
+
+    seen = dtypes_seen(model, train)
+    assert set(seen["encoder"]) == set(seen["head"]) == {torch.bfloat16}
+    assert {r[:2] for r in seen["rnn"]} == {(RNN_DTYPE, RNN_DTYPE)}
+    assert losses[-1] < 0.1 * losses[0]
+    assert evaluate(model, tiny, data.num_labels, precision="bf16")["P@1"] == 1.0
+
+
+def test_precision_settings():
+    from xmcnas_fast.train import TrainConfig, autocast_dtype
+
+    assert autocast_dtype("auto", "cuda") == torch.bfloat16 and autocast_dtype("auto", "cpu") is None
+    assert autocast_dtype("bf16", "cpu") == torch.bfloat16 and autocast_dtype("fp32", "cuda") is None
+    assert TrainConfig.from_dict({"amp": False}).precision == "fp32"      # a config from before `precision`
+    assert TrainConfig.from_dict({"amp": True}).precision == "auto"
+    with pytest.raises(ValueError, match="precision 'fp16'"):
+        TrainConfig.from_dict({"precision": "fp16"})

@@ -38,7 +38,7 @@ class TrainConfig:
     clip: Optional[float] = 5.0          # AttentionXML's adaptive gradient clipping factor (None: off)
     seed: int = 0
     device: str = "cpu"
-    amp: bool = True                     # bf16 autocast on CUDA
+    precision: str = "auto"              # "auto" (bf16 autocast on CUDA, float32 on CPU), "bf16", "fp32"
     eval_batch_size: int = 200
     threads: Optional[int] = None        # torch CPU threads (None: leave as is)
 
@@ -47,7 +47,12 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        d = dict(d)
+        if "precision" not in d and d.get("amp") is False:    # written before `precision` existed
+            d["precision"] = "fp32"
+        cfg = cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        autocast_dtype(cfg.precision, "cpu")                  # refuses an unknown precision
+        return cfg
 
 
 class GradientClipper:
@@ -66,9 +71,25 @@ class GradientClipper:
         return total
 
 
-def _autocast(device: torch.device, amp: bool):
-    enabled = amp and device.type == "cuda"
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def autocast_dtype(precision: str, device_type: str) -> Optional[torch.dtype]:
+    """The autocast dtype of a precision setting on a device type (None: no autocast).
+
+    DESIGN.md "Precision": bf16 autocast on CUDA, never float16 (there is no loss scaling);
+    "bf16" asks for it on the CPU too, "fp32" for none anywhere."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" or (precision == "auto" and device_type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """The autocast context of `precision` on `device` (a disabled one when it asks for none)."""
+    dtype = autocast_dtype(precision, device.type)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 def label_log_odds(data) -> np.ndarray:
@@ -91,7 +112,7 @@ def label_inv_propensity(data, columns: Optional[int] = None) -> np.ndarray:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, ds, num_labels: int, *, inv_prop: Optional[np.ndarray] = None,
-             batch_size: int = 200, max_len: Optional[int] = None, device="cpu", amp: bool = True) -> dict:
+             batch_size: int = 200, max_len: Optional[int] = None, device="cpu", precision: str = "auto") -> dict:
     """P@k, nDCG@k, PSP@k of the model on a split; adds 'docs_per_s' (prediction throughput)."""
     from .data import iterate_batches
 
@@ -102,7 +123,7 @@ def evaluate(model: nn.Module, ds, num_labels: int, *, inv_prop: Optional[np.nda
     start = time.perf_counter()
     for batch in iterate_batches(ds, num_labels, batch_size, shuffle=False, max_len=max_len):
         batch = batch.to(device)
-        with _autocast(device, amp):
+        with autocast(device, precision):
             scores = model(batch.tokens, batch.mask)
         acc.update(scores.float(), ds.labels[batch.index.numpy()])
     if device.type == "cuda":
@@ -218,7 +239,7 @@ class Trainer:
         t0 = time.perf_counter()
         batch = batch.to(self.device, non_blocking=True)
         self.warm_up()
-        with _autocast(self.device, self.cfg.amp):
+        with autocast(self.device, self.cfg.precision):
             logits = self.model(batch.tokens, batch.mask)
         loss = F.binary_cross_entropy_with_logits(logits.float(), batch.labels)
         if not torch.isfinite(loss):
@@ -260,7 +281,7 @@ class Trainer:
     def evaluate(self, ds) -> dict:
         return evaluate(self.model, ds, self.data.num_labels, inv_prop=self.inv_prop,
                         batch_size=self.cfg.eval_batch_size, max_len=self.cfg.max_len, device=self.device,
-                        amp=self.cfg.amp)
+                        precision=self.cfg.precision)
 
     def validate(self) -> None:
         v = self.evaluate(self.data.valid)
