@@ -16,8 +16,7 @@ import pytest
 import torch
 
 import _sched_tasks as tasks
-from xmcnas_fast import scheduler as sched_mod
-from xmcnas_fast.scheduler import Event, TaskResult, make_scheduler, parse_devices
+from xmcnas_fast.scheduler import Event, TaskResult, make_scheduler
 
 try:
     import ray  # noqa: F401
@@ -140,50 +139,7 @@ def pool(request):
     return request.getfixturevalue(FIXTURES[request.param])
 
 
-# -- devices -----------------------------------------------------------------
-
-def test_parse_devices_cpu():
-    assert parse_devices("cpu") == ["cpu"]
-    assert parse_devices(" CPU:3 ") == ["cpu#0", "cpu#1", "cpu#2"]
-    assert parse_devices(["cpu:1"]) == ["cpu"]
-
-
-@pytest.mark.parametrize("spec, message", [
-    ("", "empty device"),
-    ("cpu,", "empty device"),
-    ("cpu:0", "W >= 1"),
-    ("cpu:two", "W >= 1"),
-    ("cpu,cpu:2", "given twice"),
-    ("gpu", "unknown device 'gpu'"),
-    ("cuda:x", "GPU index"),
-    (3, "string or a list"),
-])
-def test_parse_devices_errors(spec, message):
-    with pytest.raises(ValueError, match=message):
-        parse_devices(spec)
-
-
-def test_parse_devices_cuda(monkeypatch):
-    monkeypatch.setattr(sched_mod, "_cuda_count", lambda: 0)
-    with pytest.raises(ValueError, match="no CUDA GPU is visible"):
-        parse_devices("cuda")
-    with pytest.raises(ValueError, match="none is visible"):
-        parse_devices("cuda:0")
-    monkeypatch.setattr(sched_mod, "_cuda_count", lambda: 2)
-    assert parse_devices("cuda") == ["cuda:0", "cuda:1"]
-    assert parse_devices("cuda:1,cpu") == ["cuda:1", "cpu"]
-    assert parse_devices(["cuda:0", "cuda:0"]) == ["cuda:0", "cuda:0"]
-    with pytest.raises(ValueError, match="only 2 visible"):
-        parse_devices("cuda:2")
-
-
-def test_threads_split_among_workers(monkeypatch):
-    monkeypatch.setattr(sched_mod, "_visible_cores", lambda: 8)
-    specs = sched_mod._worker_specs("cpu:3", None, (), None, 0.1)
-    assert [s.threads for s in specs] == [2, 2, 2]
-    assert [s.device for s in specs] == ["cpu"] * 3
-    assert sched_mod._worker_specs("cpu:16", None, (), None, 0.1)[0].threads == 1
-
+# -- arguments ---------------------------------------------------------------
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown backend"):
@@ -192,8 +148,6 @@ def test_bad_arguments():
         make_scheduler("inline", "cpu", candidate_timeout=0)
     with pytest.raises(ValueError, match="retries_on_death"):
         make_scheduler("inline", "cpu", retries_on_death=-1)
-    with pytest.raises(ValueError, match="one device"):
-        make_scheduler("inline", "cpu:2")
     with pytest.raises(TypeError, match="init_fn"):
         make_scheduler("local", "cpu", init_fn=lambda: None)
 
