@@ -7,8 +7,8 @@ import time
 
 import pytest
 
+import _sched_helpers as helpers
 import _sched_tasks as tasks
-from xmcnas_fast.scheduler import TaskResult
 from xmcnas_fast.scheduler.devices import worker_specs
 from xmcnas_fast.scheduler.pool import MAX_EARLY_DEATHS, PoolScheduler
 
@@ -93,21 +93,13 @@ def specs(devices, timeout=None, gpus=1):
     return worker_specs(devices, None, (), timeout, 0.1, gpu_count=lambda: gpus, cores=8)
 
 
-def collect(pool, ids, limit=10.0):
-    results = {}
-    end = time.monotonic() + limit
-    while not set(ids) <= set(results):
-        assert time.monotonic() < end, f"no result for {set(ids) - set(results)}"
-        results.update((r.task_id, r) for r in pool.poll(0.5) if isinstance(r, TaskResult))
-    return results
-
-
 def run(pool, payloads, prefix):
-    ids = [f"{prefix}-{i}" for i in range(len(payloads))]
-    for task_id, payload in zip(ids, payloads):
-        pool.submit(task_id, tasks.square, payload)
-    results = collect(pool, ids)
-    return [results[i] for i in ids]
+    """What the simulated workers do with each payload: see FakePool."""
+    return helpers.run(pool, tasks.square, payloads, prefix)[0]
+
+
+def collect(pool, ids):
+    return helpers.collect(pool, ids, limit=10.0)[0]
 
 
 def pids_by_label(pool):
