@@ -1,4 +1,6 @@
 """The scheduler's arguments, and the inline backend: tasks run in the caller's process."""
+import os
+import subprocess
 import sys
 
 import pytest
@@ -22,6 +24,16 @@ def test_ray_backend_without_ray(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)   # as if it were not installed
     with pytest.raises(ImportError, match=r"pip install 'xmcnas-fast\[ray\]'"):
         make_scheduler("ray", "cpu")
+
+
+def test_ray_is_imported_only_when_asked_for():
+    code = ("import sys; from xmcnas_fast.scheduler import make_scheduler; "
+            "make_scheduler('inline', 'cpu').shutdown(); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray' or m.endswith('ray_backend')))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": root}, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_inline_merges_close_reports():

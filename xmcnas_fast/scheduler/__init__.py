@@ -34,9 +34,10 @@ Backends (:func:`make_scheduler`):
     only when ``ray`` is installed (``pip install 'xmcnas-fast[ray]'``).
     ``"cuda"`` means every GPU of the Ray cluster; a CUDA slot asks Ray for
     one GPU (``1/N`` of one when written ``cuda:IxN``) and Ray picks which
-    (``cuda:I`` then names the slot, not the GPU). If Ray is not running, it is started on this machine and stopped
-    at shutdown; to use a cluster, call ``ray.init`` first, with a
-    ``runtime_env`` that makes the task modules importable.
+    (``cuda:I`` then names the slot, not the GPU). If Ray is not running,
+    it is started on this machine and stopped at shutdown; to use a
+    cluster, call ``ray.init`` first, with a ``runtime_env`` that makes the
+    task modules importable.
 
 A scheduler is driven from one thread (the search loop's).
 
