@@ -93,3 +93,12 @@ def test_threads_split_among_all_workers():
 def test_inline_takes_one_worker():
     with pytest.raises(ValueError, match=r"one device, got 2 \(cpu#0, cpu#1\)"):
         make_scheduler("inline", "cpu:2")
+
+
+def test_what_each_worker_asks_ray_for():
+    from xmcnas_fast.scheduler.ray_backend import actor_options   # needs no ray until a scheduler opens
+
+    quarter = worker_specs("cuda:0x4", None, (), None, 0.1, gpu_count=gpus(1), cores=8)
+    assert [actor_options(s) for s in quarter] == [{"num_gpus": 0.25, "num_cpus": 1}] * 4
+    whole = worker_specs("cuda,cpu:2", None, (), None, 0.1, gpu_count=gpus(2), cores=8)
+    assert [actor_options(s) for s in whole] == [{"num_gpus": 1.0, "num_cpus": 1}] * 2 + [{"num_cpus": 2}] * 2
