@@ -93,5 +93,5 @@ def report_three(_, ctx):
 
 
 def cuda_info(_, ctx):
-    return {"device": str(ctx.device), "current": torch.cuda.current_device(),
+    return {"device": str(ctx.device), "current": torch.cuda.current_device(), "pid": os.getpid(),
             "tensor_device": str(torch.ones(1, device=ctx.device).device)}

@@ -481,8 +481,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="node 1 of part of the population is this operation reading the embedding")
     g.add_argument("--constraint-fraction", type=float, help="that part (0..1)")
     g = s.add_argument_group("devices")
-    g.add_argument("--devices", help="cuda (every GPU), cuda:0,cuda:1, cpu, or cpu:W (W CPU workers)")
-    g.add_argument("--backend", choices=["local", "inline", "ray"], help="how candidates run (default local: one process per device)")
+    g.add_argument("--devices", help="cuda (one worker per GPU), cuda:0,cuda:1, cpu, or cpu:W (W CPU workers); "
+                   "several workers per GPU, for candidates too small to fill one: cuda:0x4 (4 on GPU 0), "
+                   "cudax2 (2 on every GPU). The CPU cores are split evenly among all the workers")
+    g.add_argument("--backend", choices=["local", "inline", "ray"],
+                   help="how candidates run (default local: one process per worker; inline: one at a time in "
+                   "this process; ray: one Ray actor per worker, with the ray extra installed)")
     g.add_argument("--candidate-timeout", type=float, help="seconds before a candidate is killed and recorded as timeout")
     g.add_argument("--candidate-minutes", type=float, help="training time budget of one candidate (minutes)")
     _add_data_args(s)
