@@ -38,7 +38,7 @@ STEPS=$OUT_DIR/steps.tsv
 : > "$LOG"; : > "$STEPS"
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 XMCNAS_CACHE=$WORK/cache
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-xmc() { "$PY" -m xmcnas_fast "$@"; }
+XMC=("$PY" -m xmcnas_fast)
 
 # step NAME SECONDS CMD...: run CMD with a time limit, its output appended to the log under a header;
 # record pass/fail and seconds. A failed step does not stop the check.
@@ -101,17 +101,17 @@ fi
 # ---- 6. train, evaluate and predict on the device ------------------------------------------------
 BUNDLE=$WORK/models/axml
 if [ "$DEVICE" = cuda ]; then TRAIN_ARGS=(--max-minutes "$TRAIN_MIN"); else TRAIN_ARGS=(--max-steps 20 --eval-every 10 --width 32 --emb-dim 32); fi
-step train $(( ${TRAIN_MIN%.*} * 60 + 240 )) xmc train --arch attentionxml --device "$DEVICE" --out "$BUNDLE" \
+step train $(( ${TRAIN_MIN%.*} * 60 + 240 )) "${XMC[@]}" train --arch attentionxml --device "$DEVICE" --out "$BUNDLE" \
   --quiet "${TRAIN_ARGS[@]}"
-step evaluate 180 xmc evaluate "$BUNDLE" --device "$DEVICE" --json
-step predict 120 xmc predict "$BUNDLE" --device "$DEVICE" -k 5 --json \
-  "a text editor for the terminal, written in C" "python library to parse xml documents"
+step evaluate 180 "${XMC[@]}" evaluate "$BUNDLE" --device "$DEVICE" --json
+step predict 120 "${XMC[@]}" predict "$BUNDLE" \
+  "a text editor for the terminal, written in C" "python library to parse xml documents" --device "$DEVICE" -k 5 --json
 
 # ---- 7. a search with several workers on one GPU -------------------------------------------------
 for w in $WORKERS; do
   if [ "$DEVICE" = cuda ]; then DEVS="cuda:0x$w"; SEARCH_ARGS=(--population 4 --cycles 4 --epochs 1);
-  else DEVS="cpu:$w"; SEARCH_ARGS=(--population 2 --cycles 2 --max-steps 10 --eval-every 5 --width 16 --emb-dim 16); fi
-  step "search_x$w" 420 xmc search --devices "$DEVS" --name "gpu-check-x$w" --runs-dir "$WORK/runs" --plain \
+  else DEVS="cpu:$w"; SEARCH_ARGS=(--population 2 --cycles 2 --sample 2 --max-steps 10 --eval-every 5 --width 16 --emb-dim 16); fi
+  step "search_x$w" 420 "${XMC[@]}" search --devices "$DEVS" --name "gpu-check-x$w" --runs-dir "$WORK/runs" --plain \
     "${SEARCH_ARGS[@]}"
 done
 
