@@ -28,7 +28,7 @@ def program() -> str:
     script under that name, else the path it was started by, else `python -m xmcnas_fast.cli`."""
     argv0 = sys.argv[0] if sys.argv else ""
     name = os.path.basename(argv0)
-    if name == "__main__.py":
+    if name == "__main__.py" and os.path.dirname(os.path.abspath(argv0)) == os.path.dirname(os.path.abspath(__file__)):
         return shlex.join([getattr(sys, "orig_argv", [sys.executable])[0], "-m", "xmcnas_fast.cli"])
     if name != "xmcnas-fast":
         return "xmcnas-fast"   # called from Python (main([...])): the installed command's name
