@@ -6,7 +6,7 @@ import os
 import shlex
 import time
 
-from .common import CLIError, console, data_kwargs, flag, program
+from .common import CLIError, console, flag, load_data, program
 
 #: (flag dest, config section, config key) of every setting of a search
 SETTINGS = [
@@ -72,8 +72,6 @@ def check_before_creating(cfg: dict, devices: str, out) -> None:
     d = cfg["data"]
     if d.get("vectors") and not os.path.isfile(d["vectors"]):
         raise CLIError(f"{d['vectors']}: no such file (--vectors)")
-    from .common import load_data
-
     load_data(d["dataset"], out, max_len=d["max_len"], min_count=d["min_count"], max_vocab=d["max_vocab"],
               valid=d["valid"], seed=d["seed"], **{c: d[c] for c in COLUMNS if d.get(c) is not None})
 
