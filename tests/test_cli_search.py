@@ -136,3 +136,15 @@ def test_analyze_prints_a_render_command_that_names_a_real_file(tiny_run, capsys
     line = next(x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("dot -Tpng"))
     dot = line.split()[2]
     assert os.path.isfile(dot) and dot.startswith(str(tmp_path / "a"))
+
+
+@pytest.mark.xfail(strict=True, reason="search.load_data does not yet pass the data section's text_column and "
+                                       "labels_column to data.load")
+def test_a_search_reads_a_csv_by_the_columns_given(tmp_path, capsys):
+    src = tmp_path / "tags.csv"
+    src.write_text("text,tags\n" + "".join(f"package {i} edits text,editor{' net' * (i % 2)}\n" for i in range(80)))
+    runs = tmp_path / "runs"
+    rc = main(["search", "--dataset", str(src), "--text-column", "text", "--labels-column", "tags",
+               "--runs-dir", str(runs), "--name", "csv", *TINY])
+    assert rc == 0, capsys.readouterr().err
+    assert json.load(open(runs / "csv" / "config.json"))["data"]["text_column"] == "text"
