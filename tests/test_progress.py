@@ -84,3 +84,13 @@ def test_panel_eta_uses_the_estimate(monkeypatch):
     assert "2/16" in panel() and "ETA 0:07:00" in panel()
     clock[0] += 15
     assert "ETA 0:06:45" in panel()
+
+
+def test_the_best_candidate_keeps_one_line_at_80_columns():
+    label = "1:bilstm<0 2:maxpool3<1 3:bilstm<1 4:bigru<2"
+    p = SearchProgress(4, ["cpu#0", "cpu#1"], console=Console(file=io.StringIO()), live=False)
+    p.started(0, "cpu#0", label)
+    p.finished(0, "cpu#0", "ok", 0.2518, 5.0, label, population=[0.2518])
+    text = Console(file=io.StringIO(), width=80, record=True)
+    text.print(p._render())
+    assert any(f"best P@5 25.18  (#0 {label})" in line for line in text.export_text().splitlines())

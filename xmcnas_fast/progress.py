@@ -157,10 +157,11 @@ class SearchProgress:
                 continue
             workers.add_row(dev, f"#{w['id']} {w['label']}", str(w.get("epoch", "-")), str(w.get("step", "-")),
                             _pct(w.get("valid_p5")), f"{now - w['t0']:.0f}s")
-        stats = Table.grid(padding=(0, 3))
+        stats = Table.grid(padding=(0, 3))   # one row each: the best's label is long, 80 columns are few
         med = statistics.median(self.fitness) if self.fitness else None
         best = f"{_pct(self.best[0])}  (#{self.best[1]} {self.best[2]})" if self.best else "-"
-        stats.add_row(f"[bold]best P@5[/bold] {best}", f"[bold]population median[/bold] {_pct(med)}",
+        stats.add_row(f"[bold]best P@5[/bold] {best}")
+        stats.add_row(f"[bold]population median[/bold] {_pct(med)}   "
                       f"[bold]population best[/bold] {_pct(max(self.fitness) if self.fitness else None)}")
         events = "\n".join(self.events) or "[dim]no events yet[/dim]"
         return Panel(Group(workers, "", stats, self._bar, "", events), title=self.title)
