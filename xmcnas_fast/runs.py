@@ -119,13 +119,17 @@ class Run:
     def create(cls, path: str, config: dict) -> "Run":
         """A new run directory. One that holds a search which never proposed a candidate (it stopped
         before its first) is taken over; one whose search started is refused."""
-        if os.path.exists(os.path.join(path, "config.json")):
-            if cls.open(path).started():
-                raise RunError(f"{path} already holds a search: resume it with --resume {path}, "
-                               f"or choose another --name")
+        cls.check_free(path)
         os.makedirs(path, exist_ok=True)
         write_json_atomic(os.path.join(path, "config.json"), config)
         return cls(path, config)
+
+    @classmethod
+    def check_free(cls, path: str) -> None:
+        """RunError unless a new search may be created at `path` (see create)."""
+        if os.path.exists(os.path.join(path, "config.json")) and cls.open(path).started():
+            raise RunError(f"{path} already holds a search: resume it with --resume {path}, "
+                           f"or choose another --name")
 
     @classmethod
     def open(cls, path: str) -> "Run":

@@ -88,9 +88,10 @@ def open_or_create(args, out):
                            f"(or start a new search with them)")
         return run
     cfg = new_run_config(args)
+    path = os.path.join(args.runs_dir, args.name or time.strftime(f"{cfg['budget']}-%Y%m%d-%H%M%S"))
+    Run.check_free(path)   # before the data is read, which may take a while
     check_before_creating(cfg, resolve_devices(cfg, args.devices), out)
-    name = args.name or time.strftime(f"{cfg['budget']}-%Y%m%d-%H%M%S")
-    return Run.create(os.path.join(args.runs_dir, name), cfg)
+    return Run.create(path, cfg)
 
 
 def header(run, devices: str) -> list:
