@@ -28,8 +28,10 @@ def test_train_writes_a_complete_bundle(bundle):
     assert len(metrics["layer_weights"]) == 2
 
 
-def test_evaluate_reproduces_the_test_metrics(bundle, debtags_slice, capsys):
-    assert main(["evaluate", bundle, "--dataset", debtags_slice, "--json"]) == 0  # the bundle's own split
+@pytest.mark.parametrize("named", [True, False])
+def test_evaluate_reproduces_the_test_metrics(bundle, debtags_slice, capsys, named):
+    # the bundle's own split, named or found from where the bundle was trained
+    assert main(["evaluate", bundle, *(["--dataset", debtags_slice] if named else []), "--json"]) == 0
     captured = capsys.readouterr()
     got = json.loads(captured.out)                       # --json: stdout is the JSON line alone
     assert "P@1" in captured.err and "documents/s" in captured.err   # the table went to stderr

@@ -54,7 +54,7 @@ def save_bundle(out_dir: str, model: torch.nn.Module, model_cfg: ModelConfig, da
             "model": model_cfg.to_dict(),
             "train": train_cfg,
             "num_labels": data.num_labels, "vocab_size": len(data.vocab),
-            "data": {"name": data.name, "max_len": data.max_len,
+            "data": {"name": data.name, "location": data.source.get("location"), "max_len": data.max_len,
                      "settings": {k: v for k, v in (data.source.get("settings") or {}).items()
                                   if k in DATA_SETTINGS}},
         }

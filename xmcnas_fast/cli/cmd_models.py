@@ -136,7 +136,8 @@ def cmd_evaluate(args) -> int:
 
     out = console(stderr=args.json)   # with --json, stdout holds the JSON line alone
     bundle = load_bundle(args.bundle, args.device, out)
-    name = args.dataset or bundle.config["data"].get("name") or "debtags"
+    saved = bundle.config["data"]
+    name = args.dataset or saved.get("location") or saved.get("name") or "debtags"
     data = load_data(name, out, **data_kwargs(args, {"max_len": bundle.max_len,
                                                      **bundle.config["data"].get("settings", {})}))
     test, inv_prop = bundle.aligned_test(data)

@@ -349,6 +349,7 @@ def load(name_or_path: str = "debtags", *, max_len: int | None = 500, min_count:
                 "labels_column": labels_column, "tokenizer_version": TOKENIZER_VERSION,
                 "format_version": FORMAT_VERSION}
     name, kind, files = locate(name_or_path)
+    location = name_or_path if kind == "bundled" else str(Path(name_or_path).expanduser().resolve())
     digests = [{"path": str(p), "sha256": file_digest(p), "bytes": p.stat().st_size} for p in files]
     final = None
     if cache_dir is not False:
@@ -360,12 +361,13 @@ def load(name_or_path: str = "debtags", *, max_len: int | None = 500, min_count:
         if _valid_cache_meta(final) is not None:
             data = XMCData.from_cache(final, mmap=mmap)
             data.source["cache"] = "hit"
+            data.source["location"] = location   # this load's: the cache is keyed by content, not by path
             return data
 
     skipped: Counter = Counter()
     opts = {"strict": strict, "skipped": skipped, "text_column": text_column, "labels_column": labels_column}
     train_pool, test, extra = read_source(kind, files, opts)
-    source = {**extra, "files": digests, "settings": settings,
+    source = {**extra, "location": location, "files": digests, "settings": settings,
               "skipped": {"empty_text": skipped["empty_text"], "no_labels": skipped["no_labels"]}}
     data = build(train_pool, test, name=name, max_len=max_len, min_count=min_count, max_vocab=max_vocab,
                  valid=valid, seed=seed, source=source)
