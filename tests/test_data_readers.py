@@ -87,7 +87,7 @@ def test_a_line_cut_short_is_reported_at_the_column_where_it_ends(tmp_path):
     p = _write(tmp_path / "broken.jsonl", f"{good}\n{cut}\n{good}\n")
     with pytest.raises(DataError) as e:
         list(read_jsonl(p))
-    assert str(e.value).startswith(f"{p}:2: invalid JSON (") and str(e.value).endswith(" at column 64)")
+    assert str(e.value).startswith(f"{p}:2: invalid JSON (") and str(e.value).endswith(": column 64)")
 
 
 def test_csv_without_its_columns_names_the_options_that_choose_them(tmp_path):

@@ -116,7 +116,7 @@ def json_objects(path, lines=None) -> Iterator[tuple[int, dict]]:
         try:
             obj = json.loads(s)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.pos + 1})") from None
+            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}: column {e.pos + 1})") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
         yield lineno, obj
