@@ -28,7 +28,8 @@ RUN_FLAGS = ("backend", "devices", "candidate_timeout")
 
 
 def overrides(args) -> dict:
-    o: dict = {"data": {}, "search": {}, "model": {}, "train": {}, "run": {}}
+    """make_config's overrides {section: {key: value}} from the flags given."""
+    o: dict = {"data": {}, "search": {}, "model": {}, "train": {}}
     for dest, section, key in SETTINGS:
         if getattr(args, dest, None) is not None:
             o[section][key] = getattr(args, dest)
@@ -38,13 +39,14 @@ def overrides(args) -> dict:
 
 def settings_changed(args, cfg: dict) -> list:
     """The flags given whose value differs from the run's saved settings."""
-    def value(section, key):
+    def saved_value(section, key):
         return (cfg.get(section) or {}).get(key)
 
-    saved = [("budget", cfg.get("budget")), ("dataset", value("data", "dataset")),
-             *[(d, value(section, key)) for d, section, key in SETTINGS], *[(c, value("data", c)) for c in COLUMNS]]
-    return list(dict.fromkeys(flag(d) for d, value in saved
-                              if getattr(args, d, None) is not None and getattr(args, d) != value))
+    saved = [("budget", cfg.get("budget")), ("dataset", saved_value("data", "dataset")),
+             *[(d, saved_value(section, key)) for d, section, key in SETTINGS],
+             *[(c, saved_value("data", c)) for c in COLUMNS]]
+    return list(dict.fromkeys(flag(d) for d, was in saved
+                              if getattr(args, d, None) is not None and getattr(args, d) != was))
 
 
 def new_run_config(args) -> dict:
