@@ -54,6 +54,8 @@ def test_predict_text_and_jsonl(bundle, tmp_path, capsys):
     assert main(["predict", bundle, "--input", str(src), "--output", str(dst)]) == 0
     rows = [json.loads(x) for x in dst.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["a", "b"] and all(len(r["labels"]) == 5 for r in rows)
+    assert main(["predict", bundle, "--input", str(src), "--output", str(tmp_path / "no" / "out.jsonl")]) == 2
+    assert f"the folder {tmp_path / 'no'} does not exist (--output)" in capsys.readouterr().err
 
 
 def test_predict_bad_input_names_file_and_line(bundle, tmp_path, capsys):

@@ -181,6 +181,9 @@ def write_predictions(path, ids, preds) -> None:
     lines = (json.dumps({"id": i, "labels": [[n, round(s, 6)] for n, s in p]}, ensure_ascii=False) + "\n"
              for i, p in zip(ids, preds))
     if path:
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise CLIError(f"{path}: the folder {folder} does not exist (--output)")
         write_atomic(path, lambda f: f.writelines(lines))
     else:
         sys.stdout.writelines(lines)
