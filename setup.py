@@ -19,6 +19,7 @@ import re
 import shutil
 
 from setuptools import setup
+from setuptools.command.bdist_wheel import bdist_wheel
 
 
 def _toolkit_root(nvcc):
@@ -116,10 +117,25 @@ class BuildWithInfo(BuildExtension):
             os.replace(tmp, os.path.join(out_dir, "_build_info.json"))
 
 
+class WheelLeavingNoBuildDir(bdist_wheel):
+    """`pip install .` builds its wheel under the source tree's build/ (tens of MB of objects):
+    removed once the wheel is written, unless it was there before (a development build's, kept for
+    incremental rebuilds)."""
+
+    def run(self):
+        build_base = os.path.abspath(self.get_finalized_command("build").build_base)
+        existed = os.path.exists(build_base)
+        try:
+            super().run()
+        finally:
+            if not existed:
+                shutil.rmtree(build_base, ignore_errors=True)
+
+
 EXTENSION, WITH_CUDA = _extension()
 
 setup(
     ext_modules=[EXTENSION],
-    cmdclass={"build_ext": BuildWithInfo.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildWithInfo.with_options(use_ninja=True), "bdist_wheel": WheelLeavingNoBuildDir},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )

@@ -67,3 +67,16 @@ def test_loading_never_runs_pickled_code(data, tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         load_bundle(path)
     assert not marker.exists()
+
+
+def test_a_bundle_is_readable_like_any_directory_the_user_makes(data, tmp_path):
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        mcfg = ModelConfig(genotype=Genotype((("conv1", 0),), "sum").to_dict(), emb_dim=8, width=8, fc=[8])
+        path = save_bundle(str(tmp_path / "b"), build_model(mcfg, len(data.vocab), data.num_labels, seed=0), mcfg, data)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o755          # not mkdtemp's 0700
+    assert {stat.S_IMODE(os.stat(os.path.join(path, f)).st_mode) for f in os.listdir(path)} == {0o644}

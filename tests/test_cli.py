@@ -1,6 +1,7 @@
 """The CLI: train, evaluate and predict on a bundle trained in the test; data show; clear errors."""
 import json
 import os
+import re
 
 import pytest
 
@@ -27,9 +28,13 @@ def test_train_writes_a_complete_bundle(bundle):
     assert len(metrics["layer_weights"]) == 2
 
 
-def test_evaluate_reproduces_the_test_metrics(bundle, debtags_slice, capsys):
-    assert main(["evaluate", bundle, "--dataset", debtags_slice, "--json"]) == 0  # the bundle's own split
-    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+@pytest.mark.parametrize("named", [True, False])
+def test_evaluate_reproduces_the_test_metrics(bundle, debtags_slice, capsys, named):
+    # the bundle's own split, named or found from where the bundle was trained
+    assert main(["evaluate", bundle, *(["--dataset", debtags_slice] if named else []), "--json"]) == 0
+    captured = capsys.readouterr()
+    got = json.loads(captured.out)                       # --json: stdout is the JSON line alone
+    assert "P@1" in captured.err and "documents/s" in captured.err   # the table went to stderr
     saved = json.load(open(os.path.join(bundle, "metrics.json")))["test"]
     for k, v in got.items():
         assert v == pytest.approx(saved[k], abs=1e-6), k
@@ -49,6 +54,8 @@ def test_predict_text_and_jsonl(bundle, tmp_path, capsys):
     assert main(["predict", bundle, "--input", str(src), "--output", str(dst)]) == 0
     rows = [json.loads(x) for x in dst.read_text().splitlines()]
     assert [r["id"] for r in rows] == ["a", "b"] and all(len(r["labels"]) == 5 for r in rows)
+    assert main(["predict", bundle, "--input", str(src), "--output", str(tmp_path / "no" / "out.jsonl")]) == 2
+    assert f"the folder {tmp_path / 'no'} does not exist (--output)" in capsys.readouterr().err
 
 
 def test_predict_bad_input_names_file_and_line(bundle, tmp_path, capsys):
@@ -84,10 +91,56 @@ def test_tfidf_mlp_sizes_from_the_command_line(debtags_slice, tmp_path, capsys):
     assert "--max-features: expected a positive count" in capsys.readouterr().err
 
 
-def test_data_show(debtags_slice, capsys):
+def test_data_show_says_which_split_each_figure_covers(debtags_slice, capsys, monkeypatch):
+    import statistics
+    from collections import Counter
+
+    rows = [json.loads(x) for x in open(debtags_slice)]
+    train_file = Counter(lab for r in rows if r["split"] == "train" for lab in r["labels"])
+    every = Counter(lab for r in rows for lab in r["labels"])
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    monkeypatch.setenv("COLUMNS", "80")
     assert main(["data", "show", debtags_slice, "--valid", "20"]) == 0
-    out = capsys.readouterr().out
-    assert "train" in out and "labels" in out
+    out = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", capsys.readouterr().out)    # a terminal's styles, dropped
+    lines = [x.strip("│┃ ") for x in out.splitlines()]
+
+    def row(name):
+        return [c.strip() for c in next(x for x in lines if x.startswith(name + " ")).split("│")][1:]
+
+    assert row("train examples") == ["180"] and row("test examples") == ["200"]
+    assert row("labels, training file") == [str(len(train_file))] and row("labels, all splits") == [str(len(every))]
+    assert row("median") == [f"{statistics.median(train_file.values()):g}", f"{statistics.median(every.values()):g}"]
+    assert row("max") == [f"{max(train_file.values()):,}", f"{max(every.values()):,}"]
+    assert row("mean") == [f"{statistics.fmean(train_file.values()):.1f}", f"{statistics.fmean(every.values()):.1f}"]
+    assert "training file (train + valid)" in out and "all splits" in out
+    assert all(len(x) <= 80 for x in out.splitlines())                     # nothing wraps at 80 columns
+    assert len([x for x in lines if x.startswith("90% of labels have at most")]) == 1
+
+
+def test_data_without_an_action_is_an_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["data"])
+    assert e.value.code == 2
+    assert "xmcnas-fast data: error: the following arguments are required: ACTION" in capsys.readouterr().err
+
+
+def test_csv_columns_from_the_command_line(tmp_path, capsys):
+    src = tmp_path / "tags.csv"
+    src.write_text("text,tags\n" + "".join(f"package {i} edits text,editor{' net' * (i % 2)}\n" for i in range(40)))
+    assert main(["data", "show", str(src)]) == 2
+    err = capsys.readouterr().err
+    assert "no column 'summaries' (columns: 'text', 'tags')" in err and "--text-column, --labels-column" in err
+    assert main(["data", "show", str(src), "--text-column", "text", "--labels-column", "tags", "--valid", "4"]) == 0
+    assert "labels, training file" in capsys.readouterr().out
+    out = tmp_path / "b"
+    assert main(["train", "--arch", "tfidf-mlp", "--dataset", str(src), "--text-column", "text",
+                 "--labels-column", "tags", "--valid", "4", "--hidden", "8", "--max-features", "50",
+                 "--max-steps", "2", "--eval-every", "1", "--out", str(out), "--device", "cpu", "--quiet"]) == 0
+    settings = json.load(open(out / "config.json"))["data"]["settings"]
+    assert settings["text_column"] == "text" and settings["labels_column"] == "tags"
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--dataset", str(src), "--json"]) == 0  # read with the bundle's columns
+    assert set(json.loads(capsys.readouterr().out)) >= {"P@1", "PSP@5"}
 
 
 def test_help_explains_every_command(capsys):

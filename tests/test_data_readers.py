@@ -81,6 +81,22 @@ def test_read_jsonl_errors_name_file_and_line(tmp_path, bad, message):
     assert str(e.value).startswith(f"{p}:3:")
 
 
+def test_a_line_cut_short_is_reported_at_the_column_where_it_ends(tmp_path):
+    good = json.dumps({"text": "ok", "labels": ["x"]})
+    cut = json.dumps({"text": "a description long enough to be cut", "labels": ["a", "b"]})[:63]
+    p = _write(tmp_path / "broken.jsonl", f"{good}\n{cut}\n{good}\n")
+    with pytest.raises(DataError) as e:
+        list(read_jsonl(p))
+    assert str(e.value).startswith(f"{p}:2: invalid JSON (") and str(e.value).endswith(": column 64)")
+
+
+def test_csv_without_its_columns_names_the_options_that_choose_them(tmp_path):
+    p = _write(tmp_path / "tags.csv", "text,tags\nan editor,editor\n")
+    with pytest.raises(DataError, match=r"no column 'summaries' \(columns: 'text', 'tags'\); .*--text-column"):
+        list(read_csv(p))
+    assert list(read_csv(p, text_column="text", labels_column="tags"))[0]["labels"] == ["editor"]
+
+
 def test_non_utf8_is_an_error_naming_the_line(tmp_path):
     p = _write(tmp_path / "latin.jsonl", b'{"text": "ok", "labels": ["x"]}\n{"text": "caf\xe9", "labels": ["x"]}\n')
     with pytest.raises(DataError, match=r"latin.jsonl:2: not valid UTF-8 \(byte 0xe9"):

@@ -134,9 +134,9 @@ def test_kill_9_at_a_random_moment_then_resume_gives_the_same_candidates(tmp_pat
 
 def test_resume_refuses_new_settings_and_a_second_search_in_one_directory(tmp_path):
     run = Run.create(str(tmp_path / "r"), {"x": 1})
+    run.lock()
     with pytest.raises(RunError):
         Run.create(str(tmp_path / "r"), {"x": 1})
-    run.lock()
     with pytest.raises(RunError, match="in use"):
         Run.open(str(tmp_path / "r")).lock()
     run.unlock()

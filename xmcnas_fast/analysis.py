@@ -9,6 +9,7 @@ Weights are compared raw and as a share of the candidate's total |w|
 from __future__ import annotations
 
 import os
+import shlex
 import statistics
 from collections import defaultdict
 from typing import Optional
@@ -89,10 +90,15 @@ def _fmt(x, pct=False):
 def analyze_run(path: str, *, console, top: int = 3, out_dir: Optional[str] = None) -> dict:
     from rich.table import Table
 
-    from .runs import Run
+    from .runs import Run, RunError
 
     run = Run.open(path)
     records = run.history.records
+    ok = sorted((r for r in records if r.get("fitness") is not None and r.get("reused_from") is None),
+                key=lambda r: -r["fitness"])
+    if not ok:
+        raise RunError(f"{path}: no candidate has finished successfully "
+                       f"({len(records)} recorded): nothing to analyze yet")
     imp = operation_importance(records)
     out_dir = out_dir or os.path.join(run.path, "analysis")
     os.makedirs(out_dir, exist_ok=True)
@@ -119,19 +125,22 @@ def analyze_run(path: str, *, console, top: int = 3, out_dir: Optional[str] = No
         t.add_row(str(d), str(v["candidates"]), _fmt(v["mean_p5"], True), _fmt(v["best_p5"], True))
     console.print(t)
 
-    ok = sorted((r for r in records if r.get("fitness") is not None and r.get("reused_from") is None),
-                key=lambda r: -r["fitness"])[:top]
-    for rank, r in enumerate(ok, start=1):
+    for rank, r in enumerate(ok[:top], start=1):
         g = Genotype.from_dict(r["genotype"])
         test = r.get("test") or {}
         console.print(f"\n[bold]#{rank}[/bold] candidate {r['id']}: validation P@5 {_fmt(r['fitness'], True)}"
                       + (f", test P@1/3/5 {_fmt(test.get('P@1'), True)}/{_fmt(test.get('P@3'), True)}/"
                          f"{_fmt(test.get('P@5'), True)}" if test else ""))
         console.print(g.draw(r.get("layer_weights")))
-        with open(os.path.join(out_dir, f"top{rank}-cand{r['id']}.dot"), "w") as f:
+        dot = os.path.join(out_dir, f"top{rank}-cand{r['id']}.dot")
+        with open(dot, "w") as f:
             f.write(to_dot(g, r.get("layer_weights"), f"candidate {r['id']}, P@5 {_fmt(r['fitness'], True)}"))
     _plots(records, imp, out_dir, console)
-    console.print(f"\nDOT files in {out_dir} (render: dot -Tpng FILE -o FILE.png)")
+    if top >= 1:
+        first = shlex.quote(os.path.join(out_dir, f"top1-cand{ok[0]['id']}"))
+        console.print(f"\nDOT files of the best {min(top, len(ok))} in {out_dir}; render one with Graphviz:",
+                      soft_wrap=True)
+        console.print(f"  dot -Tpng {first}.dot -o {first}.png", soft_wrap=True)
     return imp
 
 

@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -24,8 +24,13 @@ import torch
 
 from . import __version__
 from .model import ModelConfig, build_model
+from .runs import public_mode
 
 FORMAT = 1
+
+
+#: data settings a bundle records, so that `evaluate` reads its data as training did
+DATA_SETTINGS = ("max_len", "min_count", "max_vocab", "valid", "seed", "text_column", "labels_column")
 
 
 def _write_json(path, obj):
@@ -43,14 +48,15 @@ def save_bundle(out_dir: str, model: torch.nn.Module, model_cfg: ModelConfig, da
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-bundle-", dir=parent)
     try:
+        public_mode(tmp, directory=True)
         config = {
             "format": FORMAT, "xmcnas_fast": __version__,
             "model": model_cfg.to_dict(),
             "train": train_cfg,
             "num_labels": data.num_labels, "vocab_size": len(data.vocab),
-            "data": {"name": data.name, "max_len": data.max_len,
+            "data": {"name": data.name, "location": data.source.get("location"), "max_len": data.max_len,
                      "settings": {k: v for k, v in (data.source.get("settings") or {}).items()
-                                  if k in ("max_len", "min_count", "max_vocab", "valid", "seed")}},
+                                  if k in DATA_SETTINGS}},
         }
         _write_json(os.path.join(tmp, "config.json"), config)
         sd = state if state is not None else {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -114,6 +120,30 @@ class Bundle:
             out[rows] = p.cpu().numpy()
         return out
 
+    def aligned_test(self, data) -> tuple:
+        """`data`'s test split re-expressed in this bundle's vocabulary and label order (by word and
+        by label name; labels the bundle does not know get columns after its own), and the inverse
+        propensities of those columns (from `data`'s train + valid counts)."""
+        from .data import TextDataset
+        from .train import label_inv_propensity
+
+        test = data.test
+        word_map = np.array([self.vocab.stoi.get(w, 1) for w in data.vocab.itos], dtype=np.int32)
+        word_map[0] = 0
+        own = {n: i for i, n in enumerate(self.label_names)}
+        names = list(data.label_names) + list(data.unseen_label_names)
+        extra: dict = {}
+        col_map = np.array([own[n] if n in own else len(own) + extra.setdefault(n, len(extra)) for n in names],
+                           dtype=np.int64)
+        columns = len(own) + len(extra)
+        lab = test.labels.tocoo()
+        labels = sp.csr_matrix((lab.data, (lab.row, col_map[lab.col])), shape=(len(test), columns))
+        inv_prop = label_inv_propensity(data, len(names))
+        aligned_prop = np.full(columns, float(np.max(inv_prop)) if len(inv_prop) else 1.0)
+        aligned_prop[col_map] = inv_prop
+        aligned = TextDataset(token_ids=word_map[test.token_ids], offsets=test.offsets, labels=labels, ids=test.ids)
+        return aligned, aligned_prop
+
     def predict(self, texts: Sequence[str], k: int = 5, batch_size: int = 256) -> list:
         """Top-k labels of each text: [[(label, probability), ...], ...], best first."""
         k = min(k, len(self.label_names))
@@ -125,21 +155,45 @@ class Bundle:
         return result
 
 
+def find_bundle(path: str) -> str:
+    """The bundle directory `path` names: itself, or, for a search run, the run's best model."""
+    from .runs import Run
+
+    if os.path.isfile(os.path.join(path, "weights.pt")) or not os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    config = read_json_file(os.path.join(path, "config.json"))
+    if "search" not in config:
+        return path
+    best = Run(path, config).best()
+    if not best or not best.get("model_dir"):
+        raise ValueError(f"{path} is a search run with no saved model yet: resume it, or pass a bundle "
+                         f"(a directory with weights.pt)")
+    return best["model_dir"]
+
+
+def read_json_file(p: str):
+    """A JSON file of a bundle; ValueError naming the file when it is missing or malformed."""
+    try:
+        with open(p, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{p}: missing — is {os.path.dirname(p)} a model bundle?") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
 def load_bundle(path: str, device: str = "cpu", use_kernels: bool = True) -> Bundle:
     """Load a bundle on CPU or CUDA. Raises ValueError naming the file on a malformed bundle."""
     from .data import Vocab
 
     def read(name):
-        p = os.path.join(path, name)
-        try:
-            with open(p, encoding="utf-8") as f:
-                return json.load(f)
-        except FileNotFoundError:
-            raise ValueError(f"{p}: missing — is {path} a model bundle?") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
+        return read_json_file(os.path.join(path, name))
 
     config = read("config.json")
+    if "format" not in config:
+        hint = " (a search run: pass its best model, models/cand-N, or the run itself to predict)" \
+            if "search" in config else ""
+        raise ValueError(f"{path} is not a model bundle: its config.json has no bundle format{hint}")
     if config.get("format") != FORMAT:
         raise ValueError(f"{os.path.join(path, 'config.json')}: bundle format {config.get('format')} "
                          f"is not {FORMAT} (written by xmcnas-fast {config.get('xmcnas_fast')})")

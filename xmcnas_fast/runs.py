@@ -4,14 +4,17 @@
       config.json       everything needed to reproduce the search (written once, atomically)
       proposals.jsonl   one line per candidate proposed, in order (what resume replays)
       history.jsonl     one line per finished candidate: genotype, hash, status, metrics, weights, ...
+                        and model_dir while its bundle is kept
       models/cand-N/    model bundles of the best candidates (the others are deleted)
       best.json         which candidate is best so far, and where its bundle is
-      .lock             held while a search runs in the directory
+      .lock             exists while a search runs in the directory
 
 Lines are appended, flushed and fsynced one at a time, so a kill -9 at any
 moment loses at most the line being written; a torn last line is dropped
-when the run is opened again. Only the search's main process writes here
-(workers write their bundles under models/, atomically).
+when the run is opened again. When a bundle is deleted, history.jsonl is
+rewritten without its model_dir, atomically (a new file renamed over the
+old). Only the search's main process writes here (workers write their
+bundles under models/, atomically).
 """
 from __future__ import annotations
 
@@ -27,20 +30,40 @@ class RunError(Exception):
     """A run directory that cannot be used as asked (exists, missing, locked, corrupt)."""
 
 
-def write_json_atomic(path: str, obj) -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def public_mode(path: str, directory: bool = False) -> None:
+    """Give a file made by mkstemp/mkdtemp (0600/0700) the mode a plain open() would: 0666 (0777) less the umask."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def write_atomic(path: str, write) -> None:
+    """Write a file through `write(f)` into a temporary sibling, fsync it and rename it into place."""
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        public_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: str, obj) -> None:
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2) + "\n"))
+
+
+def _line(record: dict) -> str:
+    return json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n"
 
 
 class JsonLog:
@@ -69,12 +92,16 @@ class JsonLog:
         return out
 
     def append(self, record: dict) -> None:
-        line = json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n"
+        line = _line(record)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
         self.records.append(record)
+
+    def rewrite(self) -> None:
+        """Write the records (changed in place) anew, atomically: the old file or the new one, never a mix."""
+        write_atomic(self.path, lambda f: f.writelines(_line(r) for r in self.records))
 
 
 class Run:
@@ -90,12 +117,19 @@ class Run:
     # ---- creating and opening ------------------------------------------------------------------
     @classmethod
     def create(cls, path: str, config: dict) -> "Run":
-        if os.path.exists(os.path.join(path, "config.json")):
-            raise RunError(f"{path} already holds a search: resume it with --resume {path}, "
-                           f"or choose another --name")
+        """A new run directory. One that holds a search which never proposed a candidate (it stopped
+        before its first) is taken over; one whose search started is refused."""
+        cls.check_free(path)
         os.makedirs(path, exist_ok=True)
         write_json_atomic(os.path.join(path, "config.json"), config)
         return cls(path, config)
+
+    @classmethod
+    def check_free(cls, path: str) -> None:
+        """RunError unless a new search may be created at `path` (see create)."""
+        if os.path.exists(os.path.join(path, "config.json")) and cls.open(path).started():
+            raise RunError(f"{path} already holds a search: resume it with --resume {path}, "
+                           f"or choose another --name")
 
     @classmethod
     def open(cls, path: str) -> "Run":
@@ -109,14 +143,38 @@ class Run:
             raise RunError(f"{cfg_path}:{e.lineno}: invalid JSON ({e.msg})") from None
         return cls(path, config)
 
-    def lock(self) -> "Run":
-        """Hold the directory for this process: a second search in it is refused."""
-        f = open(os.path.join(self.path, ".lock"), "w")
+    def started(self) -> bool:
+        """Whether a search has proposed a candidate here, or runs here now."""
+        return bool(self.proposals.records or self.history.records) or self._locked_elsewhere()
+
+    def _locked_elsewhere(self) -> bool:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+            self.lock()
+        except RunError:
+            return True
+        self.unlock()
+        return False
+
+    def lock(self) -> "Run":
+        """Hold the directory for this process: a second search in it is refused. The file is removed
+        on unlock, so a lock taken on a file that was removed meanwhile is taken again on the new one."""
+        path = os.path.join(self.path, ".lock")
+        while True:
+            f = open(path, "a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.close()
+                raise RunError(f"{self.path} is in use by another running search") from None
+            try:
+                same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             f.close()
-            raise RunError(f"{self.path} is in use by another running search") from None
+        f.seek(0)
+        f.truncate()
         f.write(str(os.getpid()))
         f.flush()
         self._lock = f
@@ -124,6 +182,10 @@ class Run:
 
     def unlock(self) -> None:
         if self._lock is not None:
+            try:
+                os.unlink(os.path.join(self.path, ".lock"))  # still held: no other process owns this file
+            except FileNotFoundError:
+                pass
             self._lock.close()
             self._lock = None
 
@@ -146,12 +208,18 @@ class Run:
             return json.load(f)
 
     def keep_models(self, ids: set) -> None:
-        """Delete the bundles of candidates not in `ids` (and stray temporary ones)."""
+        """Delete the bundles of candidates not in `ids` (and stray temporary ones), and the
+        `model_dir` of their records in the history, so that no record points to a deleted bundle."""
         for name in os.listdir(self.models_dir):
             full = os.path.join(self.models_dir, name)
             keep = name.startswith("cand-") and name[5:].isdigit() and int(name[5:]) in ids
             if not keep and os.path.isdir(full):
                 shutil.rmtree(full, ignore_errors=True)
+        stale = [r for r in self.history.records if r.get("model_dir") and r.get("id") not in ids]
+        for r in stale:
+            del r["model_dir"]
+        if stale:
+            self.history.rewrite()
 
     def set_best(self, record: dict) -> None:
         write_json_atomic(os.path.join(self.path, "best.json"),

@@ -16,7 +16,7 @@ from .batching import Batch, batch_order, iterate_batches, make_batch
 from .dataset import (FORMAT_VERSION, TextDataset, XMCData, default_cache_dir, hash_unit, is_test_key,
                       load)
 from .errors import DataError
-from .readers import BowDataset, open_lines, read_attentionxml, read_csv, read_jsonl, read_xc_sparse
+from .readers import BowDataset, json_objects, open_lines, read_attentionxml, read_csv, read_jsonl, read_xc_sparse
 from .stats import dataset_stats, render_stats
 from .text import PAD, UNK, Vocab, tokenize
 from .vectors import load_word_vectors
@@ -24,6 +24,6 @@ from .vectors import load_word_vectors
 __all__ = [
     "Batch", "BowDataset", "DataError", "FORMAT_VERSION", "PAD", "TextDataset", "UNK", "Vocab", "XMCData",
     "batch_order", "dataset_stats", "default_cache_dir", "hash_unit", "is_test_key", "iterate_batches",
-    "load", "load_word_vectors", "make_batch", "open_lines", "read_attentionxml", "read_csv", "read_jsonl",
-    "read_xc_sparse", "render_stats", "tokenize",
+    "json_objects", "load", "load_word_vectors", "make_batch", "open_lines", "read_attentionxml", "read_csv",
+    "read_jsonl", "read_xc_sparse", "render_stats", "tokenize",
 ]

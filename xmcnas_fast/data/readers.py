@@ -105,19 +105,28 @@ def _label_list(path, line, value, what: str) -> list[str]:
     return out
 
 
-def read_jsonl(path, *, strict: bool = False, skipped: Counter | None = None,
-               text_field: str = "text", labels_field: str = "labels") -> Iterator[dict]:
-    """JSON lines: one object a line, ``{"text": str, "labels": [str, ...]}``, optional ``"id"``
-    (string or integer) and ``"split"`` (``"train"`` or ``"test"``). Blank lines are ignored."""
-    for lineno, s in open_lines(path):
+def json_objects(path, lines=None) -> Iterator[tuple[int, dict]]:
+    """``(line_number, object)`` for each non-blank line of a JSON-lines file (or of ``lines``,
+    ``(number, text)`` pairs read from elsewhere, e.g. stdin, reported as ``path``). A line that is
+    not a JSON object is an error naming the line and the column where parsing stopped."""
+    for lineno, s in (open_lines(path) if lines is None else lines):
+        s = s.rstrip("\r\n")  # a line cut short fails at its end, not at column 1 of a next line
         if not s.strip():
             continue
         try:
             obj = json.loads(s)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}: column {e.pos + 1})") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, obj
+
+
+def read_jsonl(path, *, strict: bool = False, skipped: Counter | None = None,
+               text_field: str = "text", labels_field: str = "labels") -> Iterator[dict]:
+    """JSON lines: one object a line, ``{"text": str, "labels": [str, ...]}``, optional ``"id"``
+    (string or integer) and ``"split"`` (``"train"`` or ``"test"``). Blank lines are ignored."""
+    for lineno, obj in json_objects(path):
         for field in (text_field, labels_field):
             if field not in obj:
                 raise DataError(f"{path}:{lineno}: no {field!r} field (fields: {', '.join(obj) or 'none'})")
@@ -185,7 +194,9 @@ def read_csv(path, *, text_column: str | Sequence[str] = "summaries", labels_col
         col = {}
         for name in [*text_columns, labels_column, *([id_column] if id_column else [])]:
             if name not in header:
-                raise DataError(f"{path}:{start}: no column {name!r} (columns: {', '.join(map(repr, header))})")
+                raise DataError(f"{path}:{start}: no column {name!r} (columns: {', '.join(map(repr, header))}); "
+                                "name the text and label columns with text_column= and labels_column= "
+                                "(on the command line: --text-column, --labels-column)")
             col[name] = header.index(name)
         while True:
             start = reader.line_num + 1

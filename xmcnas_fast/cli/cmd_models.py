@@ -1,0 +1,206 @@
+"""`xmcnas-fast train`, `evaluate` and `predict`: one model bundle at a time."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from .common import (MODEL_FLAGS, TRAIN_FLAGS, CLIError, console, data_kwargs, load_bundle, load_data, pick)
+
+# ---- train ----------------------------------------------------------------------------------------
+
+
+def model_config(args):
+    """(ModelConfig, name) of --arch (a genotype JSON file or a preset), with the model flags applied."""
+    from ..model import ModelConfig, preset
+    from ..space import Genotype
+
+    if os.path.exists(args.arch) or args.arch.endswith(".json"):
+        try:
+            with open(args.arch, encoding="utf-8") as f:
+                g = Genotype.from_dict(json.load(f))
+        except FileNotFoundError:
+            raise CLIError(f"{args.arch}: no such file (and not a preset)") from None
+        except (json.JSONDecodeError, ValueError, TypeError) as e:
+            raise CLIError(f"{args.arch}: not a genotype ({e})") from None
+        mcfg, name = ModelConfig(genotype=g.to_dict()), os.path.splitext(os.path.basename(args.arch))[0]
+    else:
+        try:
+            mcfg, name = preset(args.arch), args.arch
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+    check_tfidf_flags(args, mcfg.kind)
+    for k, v in pick(args, [*MODEL_FLAGS, "hidden", "max_features"]).items():
+        setattr(mcfg, k, v)
+    return mcfg, name
+
+
+def check_tfidf_flags(args, kind: str) -> None:
+    tfidf_only = pick(args, ["hidden", "max_features"])
+    if tfidf_only and kind != "tfidf-mlp":
+        raise CLIError(f"only tfidf-mlp takes --{' and --'.join(k.replace('_', '-') for k in tfidf_only)}")
+    if "hidden" in tfidf_only and (not args.hidden or min(args.hidden) < 1):
+        raise CLIError(f"--hidden: expected one or more positive sizes, got {args.hidden}")
+    if "max_features" in tfidf_only and args.max_features < 1:
+        raise CLIError(f"--max-features: expected a positive count, got {args.max_features}")
+
+
+def train_config(args):
+    """TrainConfig: the preset's known-good settings, then the flags given."""
+    import torch
+
+    from ..model import PRESET_TRAINING
+    from ..train import TrainConfig
+
+    given = {TRAIN_FLAGS[k]: v for k, v in pick(args, TRAIN_FLAGS).items()}
+    tcfg = TrainConfig(**{**PRESET_TRAINING.get(args.arch, {}), **given,
+                          **pick(args, ["seed", "max_minutes", "threads", "max_len"])})
+    tcfg.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return tcfg
+
+
+def word_vectors(args, data, seed: int, out):
+    if not args.vectors:
+        return None
+    from ..data import load_word_vectors
+
+    vectors, coverage = load_word_vectors(args.vectors, data.vocab, seed=seed)
+    out.print(f"word vectors: {vectors.shape[1]} dimensions, {100 * coverage:.1f}% of the vocabulary")
+    return vectors
+
+
+def cmd_train(args) -> int:
+    from ..bundle import save_bundle
+    from ..model import build_model, count_parameters
+
+    out = console(args.quiet)
+    mcfg, name = model_config(args)
+    tcfg = train_config(args)
+    data = load_data(args.dataset, out, **data_kwargs(args))
+    vectors = word_vectors(args, data, tcfg.seed, out)
+    model = build_model(mcfg, len(data.vocab), data.num_labels, vectors=vectors, seed=tcfg.seed)
+    if mcfg.kind == "tfidf-mlp":
+        model.fit(data.train.token_ids, data.train.offsets)
+    out.print(f"[bold]{name}[/bold]: {count_parameters(model):,} parameters, "
+              f"{len(data.train)} training documents, {data.num_labels} labels, device {tcfg.device}")
+    rec = train_with_progress(model, data, tcfg, out, args.quiet).record
+    if rec["status"] not in ("ok", "stopped"):
+        raise CLIError(f"training failed: {rec['status']}: {rec.get('error')}")
+    path = args.out or os.path.join("models", name)
+    save_bundle(path, model, mcfg, data, train_cfg=tcfg.to_dict(), record=rec)
+    print_training(out, rec, path)
+    return 0
+
+
+def print_training(out, rec: dict, path: str) -> None:
+    from ..metrics import format_metrics
+
+    out.print(f"validation: {format_metrics(rec['valid'])}")
+    if rec.get("test"):
+        out.print(f"test:       {format_metrics(rec['test'])}")
+    out.print(f"{rec['epochs']} epochs, {rec['steps']} steps, {rec['seconds']:.0f} s, "
+              f"{rec['train_docs_per_s'] or 0:.0f} training docs/s, "
+              f"{rec.get('predict_docs_per_s') or 0:.0f} predict docs/s")
+    out.print(f"saved: {path}", soft_wrap=True)
+
+
+def train_with_progress(model, data, tcfg, out, quiet: bool):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..train import train_model
+
+    total = -(-len(data.train) // tcfg.batch_size) * tcfg.max_epochs
+    if tcfg.max_steps:
+        total = min(total, tcfg.max_steps)
+    with Progress(TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                  TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=out, disable=quiet) as bar:
+        task = bar.add_task("train", total=total, info="")
+
+        def report(epoch, step, loss, valid_p1, valid_p5, best_p5):
+            info = (f"epoch {epoch}  loss {loss:.4f}  valid P@1 {100 * valid_p1:.2f}  "
+                    f"P@5 {100 * valid_p5:.2f} (best {100 * best_p5:.2f})")
+            bar.update(task, completed=step, info=info)
+            if not out.is_terminal and not quiet:
+                out.print(f"step {step}: {info}")
+
+        return train_model(model, data, tcfg, report=report)
+
+
+# ---- evaluate / predict -----------------------------------------------------------------------------
+
+def cmd_evaluate(args) -> int:
+    from rich.table import Table
+
+    from ..metrics import METRIC_NAMES
+    from ..train import evaluate
+
+    out = console(stderr=args.json)   # with --json, stdout holds the JSON line alone
+    bundle = load_bundle(args.bundle, args.device, out)
+    saved = bundle.config["data"]
+    name = args.dataset or saved.get("location") or saved.get("name") or "debtags"
+    data = load_data(name, out, **data_kwargs(args, {"max_len": bundle.max_len,
+                                                     **bundle.config["data"].get("settings", {})}))
+    test, inv_prop = bundle.aligned_test(data)
+    m = evaluate(bundle.model, test, len(bundle.label_names), inv_prop=inv_prop, device=bundle.device,
+                 max_len=bundle.max_len)
+    t = Table(title=f"{args.bundle} on {name} (test, {len(test)} documents)")
+    for n in METRIC_NAMES:
+        t.add_column(n, justify="right")
+    t.add_row(*[f"{100 * m[n]:.2f}" for n in METRIC_NAMES])
+    out.print(t)
+    out.print(f"{m['docs_per_s']:.0f} documents/s")
+    if args.json:
+        print(json.dumps({k: m[k] for k in METRIC_NAMES}))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    bundle = load_bundle(args.bundle, args.device, console(stderr=True))
+    if args.input:
+        ids, texts = read_predict_input(args.input)
+    elif args.text:
+        ids, texts = list(range(len(args.text))), list(args.text)
+    else:
+        raise CLIError("give texts to label, or --input FILE (JSON lines with a \"text\" field; - for stdin)")
+    preds = bundle.predict(texts, k=args.k)
+    if args.input or args.output or args.json:
+        write_predictions(args.output, ids, preds)
+    else:
+        out = console()
+        for t, p in zip(texts, preds):
+            out.print(f"[bold]{t[:100]}[/bold]")
+            for n, s in p:
+                out.print(f"  {s:.3f}  {n}")
+    return 0
+
+
+def write_predictions(path, ids, preds) -> None:
+    """JSON lines {"id", "labels": [[name, score], ...]} to `path` (written whole or not at all), or stdout."""
+    from ..runs import write_atomic
+
+    lines = (json.dumps({"id": i, "labels": [[n, round(s, 6)] for n, s in p]}, ensure_ascii=False) + "\n"
+             for i, p in zip(ids, preds))
+    if path:
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise CLIError(f"{path}: the folder {folder} does not exist (--output)")
+        write_atomic(path, lambda f: f.writelines(lines))
+    else:
+        sys.stdout.writelines(lines)
+
+
+def read_predict_input(path: str):
+    """(ids, texts) from JSON lines with a "text" field and an optional "id" (- for stdin)."""
+    from ..data import DataError, json_objects
+
+    lines = enumerate(sys.stdin, start=1) if path == "-" else None
+    ids, texts = [], []
+    try:
+        for n, obj in json_objects(path, lines):
+            if not isinstance(obj.get("text"), str):
+                raise CLIError(f'{path}:{n}: expected an object with a "text" string')
+            ids.append(obj.get("id", n))
+            texts.append(obj["text"])
+    except DataError as e:
+        raise CLIError(str(e)) from None
+    return ids, texts

@@ -1,0 +1,171 @@
+"""`xmcnas-fast search`: everything is checked (settings, devices, data) before the run directory is
+created, so a search that cannot start leaves nothing behind."""
+from __future__ import annotations
+
+import os
+import shlex
+import time
+
+from .common import CLIError, console, flag, load_data, program
+
+#: (flag dest, config section, config key) of every setting of a search
+SETTINGS = [
+    ("max_len", "data", "max_len"), ("max_len", "train", "max_len"), ("valid", "data", "valid"),
+    ("vectors", "data", "vectors"), ("data_seed", "data", "seed"),
+    ("strategy", "search", "strategy"), ("population", "search", "population"), ("cycles", "search", "cycles"),
+    ("sample", "search", "sample"), ("max_depth", "search", "max_depth"), ("constraint", "search", "constraint"),
+    ("constraint_fraction", "search", "constraint_fraction"), ("seed", "search", "seed"),
+    ("width", "model", "width"), ("emb_dim", "model", "emb_dim"), ("fc", "model", "fc"),
+    ("dropout", "model", "dropout"), ("freeze_emb", "model", "freeze_emb"),
+    ("epochs", "train", "max_epochs"), ("max_steps", "train", "max_steps"), ("batch_size", "train", "batch_size"),
+    ("lr", "train", "lr"), ("warmup_steps", "train", "warmup_steps"), ("eval_every", "train", "eval_every"),
+    ("patience", "train", "patience"), ("candidate_minutes", "train", "max_minutes"),
+]
+#: data settings stored beside the budget's (CSV columns)
+COLUMNS = ("text_column", "labels_column")
+#: how this invocation runs the search: allowed with --resume, not saved as the run's settings
+RUN_FLAGS = ("backend", "devices", "candidate_timeout")
+
+
+def overrides(args) -> dict:
+    """make_config's overrides {section: {key: value}} from the flags given."""
+    o: dict = {"data": {}, "search": {}, "model": {}, "train": {}}
+    for dest, section, key in SETTINGS:
+        if getattr(args, dest, None) is not None:
+            o[section][key] = getattr(args, dest)
+    o["run"] = {d: getattr(args, d) for d in RUN_FLAGS if getattr(args, d, None) is not None}
+    return o
+
+
+def settings_changed(args, cfg: dict) -> list:
+    """The flags given whose value differs from the run's saved settings."""
+    def saved_value(section, key):
+        return (cfg.get(section) or {}).get(key)
+
+    saved = [("budget", cfg.get("budget")), ("dataset", saved_value("data", "dataset")),
+             *[(d, saved_value(section, key)) for d, section, key in SETTINGS],
+             *[(c, saved_value("data", c)) for c in COLUMNS]]
+    return list(dict.fromkeys(flag(d) for d, was in saved
+                              if getattr(args, d, None) is not None and getattr(args, d) != was))
+
+
+def new_run_config(args) -> dict:
+    from ..search import make_config
+
+    try:
+        cfg = make_config(args.budget or "demo", dataset=args.dataset or "debtags", overrides=overrides(args))
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    for c in COLUMNS:
+        if getattr(args, c) is not None:
+            cfg["data"][c] = getattr(args, c)
+    return cfg
+
+
+def check_before_creating(cfg: dict, devices: str, out) -> None:
+    """Devices, word vectors and data, checked in that order (data errors name the file and line);
+    loading the data here also fills the cache the search reads it from."""
+    from ..scheduler import parse_devices
+
+    try:
+        parse_devices(devices)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    d = cfg["data"]
+    if d.get("vectors") and not os.path.isfile(d["vectors"]):
+        raise CLIError(f"{d['vectors']}: no such file (--vectors)")
+    load_data(d["dataset"], out, max_len=d["max_len"], min_count=d["min_count"], max_vocab=d["max_vocab"],
+              valid=d["valid"], seed=d["seed"], **{c: d[c] for c in COLUMNS if d.get(c) is not None})
+
+
+def open_or_create(args, out):
+    from ..runs import Run
+    from ..search import resolve_devices
+
+    if args.resume:
+        run = Run.open(args.resume)
+        changed = settings_changed(args, run.config)
+        if changed:
+            raise CLIError(f"--resume continues {args.resume} with its saved settings; drop {' '.join(changed)} "
+                           f"(or start a new search with them)")
+        return run
+    cfg = new_run_config(args)
+    path = os.path.join(args.runs_dir, args.name or time.strftime(f"{cfg['budget']}-%Y%m%d-%H%M%S"))
+    Run.check_free(path)   # before the data is read, which may take a while
+    check_before_creating(cfg, resolve_devices(cfg, args.devices), out)
+    return Run.create(path, cfg)
+
+
+def header(run, devices: str) -> list:
+    """The search's settings, a few short lines (no line breaks inside a setting at 80 columns)."""
+    cfg = run.config
+    s, t = cfg["search"], cfg["train"]
+    return [f"[bold]xmcnas-fast search[/bold] {run.path}",
+            f"  {s['strategy']}: population {s['population']}, cycles {s['cycles']}, sample {s['sample']}, "
+            f"depth <= {s['max_depth']}",
+            f"  per candidate: width {cfg['model']['width']}, at most {t['max_epochs']} epochs"
+            + (f" and {t['max_minutes']} min" if t.get("max_minutes") else ""),
+            f"  dataset {cfg['data']['dataset']}; devices {devices}"]
+
+
+def cmd_search(args) -> int:
+    from ..progress import SearchProgress
+    from ..scheduler import parse_devices
+    from ..search import candidate_total, resolve_devices, run_search
+
+    out = console()   # --quiet silences the header and the progress, not the summary
+    run = open_or_create(args, out)
+    run.lock()
+    try:
+        devices = resolve_devices(run.config, args.devices)
+        for line in [] if args.quiet else header(run, devices):
+            out.print(line, soft_wrap=True)
+        try:
+            workers = parse_devices(devices)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+        with SearchProgress(candidate_total(run.config), workers, done=len(run.history.records), quiet=args.quiet,
+                            console=out, live=False if args.plain else None) as progress:
+            outcome = run_search(run, progress=progress, backend=args.backend, devices=devices,
+                                 candidate_timeout=args.candidate_timeout)
+    finally:
+        run.unlock()
+    if outcome.interrupted:
+        out.print(f"[yellow]interrupted[/yellow] after {outcome.finished}/{outcome.total} candidates; "
+                  f"continue with:\n  {program()} search --resume {shlex.quote(run.path)}", soft_wrap=True)
+        return 130
+    print_summary(out, run)
+    return 0
+
+
+def print_summary(out, run) -> None:
+    from rich.table import Table
+
+    from ..metrics import METRIC_NAMES
+    from ..space import Genotype
+
+    best = run.best()
+    recs = run.history.records
+    ok = [r for r in recs if r.get("fitness") is not None]
+    out.print(f"\n{len(recs)} candidates, {len(ok)} trained successfully, "
+              f"{sum(1 for r in recs if r.get('reused_from') is not None)} reused; "
+              f"{sum(r.get('seconds') or 0 for r in recs):.0f} s of training")
+    if not best:
+        out.print("[red]no candidate finished successfully[/red]")
+        return
+    rec = next(r for r in recs if r["id"] == best["id"])
+    out.print(f"\n[bold]best architecture[/bold] (candidate #{rec['id']}, validation P@5 "
+              f"{100 * rec['fitness']:.2f}):")
+    out.print(Genotype.from_dict(rec["genotype"]).draw(rec.get("layer_weights")))
+    if rec.get("test"):
+        t = Table(title="test split")
+        names = [n for n in METRIC_NAMES if n in rec["test"]]
+        for n in names:
+            t.add_column(n, justify="right")
+        t.add_row(*[f"{100 * rec['test'][n]:.2f}" for n in names])
+        out.print(t)
+    prog, bundle = program(), best.get("model_dir") or ""
+    for line in (f"model bundle: {bundle}", "predict with:",
+                 f"  {prog} predict {shlex.quote(bundle)} \"some text\"", "analysis:",
+                 f"  {prog} analyze {shlex.quote(run.path)}"):
+        out.print(line, soft_wrap=True)   # a path is never broken across lines: it copies as one

@@ -1,0 +1,142 @@
+"""What every command shares: the user-facing error, the console, how the program was started (for
+hints that run as printed), argument types and the option groups, loading data and bundles."""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import shutil
+import sys
+from typing import Optional
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def console(quiet: bool = False, stderr: bool = False):
+    from rich.console import Console
+
+    c = Console(quiet=quiet, highlight=False, stderr=stderr)
+    if not c.is_terminal:
+        c.soft_wrap = True  # logs and pipes: one line per message, never wrapped at 80 columns
+    return c
+
+
+def program() -> str:
+    """This program as the user can type it again: `xmcnas-fast` where the shell finds this very
+    script under that name, else the path it was started by, else `python -m xmcnas_fast.cli`."""
+    argv0 = sys.argv[0] if sys.argv else ""
+    name = os.path.basename(argv0)
+    if name == "__main__.py" and os.path.dirname(os.path.abspath(argv0)) == os.path.dirname(os.path.abspath(__file__)):
+        return shlex.join([getattr(sys, "orig_argv", [sys.executable])[0], "-m", "xmcnas_fast.cli"])
+    if name != "xmcnas-fast":
+        return "xmcnas-fast"   # called from Python (main([...])): the installed command's name
+    on_path = shutil.which("xmcnas-fast")
+    if on_path and os.path.realpath(on_path) == os.path.realpath(argv0):
+        return "xmcnas-fast"
+    return shlex.quote(argv0)
+
+
+# ---- argument types -----------------------------------------------------------------------------
+
+def count_or_fraction(s: str):
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count (200) or a fraction (0.1), got {s!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError("must be > 0")
+    return int(v) if v >= 1 and v == int(v) else v
+
+
+def int_list(s: str) -> list:
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+
+
+def flag(dest: str) -> str:
+    """The option that sets `dest` (every option here is named after its dest)."""
+    return "--" + dest.replace("_", "-")
+
+
+def pick(args, names) -> dict:
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+# ---- option groups ------------------------------------------------------------------------------
+
+def add_data_args(p, dataset_default: Optional[str] = "debtags", dataset_flag: bool = True):
+    g = p.add_argument_group("data")
+    if dataset_flag:
+        g.add_argument("--dataset", default=dataset_default,
+                       help="'debtags' (bundled), a JSON-lines / CSV file, or a directory with train/test files "
+                            "(JSON lines, CSV, or AttentionXML's train_texts.txt + train_labels.txt)"
+                            + (f" (default: {dataset_default})" if dataset_default else ""))
+    g.add_argument("--text-column", help="CSV: the column holding the text (default: summaries)")
+    g.add_argument("--labels-column", help="CSV: the column holding the label list (default: terms)")
+    g.add_argument("--max-len", type=int, help="tokens kept per text")
+    g.add_argument("--valid", type=count_or_fraction,
+                   help="validation split drawn from train: a count (200) or a fraction (0.1)")
+    g.add_argument("--vectors", help="pretrained word vectors (GloVe / word2vec text, .txt or .txt.gz)")
+    g.add_argument("--data-seed", type=int, help="seed of the validation split")
+
+
+def add_model_args(p):
+    g = p.add_argument_group("model")
+    g.add_argument("--width", type=int, help="output width D of every layer node")
+    g.add_argument("--emb-dim", type=int, help="word embedding size (ignored with --vectors)")
+    g.add_argument("--fc", type=int_list, help="FC chain of the head, e.g. 256 or 1024,512,256")
+    g.add_argument("--dropout", type=float, help="dropout after the merge and in the head (default 0.5)")
+    g.add_argument("--freeze-emb", action="store_true", default=None, help="keep pretrained word vectors fixed")
+
+
+def add_train_args(p):
+    g = p.add_argument_group("training (one candidate)")
+    g.add_argument("--epochs", type=int, help="at most this many epochs")
+    g.add_argument("--max-steps", type=int, help="at most this many optimizer steps")
+    g.add_argument("--batch-size", type=int, help="documents per step (default 40)")
+    g.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
+    g.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up steps")
+    g.add_argument("--eval-every", type=int, help="steps between validation evaluations")
+    g.add_argument("--patience", type=int, help="evaluations without a better validation P@5 before stopping")
+    g.add_argument("--seed", type=int, help="random seed")
+
+
+MODEL_FLAGS = ("width", "emb_dim", "fc", "dropout", "freeze_emb")
+#: training flags and the TrainConfig field each sets
+TRAIN_FLAGS = {"epochs": "max_epochs", "max_steps": "max_steps", "batch_size": "batch_size", "lr": "lr",
+               "warmup_steps": "warmup_steps", "eval_every": "eval_every", "patience": "patience"}
+
+
+# ---- data and bundles ---------------------------------------------------------------------------
+
+def data_kwargs(args, base: Optional[dict] = None) -> dict:
+    """Keyword arguments of data.load: `base` (e.g. a bundle's saved settings), then the flags given."""
+    kw = dict(base or {})
+    kw.update(pick(args, ["max_len", "valid", "text_column", "labels_column"]))
+    if args.data_seed is not None:
+        kw["seed"] = args.data_seed
+    return kw
+
+
+def load_data(name: str, out, **kw):
+    from ..data import load
+
+    with out.status(f"loading {name} ..."):
+        return load(name, **kw)
+
+
+def load_bundle(path: str, device: Optional[str], out=None):
+    """A bundle, or a search run's best one (said on `out`)."""
+    from ..bundle import find_bundle, load_bundle as load
+
+    try:
+        found = find_bundle(path)
+        if found != path and out is not None:
+            out.print(f"using the run's best model: {found}", soft_wrap=True)
+        return load(found, device=device or "cpu")
+    except ValueError as e:
+        raise CLIError(str(e)) from None

@@ -1,0 +1,127 @@
+"""The argument parser: one function per command."""
+from __future__ import annotations
+
+import argparse
+
+from .. import __version__
+from ..space import OPERATIONS
+from .cmd_inspect import cmd_analyze, cmd_data_show
+from .cmd_models import cmd_evaluate, cmd_predict, cmd_train
+from .cmd_search import cmd_search
+from .common import add_data_args, add_model_args, add_train_args, int_list
+
+FMT = argparse.RawDescriptionHelpFormatter
+
+SEARCH_DESCRIPTION = """\
+Regularized evolution (Real et al. 2019) over text-encoding DAGs, as XMC-NAS.
+Every finished candidate is appended to runs/NAME/history.jsonl; the best models are kept
+under runs/NAME/models/. Ctrl-C stops cleanly; --resume continues to the same end.
+
+Budgets: demo (default; about 6 minutes on a 2-core CPU with debtags) and paper
+(P=20, C=50, S=10, up to 30 epochs, width 512). Every setting below overrides the budget."""
+
+TRAIN_DESCRIPTION = """\
+Train a preset (attentionxml, discovered, tfidf-mlp) or a genotype JSON
+({"nodes": [["bilstm", 0], ["conv3", 1]], "merge": "sum"}) and save it as a bundle."""
+
+
+def add_search(sub) -> None:
+    s = sub.add_parser("search", help="search architectures by regularized evolution", formatter_class=FMT,
+                       description=SEARCH_DESCRIPTION)
+    s.add_argument("--budget", choices=["demo", "paper"], help="starting values of every setting (default: demo)")
+    s.add_argument("--name", help="run directory name under --runs-dir (default: budget + date)")
+    s.add_argument("--runs-dir", default="runs", help="where runs are saved (default: runs)")
+    s.add_argument("--resume", metavar="RUN", help="continue the search saved in RUN (a directory)")
+    g = s.add_argument_group("search")
+    g.add_argument("--strategy", choices=["evolution", "random"], help="random: the ablation with the same budget")
+    g.add_argument("--population", type=int, help="P: population size (random architectures first)")
+    g.add_argument("--cycles", type=int, help="C: children trained after the initial population")
+    g.add_argument("--sample", type=int, help="S: tournament size")
+    g.add_argument("--max-depth", type=int, help="most layer nodes in an architecture")
+    g.add_argument("--constraint", choices=list(OPERATIONS),
+                   help="node 1 of part of the population is this operation reading the embedding")
+    g.add_argument("--constraint-fraction", type=float, help="that part (0..1)")
+    g = s.add_argument_group("devices (may change on --resume)")
+    g.add_argument("--devices", help="cuda (one worker per GPU), cuda:0,cuda:1, cpu, or cpu:W (W CPU workers); "
+                   "several workers per GPU, for candidates too small to fill one: cuda:0x4 (4 on GPU 0), "
+                   "cudax2 (2 on every GPU). The CPU cores are split evenly among all the workers")
+    g.add_argument("--backend", choices=["local", "inline", "ray"],
+                   help="how candidates run (default local: one process per worker; inline: one at a time in "
+                   "this process; ray: one Ray actor per worker, with the ray extra installed)")
+    g.add_argument("--candidate-timeout", type=float, help="seconds before a candidate is killed and recorded as timeout")
+    s.add_argument("--candidate-minutes", type=float, help="training time budget of one candidate (minutes)")
+    add_data_args(s)
+    s.set_defaults(dataset=None)   # given or not is told apart: --resume refuses a new dataset
+    add_model_args(s)
+    add_train_args(s)
+    s.add_argument("--quiet", action="store_true", help="print only the summary")
+    s.add_argument("--plain", action="store_true", help="one line per event, even on a terminal")
+    s.set_defaults(func=cmd_search)
+
+
+def add_train(sub) -> None:
+    t = sub.add_parser("train", help="train one architecture and save a model bundle", formatter_class=FMT,
+                       description=TRAIN_DESCRIPTION)
+    t.add_argument("--arch", required=True, help="preset name or genotype JSON file")
+    t.add_argument("--out", help="bundle directory (default: models/ARCH)")
+    t.add_argument("--max-minutes", type=float, help="training time budget")
+    t.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    t.add_argument("--threads", type=int, help="CPU threads")
+    t.add_argument("--quiet", action="store_true")
+    add_data_args(t)
+    add_model_args(t)
+    g = t.add_argument_group("tfidf-mlp")
+    g.add_argument("--hidden", type=int_list, help="hidden layer sizes (default 512,256)")
+    g.add_argument("--max-features", type=int, help="unigrams and bigrams kept, by document frequency (default 60000)")
+    add_train_args(t)
+    t.set_defaults(func=cmd_train)
+
+
+def add_evaluate(sub) -> None:
+    e = sub.add_parser("evaluate", help="metrics of a bundle on a test split",
+                       description="P@k, nDCG@k and PSP@k (k = 1, 3, 5) of a bundle on a dataset's test split "
+                                   "(by default the data it was trained on, read with its settings).")
+    e.add_argument("bundle", help="model bundle directory, or a search run (its best model)")
+    e.add_argument("--device")
+    e.add_argument("--json", action="store_true", help="print the metrics as one JSON line on stdout (the table "
+                                                       "goes to stderr)")
+    add_data_args(e, dataset_default=None)
+    e.set_defaults(func=cmd_evaluate)
+
+
+def add_predict(sub) -> None:
+    pr = sub.add_parser("predict", help="labels for raw text")
+    pr.add_argument("bundle", help="model bundle directory, or a search run (its best model)")
+    pr.add_argument("text", nargs="*", help="texts to label")
+    pr.add_argument("--input", help='JSON lines with a "text" field (and optional "id"); - for stdin')
+    pr.add_argument("--output", help="write JSON lines here (default: stdout)")
+    pr.add_argument("-k", type=int, default=5, help="labels per text (default 5)")
+    pr.add_argument("--json", action="store_true", help="JSON lines even for texts given as arguments")
+    pr.add_argument("--device")
+    pr.set_defaults(func=cmd_predict)
+
+
+def add_analyze(sub) -> None:
+    a = sub.add_parser("analyze", help="operation-importance analysis of a search")
+    a.add_argument("run", help="search directory (runs/NAME)")
+    a.add_argument("--top", type=int, default=3, help="best architectures to draw (default 3)")
+    a.add_argument("--out", help="where DOT files (and PNG plots, with matplotlib) go (default: RUN/analysis)")
+    a.set_defaults(func=cmd_analyze)
+
+
+def add_data(sub) -> None:
+    d = sub.add_parser("data", help="inspect a dataset", description="Inspect a dataset: xmcnas-fast data show DATASET")
+    dsub = d.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    ds = dsub.add_parser("show", help="statistics of a dataset")
+    ds.add_argument("dataset", nargs="?", default="debtags", help="as --dataset of the other commands (default: debtags)")
+    add_data_args(ds, dataset_flag=False)
+    ds.set_defaults(func=cmd_data_show)
+
+
+def build_parser(description: str = "") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="xmcnas-fast", description=description, formatter_class=FMT)
+    p.add_argument("--version", action="version", version=f"xmcnas-fast {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (add_search, add_train, add_evaluate, add_predict, add_analyze, add_data):
+        add(sub)
+    return p
