@@ -138,8 +138,6 @@ def test_analyze_prints_a_render_command_that_names_a_real_file(tiny_run, capsys
     assert os.path.isfile(dot) and dot.startswith(str(tmp_path / "a"))
 
 
-@pytest.mark.xfail(strict=True, reason="search.load_data does not yet pass the data section's text_column and "
-                                       "labels_column to data.load")
 def test_a_search_reads_a_csv_by_the_columns_given(tmp_path, capsys):
     src = tmp_path / "tags.csv"
     src.write_text("text,tags\n" + "".join(f"package {i} edits text,editor{' net' * (i % 2)}\n" for i in range(80)))

@@ -96,8 +96,9 @@ def make_config(budget: str = "demo", *, dataset: str = "debtags", overrides: Op
 def load_data(data_cfg: dict):
     from .data import load
 
+    columns = {c: data_cfg[c] for c in ("text_column", "labels_column") if data_cfg.get(c) is not None}
     return load(data_cfg["dataset"], max_len=data_cfg["max_len"], min_count=data_cfg["min_count"],
-                max_vocab=data_cfg["max_vocab"], valid=data_cfg["valid"], seed=data_cfg["seed"])
+                max_vocab=data_cfg["max_vocab"], valid=data_cfg["valid"], seed=data_cfg["seed"], **columns)
 
 
 def _worker_init(cache_path: str, vectors_path: Optional[str]):
