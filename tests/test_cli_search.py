@@ -54,6 +54,21 @@ def test_bad_devices_are_refused_before_the_run_is_created(tmp_path, debtags_sli
     assert "tpu" in capsys.readouterr().err and not runs.exists()
 
 
+def test_the_ray_backend_without_ray_is_one_line_before_anything_is_created(tmp_path, debtags_slice, capsys,
+                                                                          monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    runs = tmp_path / "runs"
+    args = [a for a in TINY if a not in ("--backend", "inline")]
+    rc = main(["search", "--dataset", debtags_slice, "--runs-dir", str(runs), "--name", "r", *args, "--backend", "ray"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0
+    assert "--backend ray needs Ray" in err and "pip install 'xmcnas-fast[ray]'" in err
+    assert not runs.exists()
+
+
 def test_analyze_of_a_run_without_a_finished_candidate_says_so(tmp_path, capsys):
     path = str(tmp_path / "bad1")
     Run.create(path, make_config("demo"))

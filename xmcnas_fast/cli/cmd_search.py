@@ -78,18 +78,30 @@ def check_before_creating(cfg: dict, devices: str, out) -> None:
               valid=d["valid"], seed=d["seed"], **{c: d[c] for c in COLUMNS if d.get(c) is not None})
 
 
+def check_backend(backend) -> None:
+    """The ray backend needs Ray installed: say so in one line, before anything is created or run."""
+    import importlib.util
+
+    if backend == "ray" and importlib.util.find_spec("ray") is None:
+        from ..scheduler.ray_backend import RAY_INSTALL_HINT
+
+        raise CLIError(f"--backend ray needs Ray, which is not installed: {RAY_INSTALL_HINT}")
+
+
 def open_or_create(args, out):
     from ..runs import Run
     from ..search import resolve_devices
 
     if args.resume:
         run = Run.open(args.resume)
+        check_backend(args.backend or run.config["run"]["backend"])
         changed = settings_changed(args, run.config)
         if changed:
             raise CLIError(f"--resume continues {args.resume} with its saved settings; drop {' '.join(changed)} "
                            f"(or start a new search with them)")
         return run
     cfg = new_run_config(args)
+    check_backend(args.backend or cfg["run"]["backend"])
     path = os.path.join(args.runs_dir, args.name or time.strftime(f"{cfg['budget']}-%Y%m%d-%H%M%S"))
     Run.check_free(path)   # before the data is read, which may take a while
     check_before_creating(cfg, resolve_devices(cfg, args.devices), out)
