@@ -3,6 +3,7 @@
 Under autocast every DAG node hands the next one, and the head, states of one dtype (autocast's);
 recurrent layers compute in RNN_DTYPE with autocast off; nothing runs in float16.
 """
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -155,3 +156,21 @@ def test_precision_settings():
     assert TrainConfig.from_dict({"amp": True}).precision == "auto"
     with pytest.raises(ValueError, match="precision 'fp16'"):
         TrainConfig.from_dict({"precision": "fp16"})
+
+
+def test_a_bundle_predicts_in_the_precision_it_was_trained_in(data, tmp_path):
+    from xmcnas_fast.bundle import load_bundle, save_bundle
+    from xmcnas_fast.train import TrainConfig
+
+    cfg = ModelConfig(genotype=Genotype((("bigru", 0),), "sum").to_dict(), emb_dim=16, width=16, fc=[16])
+    model = build_model(cfg, len(data.vocab), data.num_labels, seed=0)
+    texts = ["a text editor for the terminal", "library to parse xml"]
+    scores = {}
+    for precision in ("bf16", "fp32"):
+        path = save_bundle(str(tmp_path / precision), model, cfg, data,
+                           train_cfg=TrainConfig(precision=precision).to_dict())
+        bundle = load_bundle(path)
+        assert bundle.precision == precision
+        seen = dtypes_seen(bundle.model, lambda: scores.__setitem__(precision, bundle.predict_scores(texts)))
+        assert set(seen["head"]) == {torch.bfloat16 if precision == "bf16" else torch.float32}
+    np.testing.assert_allclose(scores["bf16"], scores["fp32"], atol=0.02)

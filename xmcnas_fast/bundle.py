@@ -91,6 +91,13 @@ class Bundle:
     def max_len(self) -> int:
         return self.config["data"].get("max_len") or 10**9
 
+    @property
+    def precision(self) -> str:
+        """The precision it was trained and evaluated in (train.TrainConfig.precision); predictions use it too."""
+        from .train import TrainConfig
+
+        return TrainConfig.from_dict(self.config.get("train") or {}).precision
+
     def encode(self, texts: Sequence[str]):
         """Raw texts -> a TextDataset (no labels) with the training tokenizer, vocabulary and max_len."""
         from .data import TextDataset, tokenize
@@ -107,11 +114,14 @@ class Bundle:
     def _scored_batches(self, texts: Sequence[str], batch_size: int):
         """(row indices, probabilities [b, L] on the device) for each batch of texts."""
         from .data import iterate_batches
+        from .train import autocast
 
         self.model.eval()
         for b in iterate_batches(self.encode(texts), len(self.label_names), batch_size, shuffle=False):
             b = b.to(self.device)
-            yield b.index.numpy(), torch.sigmoid(self.model(b.tokens, b.mask).float())
+            with autocast(self.device, self.precision):
+                scores = self.model(b.tokens, b.mask)
+            yield b.index.numpy(), torch.sigmoid(scores.float())
 
     def predict_scores(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         """Probabilities [len(texts), L] (sigmoid of the scores)."""

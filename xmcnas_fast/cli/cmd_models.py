@@ -142,7 +142,7 @@ def cmd_evaluate(args) -> int:
                                                      **bundle.config["data"].get("settings", {})}))
     test, inv_prop = bundle.aligned_test(data)
     m = evaluate(bundle.model, test, len(bundle.label_names), inv_prop=inv_prop, device=bundle.device,
-                 max_len=bundle.max_len)
+                 max_len=bundle.max_len, precision=bundle.precision)
     t = Table(title=f"{args.bundle} on {name} (test, {len(test)} documents)")
     for n in METRIC_NAMES:
         t.add_column(n, justify="right")

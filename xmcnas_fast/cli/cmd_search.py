@@ -20,6 +20,7 @@ SETTINGS = [
     ("epochs", "train", "max_epochs"), ("max_steps", "train", "max_steps"), ("batch_size", "train", "batch_size"),
     ("lr", "train", "lr"), ("warmup_steps", "train", "warmup_steps"), ("eval_every", "train", "eval_every"),
     ("patience", "train", "patience"), ("candidate_minutes", "train", "max_minutes"),
+    ("precision", "train", "precision"),
 ]
 #: data settings stored beside the budget's (CSV columns)
 COLUMNS = ("text_column", "labels_column")

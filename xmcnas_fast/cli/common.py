@@ -103,12 +103,16 @@ def add_train_args(p):
     g.add_argument("--eval-every", type=int, help="steps between validation evaluations")
     g.add_argument("--patience", type=int, help="evaluations without a better validation P@5 before stopping")
     g.add_argument("--seed", type=int, help="random seed")
+    g.add_argument("--precision", choices=["auto", "bf16", "fp32"],
+                   help="auto (default): bf16 autocast on CUDA, float32 on the CPU; bf16: bf16 autocast on any "
+                   "device; fp32: no autocast. Recurrent layers always compute in float32")
 
 
 MODEL_FLAGS = ("width", "emb_dim", "fc", "dropout", "freeze_emb")
 #: training flags and the TrainConfig field each sets
 TRAIN_FLAGS = {"epochs": "max_epochs", "max_steps": "max_steps", "batch_size": "batch_size", "lr": "lr",
-               "warmup_steps": "warmup_steps", "eval_every": "eval_every", "patience": "patience"}
+               "warmup_steps": "warmup_steps", "eval_every": "eval_every", "patience": "patience",
+               "precision": "precision"}
 
 
 # ---- data and bundles ---------------------------------------------------------------------------
