@@ -95,11 +95,11 @@ def open_or_create(args, out):
 
     if args.resume:
         run = Run.open(args.resume)
-        check_backend(args.backend or run.config["run"]["backend"])
         changed = settings_changed(args, run.config)
         if changed:
             raise CLIError(f"--resume continues {args.resume} with its saved settings; drop {' '.join(changed)} "
                            f"(or start a new search with them)")
+        check_backend(args.backend or (run.config.get("run") or {}).get("backend"))
         return run
     cfg = new_run_config(args)
     check_backend(args.backend or cfg["run"]["backend"])
