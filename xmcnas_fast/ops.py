@@ -1,16 +1,18 @@
 """The one Python face of xmcnas_fast's kernels.
 
 Each operator has
-  * a schema in csrc/ops.cpp and kernels in csrc/cpu/ and csrc/cuda/;
+  * a schema in csrc/ops.cpp and kernels in csrc/cpu/ and csrc/cuda/, which
+    accept and refuse the same inputs with the same messages (csrc/checks.h);
   * here: its fake (meta) implementation and autograd registration, so that it
     works under autograd and torch.compile;
   * here too: a plain-PyTorch reference, the oracle of the tests and the
     fallback when the compiled extension is missing or was built for another
-    torch (a warning says so once, at import).
+    torch (a warning says so once, at import). The references of
+    label_attention and layer_sum check their inputs as the kernels do, with
+    the very same messages.
 
-Public functions: label_attention (and label_attention_supports_values),
-topk_metrics, layer_sum. Use these, never
-torch.ops.xmcnas_fast directly: they choose the compiled op or the reference.
+Public functions: label_attention, topk_metrics, layer_sum, dropout. Use these,
+never torch.ops.xmcnas_fast directly: they choose the compiled op or the reference.
 """
 from __future__ import annotations
 
@@ -23,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "label_attention", "label_attention_supports_values", "topk_metrics", "layer_sum",
-    "label_attention_reference", "topk_metrics_reference", "layer_sum_reference",
-    "EXTENSION_LOADED", "extension_status",
+    "label_attention", "label_attention_supports_values", "topk_metrics", "layer_sum", "dropout",
+    "label_attention_reference", "topk_metrics_reference", "layer_sum_reference", "dropout_reference",
+    "EXTENSION_LOADED", "extension_status", "has_kernel",
 ]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -85,18 +87,94 @@ def has_kernel(op: str, device_type: str) -> bool:
 # References: plain PyTorch, differentiable through autograd. The tests' oracle.
 # --------------------------------------------------------------------------------------------
 
+# --------------------------------------------------------------------------------------------
+# Input contracts: csrc/checks.h, check for check and message for message, for the references.
+# --------------------------------------------------------------------------------------------
+
+_KERNEL_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _shape(t: torch.Tensor) -> str:
+    return str(list(t.shape))
+
+
+def _check_device(op: str, t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def check_label_attention_inputs(h: torch.Tensor, mask: torch.Tensor, W: torch.Tensor,
+                                 v: Optional[torch.Tensor] = None) -> None:
+    """Raise ValueError, as the compiled op does, unless (h, mask, W, v) is a valid label_attention input."""
+    op = "label_attention"
+    if h.dim() != 3 or mask.dim() != 2 or W.dim() != 2:
+        raise ValueError(f"{op}: expected h [B,N,D], mask [B,N], W [L,D]; got h {_shape(h)}, "
+                         f"mask {_shape(mask)}, W {_shape(W)}")
+    if mask.shape != h.shape[:2]:
+        raise ValueError(f"{op}: mask must be [B,N] = {list(h.shape[:2])}, got {_shape(mask)}")
+    if W.shape[1] != h.shape[2]:
+        raise ValueError(f"{op}: W must be [L, D={h.shape[2]}], got {_shape(W)}")
+    if mask.dtype != torch.bool:
+        raise ValueError(f"{op}: mask must be bool, got {_dtype(mask)}")
+    if h.dtype not in _KERNEL_FLOATS:
+        raise ValueError(f"{op}: h must be float32, bfloat16, float16 or float64, got {_dtype(h)}")
+    if W.dtype != h.dtype:
+        raise ValueError(f"{op}: W must have h's dtype ({_dtype(h)}), got {_dtype(W)}")
+    if v is not None:
+        if v.dim() != 3 or v.shape[:2] != h.shape[:2]:
+            raise ValueError(f"{op}: v must be [B,N,Dv] with [B,N] = {list(h.shape[:2])}, got {_shape(v)}")
+        if v.dtype != h.dtype:
+            raise ValueError(f"{op}: v must have h's dtype ({_dtype(h)}), got {_dtype(v)}")
+    _check_device(op, mask, "mask", h, "h")
+    _check_device(op, W, "W", h, "h")
+    if v is not None:
+        _check_device(op, v, "v", h, "h")
+
+
+def check_layer_sum_inputs(xs: Sequence[torch.Tensor], w: torch.Tensor, op: str = "layer_sum") -> None:
+    """Raise ValueError, as the compiled op does, unless (xs, w) is a valid layer_sum input."""
+    K = len(xs)
+    if K < 1:
+        raise ValueError(f"{op}: expected at least one input tensor")
+    if w.dim() != 1 or w.shape[0] != K:
+        raise ValueError(f"{op}: expected w of shape [K] = [{K}], got {_shape(w)}")
+    x0 = xs[0]
+    if x0.dtype not in _KERNEL_FLOATS:
+        raise ValueError(f"{op}: inputs must be float32, float64, bfloat16 or float16, got {_dtype(x0)}")
+    if w.dtype not in (torch.float32, x0.dtype):
+        raise ValueError(f"{op}: w must be float32 or the inputs' dtype ({_dtype(x0)}), got {_dtype(w)}")
+    for i, x in enumerate(xs[1:], start=1):
+        if x.shape != x0.shape:
+            raise ValueError(f"{op}: all inputs must have one shape; input {i} has {_shape(x)}, "
+                             f"input 0 has {_shape(x0)}")
+        if x.dtype != x0.dtype:
+            raise ValueError(f"{op}: all inputs must have one dtype; input {i} is {_dtype(x)}, input 0 is {_dtype(x0)}")
+        _check_device(op, x, f"input {i}", x0, "input 0")
+    _check_device(op, w, "w", x0, "input 0")
+
+
+# --------------------------------------------------------------------------------------------
+# References: plain PyTorch, differentiable through autograd. The tests' oracle.
+# --------------------------------------------------------------------------------------------
+
 def label_attention_reference(h: torch.Tensor, mask: torch.Tensor, W: torch.Tensor,
                               v: Optional[torch.Tensor] = None) -> torch.Tensor:
     """AttentionXML's MLAttention: scores [B,L,N] materialised, masked softmax over tokens.
 
     The values are v [B,N,Dv] if given, else h. A row without any real token
-    gives a zero context (not NaN).
+    gives a zero context (not NaN). Inputs as label_attention takes them.
     """
-    scores = torch.matmul(W.float(), h.float().transpose(1, 2))          # [B, L, N]
-    m = mask.bool().unsqueeze(1)                                         # [B, 1, N]
+    check_label_attention_inputs(h, mask, W, v)
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    scores = torch.matmul(W.to(acc), h.to(acc).transpose(1, 2))         # [B, L, N]
+    m = mask.unsqueeze(1)                                                # [B, 1, N]
     scores = scores.masked_fill(~m, torch.finfo(scores.dtype).min)
     p = torch.softmax(scores, dim=-1) * m                                # all-padding rows -> 0
-    return torch.matmul(p, (h if v is None else v).float()).to(h.dtype)  # [B, L, Dv]
+    return torch.matmul(p, (h if v is None else v).to(acc)).to(h.dtype)  # [B, L, Dv]
 
 
 def _check_csr(indptr: torch.Tensor, indices: torch.Tensor, rows: int) -> None:
@@ -155,7 +233,8 @@ def topk_metrics_reference(scores: torch.Tensor, indptr: torch.Tensor, indices: 
 
 
 def layer_sum_reference(xs: Sequence[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
-    """sum_i w[i] * xs[i], through a stacked copy (what the kernel avoids)."""
+    """sum_i w[i] * xs[i], through a stacked copy (what the kernel avoids). Inputs as layer_sum takes them."""
+    check_layer_sum_inputs(xs, w)
     return (torch.stack(list(xs), 0) * w.to(xs[0].dtype).view(-1, *([1] * xs[0].dim()))).sum(0)
 
 
@@ -254,42 +333,33 @@ def label_attention(h: torch.Tensor, mask: torch.Tensor, W: torch.Tensor,
                     v: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Label-wise attention (AttentionXML's MLAttention) without the [B,L,N] score tensor.
 
-    h: [B,N,D] token states (float32, bfloat16 or float16); mask: [B,N] bool,
-    True for real tokens; W: [L,D] one attention vector per label, same dtype as h;
-    v: optional values [B,N,Dv], same dtype as h (h itself when None).
-    Returns ctx [B,L,Dv]: ctx[b,l] = sum_n softmax_n(W[l] . h[b,n] over real tokens) v[b,n];
-    a row with no real token gives zeros.
+    h: [B,N,D] token states (float32, bfloat16, float16 or float64); mask: [B,N],
+    True (nonzero) for real tokens; W: [L,D] one attention vector per label, in h's
+    dtype; v: optional values [B,N,Dv], in h's dtype (h itself when None); all on
+    one device. Returns ctx [B,L,Dv] in h's dtype:
+    ctx[b,l] = sum_n softmax_n(W[l] . h[b,n] over real tokens) v[b,n]; a row with
+    no real token gives zeros. Other inputs raise ValueError, with the same
+    message on every device and from the reference fallback.
 
     Since the weights of a row sum to 1, a linear layer after the attention
     folds into the values: Linear(label_attention(h, mask, W)) equals
     label_attention(h, mask, W, Linear(h)) on rows with a real token (rows
-    without one give zeros instead of the bias). On CUDA, separate values are
-    not implemented yet: see label_attention_supports_values.
+    without one give zeros instead of the bias).
     """
-    if h.dim() != 3 or W.dim() != 2 or mask.shape != h.shape[:2] or W.shape[1] != h.shape[2]:
-        raise ValueError(f"label_attention: expected h [B,N,D], mask [B,N], W [L,D]; got "
-                         f"{tuple(h.shape)}, {tuple(mask.shape)}, {tuple(W.shape)}")
-    if v is not None:
-        if v.dim() != 3 or v.shape[:2] != h.shape[:2]:
-            raise ValueError(f"label_attention: v must be [B,N,Dv] with [B,N] = {tuple(h.shape[:2])}, "
-                             f"got {tuple(v.shape)}")
-        if v.dtype != h.dtype or v.device != h.device:
-            raise ValueError(f"label_attention: v must have h's dtype and device ({h.dtype}, {h.device}), "
-                             f"got {v.dtype}, {v.device}")
+    mask = mask.bool()
     if _compiled("label_attention", h.device):
-        return torch.ops.xmcnas_fast.label_attention(h, mask.bool(), W, v)[0]
+        return torch.ops.xmcnas_fast.label_attention(h, mask, W, v)[0]
     return label_attention_reference(h, mask, W, v)
 
 
 def label_attention_supports_values(device) -> bool:
-    """Whether label_attention(h, mask, W, v) with separate values runs on `device`.
+    """Whether label_attention(h, mask, W, v) with separate values runs on `device`: on every device.
 
-    True where the compiled CPU kernel or the reference fallback serves the
-    device; False on CUDA with the compiled kernels, whose separate-values path
-    does not exist yet (the op raises NotImplementedError there).
+    Kept for callers written when the CUDA kernels lacked separate values; new
+    code can pass v unconditionally.
     """
-    device = torch.device(device)
-    return not (device.type == "cuda" and _compiled("label_attention", device))
+    torch.device(device)  # still refuses what is not a device
+    return True
 
 
 def topk_metrics(scores: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor, k: int,
@@ -317,14 +387,13 @@ def topk_metrics(scores: torch.Tensor, indptr: torch.Tensor, indices: torch.Tens
 def layer_sum(xs: Sequence[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
     """Weighted layer-sum sum_i w[i] * xs[i] with no stacked copy of the inputs.
 
-    xs: K tensors of one shape and dtype; w: [K] (float32). Differentiable in xs and w.
+    xs: K >= 1 tensors of one shape and dtype (float32, float64, bfloat16 or
+    float16) on one device; w: [K], float32 or the inputs' dtype, on their
+    device. Differentiable in xs and w. Other inputs raise ValueError, with the
+    same message on every device and from the reference fallback.
     """
     xs = list(xs)
-    if not xs or w.dim() != 1 or w.shape[0] != len(xs):
-        raise ValueError(f"layer_sum: expected K tensors and w [K]; got {len(xs)} tensors and w {tuple(w.shape)}")
-    if any(x.shape != xs[0].shape for x in xs):
-        raise ValueError(f"layer_sum: all inputs must have one shape; got {[tuple(x.shape) for x in xs]}")
-    if _compiled("layer_sum", xs[0].device):
+    if _compiled("layer_sum", (xs[0] if xs else w).device):
         return torch.ops.xmcnas_fast.layer_sum(xs, w)
     return layer_sum_reference(xs, w)
 
