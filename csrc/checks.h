@@ -10,6 +10,8 @@
 // layer_sum(xs: K >= 1 tensors of one shape and dtype, w [K]):
 //   xs float32, float64, bfloat16 or float16; w float32 or the inputs' dtype;
 //   all on the device of xs[0].
+// dropout(x, p, seed, relu): x float32, float64, bfloat16 or float16; p in
+//   [0, 1); seed one int64 on the CPU. The backward's grad and y: x's shape.
 //
 // Only light headers: nvcc compiles this into every .cu file that includes it.
 #pragma once
@@ -131,6 +133,22 @@ inline void layer_sum_grad(const at::Tensor& grad, const at::Tensor& x0) {
                     ": grad must have the inputs' shape ", x0.sizes(), " and dtype ", dtype_name(x0.scalar_type()),
                     ", got ", grad.sizes(), " ", dtype_name(grad.scalar_type()));
   check_device(op, grad, "grad", x0, "input 0");
+}
+
+// `op` is dropout or dropout_backward; x is the input (the backward: grad).
+inline void dropout_inputs(const char* op, const at::Tensor& x, double p, const at::Tensor& seed) {
+  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, op, ": p must be in [0, 1), got ", p);
+  TORCH_CHECK_VALUE(is_kernel_float(x.scalar_type()), op, ": x must be float32, float64, bfloat16 or float16, got ",
+                    dtype_name(x.scalar_type()));
+  TORCH_CHECK_VALUE(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(), op,
+                    ": seed must be one int64 on the CPU");
+}
+
+inline void dropout_output(const at::Tensor& grad, const at::Tensor& y) {
+  const char* op = "dropout_backward";
+  TORCH_CHECK_VALUE(grad.sizes() == y.sizes(), op, ": grad ", grad.sizes(), " and output ", y.sizes(),
+                    " differ in shape");
+  check_device(op, y, "output", grad, "grad");
 }
 
 }  // namespace xmcnas_fast::checks

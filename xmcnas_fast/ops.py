@@ -406,7 +406,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True, relu: bool = False
     Out of training (or p == 0) it is the identity (or the ReLU).
     """
     if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+        raise ValueError(f"dropout: p must be in [0, 1), got {p:g}")  # as csrc/checks.h prints it
     if not training or p == 0.0:
         return F.relu(x) if relu else x
     if _compiled("dropout", x.device):
