@@ -167,3 +167,18 @@ def test_messages_name_dtypes_as_torch_does():
         compiled = refusal(XOPS.layer_sum, xs, torch.ones(1))
         assert compiled == refusal(ops.layer_sum_reference, xs, torch.ones(1))
         assert re.search(r"got " + str(dtype).removeprefix("torch.") + "$", compiled)
+
+
+@pytest.mark.parametrize("case, message", ATTENTION_REFUSALS, ids=[m for _, m in ATTENTION_REFUSALS])
+def test_fake_label_attention_refuses_alike(case, message):
+    """The fake (meta) implementation, which torch.compile traces through, holds to the same contract."""
+    require_kernel("label_attention", "cpu")
+    args = case(*attention_inputs("meta"))
+    assert refusal(XOPS.label_attention, *args) == refusal(XOPS.label_attention, *case(*attention_inputs("cpu")))
+
+
+@pytest.mark.parametrize("case, message", LAYER_REFUSALS, ids=[m for _, m in LAYER_REFUSALS])
+def test_fake_layer_sum_refuses_alike(case, message):
+    require_kernel("layer_sum", "cpu")
+    assert refusal(XOPS.layer_sum, *case(*layer_inputs("meta"))) == \
+        refusal(XOPS.layer_sum, *case(*layer_inputs("cpu")))

@@ -251,8 +251,7 @@ if EXTENSION_LOADED:
 
     @torch.library.register_fake("xmcnas_fast::label_attention")
     def _label_attention_fake(h, mask, W, v=None):
-        torch._check(h.dim() == 3 and W.dim() == 2 and mask.dim() == 2)
-        torch._check(v is None or v.dim() == 3)
+        check_label_attention_inputs(h, mask, W, v)  # the kernels' contract, under torch.compile too
         B, L, Dv = h.shape[0], W.shape[0], (h if v is None else v).shape[2]
         return h.new_empty(B, L, Dv), h.new_empty(B, L, dtype=torch.float32)
 
@@ -282,7 +281,7 @@ if EXTENSION_LOADED:
 
     @torch.library.register_fake("xmcnas_fast::layer_sum")
     def _layer_sum_fake(xs, w):
-        torch._check(len(xs) == w.shape[0])
+        check_layer_sum_inputs(xs, w)
         return torch.empty_like(xs[0])
 
     @torch.library.register_fake("xmcnas_fast::layer_sum_backward")
