@@ -15,7 +15,8 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 TORCH_LIBRARY(xmcnas_fast, m) {
   // Label-wise attention: ctx[b,l] = sum_n softmax_n(W[l].h[b,n] | mask[b,n]) v[b,n],
-  // with values v [B,N,Dv] (h's dtype and padding), or h itself when v is None.
+  // with values v [B,N,Dv] (h's padding), or h itself when v is None. h float32,
+  // bfloat16, float16 or float64; W and v in h's dtype; mask bool (csrc/checks.h).
   // Returns (ctx [B,L,Dv] in h's dtype, lse [B,L] float32: log-sum-exp of the
   // scores over real tokens, +inf for a row with no real token). The backward
   // returns (grad_h, grad_W, grad_v); grad_v is empty (numel 0) when v is None.

@@ -160,6 +160,22 @@ def test_all_padding_rows_give_zeros_and_zero_gradients(device, Dv):
         assert (t == 0).all()
 
 
+@pytest.mark.parametrize("B, N, L", [(0, 6, 5), (2, 0, 5), (2, 6, 0)])
+@pytest.mark.parametrize("Dv", [None, 7])
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_sizes(device, Dv, B, N, L):
+    h = torch.randn(B, N, 16, device=device)
+    v = None if Dv is None else torch.randn(B, N, Dv, device=device)
+    W = torch.randn(L, 16, device=device)
+    mask = torch.ones(B, N, dtype=torch.bool, device=device)
+    ctx, lse = OP(h, mask, W, v)
+    assert ctx.shape == (B, L, Dv or 16) and lse.shape == (B, L)
+    assert (ctx == 0).all() and (torch.isinf(lse) & (lse > 0)).all()  # no real token anywhere
+    gh, gW, gv = OP_BACKWARD(torch.ones_like(ctx), h, mask, W, v, ctx, lse)
+    assert gh.shape == h.shape and gW.shape == W.shape and (gh == 0).all() and (gW == 0).all()
+    assert gv.shape == ((0,) if v is None else v.shape) and (gv == 0).all()
+
+
 @pytest.mark.parametrize("Dv", [None, 13])
 @pytest.mark.parametrize("device", DEVICES)
 def test_padding_is_never_read(device, Dv):
@@ -320,6 +336,27 @@ def test_misaligned_view_takes_the_simple_path(device, dtype, Dv):
     tensor_cores = assert_matches_reference(h, mask, W, v)
     for what, a, b in zip(("ctx", "grad_h", "grad_W", "grad_v"), simple, tensor_cores):
         close(a, b, 5 * TOL[dtype], what + ", simple vs tensor cores")
+
+
+@pytest.mark.parametrize("threads", [1, 3, 5])
+@pytest.mark.parametrize("Dv", [None, 40])
+def test_cpu_any_thread_count(Dv, threads):
+    """CPU: work split over more threads than rows cuts rows between threads: their grad_h (and grad_v)
+    partial sums."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert_matches_reference(*make_inputs(2, 30, 16, 700, Dv=Dv, padding="end"))
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # said by mkldnn.flags()
+@pytest.mark.parametrize("Dv", [None, 24])
+def test_cpu_blas_fallback_without_onednn(Dv):
+    """CPU: with oneDNN switched off, the float32 tiles go to ATen's BLAS instead: same results."""
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert_matches_reference(*make_inputs(3, 40, 16, 150, Dv=Dv))
 
 
 @pytest.mark.parametrize("device", DEVICES)
