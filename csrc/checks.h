@@ -1,15 +1,22 @@
-// The input contract of label_attention and layer_sum, written once for the
-// CPU (csrc/cpu/) and CUDA (csrc/cuda/) entry points: the same inputs are
+// The input contract of every xmcnas_fast op, written once for the CPU
+// (csrc/cpu/) and CUDA (csrc/cuda/) entry points: the same inputs are
 // accepted or refused, with the same ValueError message, on every device.
-// xmcnas_fast/ops.py repeats these checks, in this order and with these very
-// messages, for the plain-PyTorch reference (tests/test_op_contract.py holds
-// the two to each other).
+// xmcnas_fast/op_contracts.py repeats the checks of label_attention,
+// layer_sum and topk_metrics, in this order and with these very messages,
+// for the plain-PyTorch references and the fake implementations
+// (tests/test_op_contract.py holds the two to each other).
 //
 // label_attention(h [B,N,D], mask [B,N] bool, W [L,D], v [B,N,Dv]?):
 //   h float32, bfloat16, float16 or float64; W and v in h's dtype; all on h's device.
 // layer_sum(xs: K >= 1 tensors of one shape and dtype, w [K]):
 //   xs float32, float64, bfloat16 or float16; w float32 or the inputs' dtype;
 //   all on the device of xs[0].
+// topk_metrics(scores [R,L], indptr [R+1], indices, k, inv_prop [L' >= L]?):
+//   scores float32, float64, bfloat16 or float16; k in [1, L]; indptr and
+//   indices int64 or int32, 1-D; inv_prop 1-D floating; the truth (indptr,
+//   indices, inv_prop) on the CPU or on scores' device. Then, from the values,
+//   in this order: indptr from 0 to len(indices), non-decreasing; label ids
+//   >= 0 and below max(L, L'); no NaN score.
 // dropout(x, p, seed, relu): x float32, float64, bfloat16 or float16; p in
 //   [0, 1); seed one int64 on the CPU. The backward's grad and y: x's shape.
 //
@@ -133,6 +140,50 @@ inline void layer_sum_grad(const at::Tensor& grad, const at::Tensor& x0) {
                     ": grad must have the inputs' shape ", x0.sizes(), " and dtype ", dtype_name(x0.scalar_type()),
                     ", got ", grad.sizes(), " ", dtype_name(grad.scalar_type()));
   check_device(op, grad, "grad", x0, "input 0");
+}
+
+// The truth tensor `name` lives on the CPU or on scores' device.
+inline void check_truth_device(const at::Tensor& t, const char* name, const at::Tensor& scores) {
+  TORCH_CHECK_VALUE(t.device().is_cpu() || t.device() == scores.device(), "topk_metrics: ", name, " is on ",
+                    t.device().str(), " but must be on the CPU or on scores' device (", scores.device().str(), ")");
+}
+
+inline void topk_metrics_inputs(const at::Tensor& scores, const at::Tensor& indptr, const at::Tensor& indices,
+                                int64_t k, const std::optional<at::Tensor>& inv_prop) {
+  const char* op = "topk_metrics";
+  TORCH_CHECK_VALUE(scores.dim() == 2, op, ": scores must be [R, L], got shape ", scores.sizes());
+  TORCH_CHECK_VALUE(is_kernel_float(scores.scalar_type()), op,
+                    ": scores must be float32, float64, bfloat16 or float16, got ", dtype_name(scores.scalar_type()));
+  const int64_t R = scores.size(0), L = scores.size(1);
+  TORCH_CHECK_VALUE(k >= 1 && k <= L, op, ": k must be in [1, L=", L, "], got ", k);
+  auto csr_part = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK_VALUE(t.dim() == 1, op, ": ", name, " must be 1-D, got shape ", t.sizes());
+    TORCH_CHECK_VALUE(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, op, ": ", name,
+                      " must be int64 or int32, got ", dtype_name(t.scalar_type()));
+    check_truth_device(t, name, scores);
+  };
+  csr_part(indptr, "indptr");
+  csr_part(indices, "indices");
+  TORCH_CHECK_VALUE(indptr.numel() == R + 1, op, ": indptr must have R+1 = ", R + 1, " entries, has ",
+                    indptr.numel());
+  if (inv_prop) {
+    const at::Tensor& p = *inv_prop;
+    TORCH_CHECK_VALUE(p.dim() == 1 && at::isFloatingType(p.scalar_type()), op,
+                      ": inv_prop must be a 1-D floating tensor, got ", dtype_name(p.scalar_type()), " of shape ",
+                      p.sizes());
+    TORCH_CHECK_VALUE(p.numel() >= L, op, ": inv_prop must have at least L = ", L, " entries, has ", p.numel());
+    check_truth_device(p, "inv_prop", scores);
+  }
+}
+
+// The value checks, each given whether it failed, reported in the contract's order.
+inline void topk_metrics_values(bool bad_ends, bool decreasing, bool negative, bool too_large, bool nan, int64_t nnz,
+                                int64_t n_total) {
+  TORCH_CHECK_VALUE(!bad_ends, "topk_metrics: indptr must start at 0 and end at len(indices) = ", nnz);
+  TORCH_CHECK_VALUE(!decreasing, "topk_metrics: indptr must be non-decreasing");
+  TORCH_CHECK_VALUE(!negative, "topk_metrics: label indices must be >= 0");
+  TORCH_CHECK_VALUE(!too_large, "topk_metrics: a label index is >= the number of labels (", n_total, ")");
+  TORCH_CHECK_VALUE(!nan, "topk_metrics: scores contain NaN");
 }
 
 // `op` is dropout or dropout_backward; x is the input (the backward: grad).

@@ -1,6 +1,11 @@
-"""One contract per op: the same inputs are refused with the same ValueError message by the compiled op on
-every device and by the plain-PyTorch reference (csrc/checks.h and its Python twin in ops.py), and the same
-inputs are accepted."""
+"""One contract per op (label_attention, layer_sum, topk_metrics; dropout's is in test_dropout.py).
+
+The same inputs are refused with the same ValueError message by the compiled
+op on every device, by its fake implementation and by the plain-PyTorch
+reference (csrc/checks.h and its Python twin, xmcnas_fast/op_contracts.py),
+and the same inputs are accepted.
+"""
+import math
 import re
 
 import pytest
@@ -157,6 +162,60 @@ def test_layer_sum_accepts_float32_or_the_inputs_dtype_for_w(device, dtype):
         out = XOPS.layer_sum(xs, w)
         assert out.dtype == dtype
         torch.testing.assert_close(out, ops.layer_sum_reference(xs, w))
+
+
+def topk_inputs(device):
+    return (torch.randn(3, 10, device=device), torch.tensor([0, 2, 3, 4]), torch.tensor([1, 2, 3, 4]), 2,
+            torch.ones(10, device=device))
+
+
+# (case, the start of its message): scores, indptr, indices, k, inv_prop -> the op's arguments. Several
+# faults at once (the last cases) are reported in the contract's order.
+TOPK_REFUSALS = [
+    (lambda s, p, i, k, q: (s[0], p, i, k, q), "scores must be [R, L], got shape [10]"),
+    (lambda s, p, i, k, q: (s.long(), p, i, k, q), "scores must be float32, float64, bfloat16 or float16, got int64"),
+    (lambda s, p, i, k, q: (s, p, i, 0, q), "k must be in [1, L=10], got 0"),
+    (lambda s, p, i, k, q: (s, p, i, 11, q), "k must be in [1, L=10], got 11"),
+    (lambda s, p, i, k, q: (s, p.view(2, 2), i, k, q), "indptr must be 1-D, got shape [2, 2]"),
+    (lambda s, p, i, k, q: (s, p, i.float(), k, q), "indices must be int64 or int32, got float32"),
+    (lambda s, p, i, k, q: (s, p[:-1], i, k, q), "indptr must have R+1 = 4 entries, has 3"),
+    (lambda s, p, i, k, q: (s, p, i, k, q.view(2, 5)), "inv_prop must be a 1-D floating tensor, got float32 of "
+                                                        "shape [2, 5]"),
+    (lambda s, p, i, k, q: (s, p, i, k, q[:9]), "inv_prop must have at least L = 10 entries, has 9"),
+    (lambda s, p, i, k, q: (s, p + 1, i, k, q), "indptr must start at 0 and end at len(indices) = 4"),
+    (lambda s, p, i, k, q: (s, torch.tensor([0, 3, 2, 4]), i, k, q), "indptr must be non-decreasing"),
+    (lambda s, p, i, k, q: (s, p, torch.tensor([1, -2, 30, 4]), k, q), "label indices must be >= 0"),
+    (lambda s, p, i, k, q: (s, p, torch.tensor([1, 2, 30, 4]), k, q), "a label index is >= the number of labels "
+                                                                       "(10)"),
+    (lambda s, p, i, k, q: (s, p, torch.tensor([1, 2, 12, 4]), k, torch.ones(12, device=s.device)),
+     "a label index is >= the number of labels (12)"),
+    (lambda s, p, i, k, q: (s.index_fill(1, torch.tensor([4], device=s.device), math.nan), p, i, k, q),
+     "scores contain NaN"),
+    (lambda s, p, i, k, q: (s.index_fill(1, torch.tensor([4], device=s.device), math.nan), p, i + 30, k, q),
+     "a label index is >= the number of labels (10)"),
+]
+
+
+@pytest.mark.parametrize("case, message", TOPK_REFUSALS, ids=[m for _, m in TOPK_REFUSALS])
+@pytest.mark.parametrize("device", DEVICES)
+def test_topk_metrics_refusals(device, case, message):
+    require_kernel("topk_metrics", device)
+    args = case(*topk_inputs(device))
+    compiled = refusal(XOPS.topk_metrics, *args)
+    assert compiled == "topk_metrics: " + message
+    assert refusal(ops.topk_metrics_reference, *args) == compiled
+
+
+@pytest.mark.cuda
+def test_topk_metrics_truth_on_the_host_or_the_device():
+    require_kernel("topk_metrics", "cuda")
+    scores, indptr, indices, k, inv_prop = topk_inputs("cuda")
+    want = XOPS.topk_metrics(scores, indptr, indices, k, inv_prop)
+    got = XOPS.topk_metrics(scores, indptr.cuda(), indices.cuda(), k, inv_prop.cpu())
+    assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+    message = refusal(XOPS.topk_metrics, scores.cpu(), indptr.cuda(), indices, k, None)
+    assert message == "topk_metrics: indptr is on cuda:0 but must be on the CPU or on scores' device (cpu)"
+    assert refusal(ops.topk_metrics_reference, scores.cpu(), indptr.cuda(), indices, k, None) == message
 
 
 def test_messages_name_dtypes_as_torch_does():

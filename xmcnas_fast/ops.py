@@ -2,14 +2,14 @@
 
 Each operator has
   * a schema in csrc/ops.cpp and kernels in csrc/cpu/ and csrc/cuda/, which
-    accept and refuse the same inputs with the same messages (csrc/checks.h);
+    accept and refuse the same inputs with the same messages (csrc/checks.h,
+    and its Python twin op_contracts.py for the references and fakes);
   * here: its fake (meta) implementation and autograd registration, so that it
     works under autograd and torch.compile;
   * here too: a plain-PyTorch reference, the oracle of the tests and the
     fallback when the compiled extension is missing or was built for another
-    torch (a warning says so once, at import). The references of
-    label_attention and layer_sum check their inputs as the kernels do, with
-    the very same messages.
+    torch (a warning says so once, at import). The references check their
+    inputs as the kernels do, with the very same messages.
 
 Public functions: label_attention, topk_metrics, layer_sum, dropout. Use these,
 never torch.ops.xmcnas_fast directly: they choose the compiled op or the reference.
@@ -23,6 +23,8 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .op_contracts import check_label_attention_inputs, check_layer_sum_inputs, check_topk_metrics_inputs
 
 __all__ = [
     "label_attention", "label_attention_supports_values", "topk_metrics", "layer_sum", "dropout",
@@ -87,80 +89,6 @@ def has_kernel(op: str, device_type: str) -> bool:
 # References: plain PyTorch, differentiable through autograd. The tests' oracle.
 # --------------------------------------------------------------------------------------------
 
-# --------------------------------------------------------------------------------------------
-# Input contracts: csrc/checks.h, check for check and message for message, for the references.
-# --------------------------------------------------------------------------------------------
-
-_KERNEL_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def _dtype(t: torch.Tensor) -> str:
-    return str(t.dtype).removeprefix("torch.")
-
-
-def _shape(t: torch.Tensor) -> str:
-    return str(list(t.shape))
-
-
-def _check_device(op: str, t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
-    if t.device != ref.device:
-        raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
-
-
-def check_label_attention_inputs(h: torch.Tensor, mask: torch.Tensor, W: torch.Tensor,
-                                 v: Optional[torch.Tensor] = None) -> None:
-    """Raise ValueError, as the compiled op does, unless (h, mask, W, v) is a valid label_attention input."""
-    op = "label_attention"
-    if h.dim() != 3 or mask.dim() != 2 or W.dim() != 2:
-        raise ValueError(f"{op}: expected h [B,N,D], mask [B,N], W [L,D]; got h {_shape(h)}, "
-                         f"mask {_shape(mask)}, W {_shape(W)}")
-    if mask.shape != h.shape[:2]:
-        raise ValueError(f"{op}: mask must be [B,N] = {list(h.shape[:2])}, got {_shape(mask)}")
-    if W.shape[1] != h.shape[2]:
-        raise ValueError(f"{op}: W must be [L, D={h.shape[2]}], got {_shape(W)}")
-    if mask.dtype != torch.bool:
-        raise ValueError(f"{op}: mask must be bool, got {_dtype(mask)}")
-    if h.dtype not in _KERNEL_FLOATS:
-        raise ValueError(f"{op}: h must be float32, bfloat16, float16 or float64, got {_dtype(h)}")
-    if W.dtype != h.dtype:
-        raise ValueError(f"{op}: W must have h's dtype ({_dtype(h)}), got {_dtype(W)}")
-    if v is not None:
-        if v.dim() != 3 or v.shape[:2] != h.shape[:2]:
-            raise ValueError(f"{op}: v must be [B,N,Dv] with [B,N] = {list(h.shape[:2])}, got {_shape(v)}")
-        if v.dtype != h.dtype:
-            raise ValueError(f"{op}: v must have h's dtype ({_dtype(h)}), got {_dtype(v)}")
-    _check_device(op, mask, "mask", h, "h")
-    _check_device(op, W, "W", h, "h")
-    if v is not None:
-        _check_device(op, v, "v", h, "h")
-
-
-def check_layer_sum_inputs(xs: Sequence[torch.Tensor], w: torch.Tensor, op: str = "layer_sum") -> None:
-    """Raise ValueError, as the compiled op does, unless (xs, w) is a valid layer_sum input."""
-    K = len(xs)
-    if K < 1:
-        raise ValueError(f"{op}: expected at least one input tensor")
-    if w.dim() != 1 or w.shape[0] != K:
-        raise ValueError(f"{op}: expected w of shape [K] = [{K}], got {_shape(w)}")
-    x0 = xs[0]
-    if x0.dtype not in _KERNEL_FLOATS:
-        raise ValueError(f"{op}: inputs must be float32, float64, bfloat16 or float16, got {_dtype(x0)}")
-    if w.dtype not in (torch.float32, x0.dtype):
-        raise ValueError(f"{op}: w must be float32 or the inputs' dtype ({_dtype(x0)}), got {_dtype(w)}")
-    for i, x in enumerate(xs[1:], start=1):
-        if x.shape != x0.shape:
-            raise ValueError(f"{op}: all inputs must have one shape; input {i} has {_shape(x)}, "
-                             f"input 0 has {_shape(x0)}")
-        if x.dtype != x0.dtype:
-            raise ValueError(f"{op}: all inputs must have one dtype; input {i} is {_dtype(x)}, input 0 is {_dtype(x0)}")
-        _check_device(op, x, f"input {i}", x0, "input 0")
-    _check_device(op, w, "w", x0, "input 0")
-
-
-# --------------------------------------------------------------------------------------------
-# References: plain PyTorch, differentiable through autograd. The tests' oracle.
-# --------------------------------------------------------------------------------------------
-
 def label_attention_reference(h: torch.Tensor, mask: torch.Tensor, W: torch.Tensor,
                               v: Optional[torch.Tensor] = None) -> torch.Tensor:
     """AttentionXML's MLAttention: scores [B,L,N] materialised, masked softmax over tokens.
@@ -177,19 +105,6 @@ def label_attention_reference(h: torch.Tensor, mask: torch.Tensor, W: torch.Tens
     return torch.matmul(p, (h if v is None else v).to(acc)).to(h.dtype)  # [B, L, Dv]
 
 
-def _check_csr(indptr: torch.Tensor, indices: torch.Tensor, rows: int) -> None:
-    if indptr.dim() != 1 or indptr.numel() != rows + 1:
-        raise ValueError(f"topk_metrics: indptr must have R+1 = {rows + 1} entries, has shape {tuple(indptr.shape)}")
-    if indices.dim() != 1:
-        raise ValueError("topk_metrics: indices must be 1-D")
-    if int(indptr[0]) != 0 or int(indptr[-1]) != indices.numel():
-        raise ValueError(f"topk_metrics: indptr must start at 0 and end at len(indices) = {indices.numel()}")
-    if rows and bool((indptr[1:] < indptr[:-1]).any()):
-        raise ValueError("topk_metrics: indptr must be non-decreasing")
-    if indices.numel() and int(indices.min()) < 0:
-        raise ValueError("topk_metrics: label indices must be >= 0")
-
-
 def topk_metrics_reference(scores: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor, k: int,
                            inv_prop: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Full stable sort (ties: lower label index first), then pyxclib's definitions.
@@ -197,17 +112,22 @@ def topk_metrics_reference(scores: torch.Tensor, indptr: torch.Tensor, indices: 
     Truth indices >= L (labels the model cannot score, e.g. unseen in training)
     count as true labels that are never hit. Returns (sums [4,k] float64, topk [R,k] int64).
     """
+    check_topk_metrics_inputs(scores, indptr, indices, k, inv_prop)
     R, L = scores.shape
-    if not 1 <= k <= L:
-        raise ValueError(f"topk_metrics: k must be in [1, L={L}], got {k}")
-    _check_csr(indptr, indices, R)
+    n_total = L if inv_prop is None else inv_prop.numel()
+    ptr = indptr.cpu().long()
+    ids = indices.cpu().long()
+    if int(ptr[0]) != 0 or int(ptr[-1]) != ids.numel():
+        raise ValueError(f"topk_metrics: indptr must start at 0 and end at len(indices) = {ids.numel()}")
+    if R and bool((ptr[1:] < ptr[:-1]).any()):
+        raise ValueError("topk_metrics: indptr must be non-decreasing")
+    if ids.numel() and int(ids.min()) < 0:
+        raise ValueError("topk_metrics: label indices must be >= 0")
+    if ids.numel() and int(ids.max()) >= n_total:
+        raise ValueError(f"topk_metrics: a label index is >= the number of labels ({n_total})")
     if bool(torch.isnan(scores).any()):
         raise ValueError("topk_metrics: scores contain NaN")
-    if inv_prop is not None and inv_prop.numel() < L:
-        raise ValueError(f"topk_metrics: inv_prop has {inv_prop.numel()} entries for {L} labels")
-    n_total = L if inv_prop is None else max(L, inv_prop.numel())
-    if indices.numel() and int(indices.max()) >= n_total:
-        raise ValueError(f"topk_metrics: a label index is >= the number of labels ({n_total})")
+    indptr, indices = ptr, ids
     topk = torch.sort(scores.float().cpu() if scores.dtype != torch.float64 else scores.cpu(),
                       dim=1, descending=True, stable=True).indices[:, :k]
     counts = (indptr[1:] - indptr[:-1]).cpu()
@@ -276,6 +196,7 @@ if EXTENSION_LOADED:
 
     @torch.library.register_fake("xmcnas_fast::topk_metrics")
     def _topk_metrics_fake(scores, indptr, indices, k, inv_prop=None):
+        check_topk_metrics_inputs(scores, indptr, indices, k, inv_prop)
         return (scores.new_empty(4, k, dtype=torch.float64),
                 scores.new_empty(scores.shape[0], k, dtype=torch.int64))
 
@@ -374,10 +295,9 @@ def topk_metrics(scores: torch.Tensor, indptr: torch.Tensor, indices: torch.Tens
     hits in the top j, nDCG@j, propensity-weighted hits in the top j, and the
     best propensity-weighted hits achievable in j (PSP@j = sums[2]/sums[3]);
     topk [R,k] int64, the label ids ranked first.
-    Raises ValueError on NaN scores, k outside [1, L] or a malformed CSR.
+    Raises ValueError on NaN scores, k outside [1, L] or a malformed CSR, with
+    the same message on every device and from the reference fallback.
     """
-    if scores.dim() != 2:
-        raise ValueError(f"topk_metrics: scores must be [R, L], got {tuple(scores.shape)}")
     if _compiled("topk_metrics", scores.device):
         return torch.ops.xmcnas_fast.topk_metrics(scores, indptr, indices, int(k), inv_prop)
     return topk_metrics_reference(scores, indptr, indices, int(k), inv_prop)
