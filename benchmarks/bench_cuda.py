@@ -17,6 +17,12 @@ F.scaled_dot_product_attention with Q = W expanded, K = V = h, scale 1 and a
 boolean mask, under each backend it may pick (torch.nn.attention.sdpa_kernel:
 a backend that refuses the case is reported as skipped, with its reason).
 
+label_attention + the model head's first layer Linear(D, 256), forward+backward,
+float32 and bfloat16, same shapes: eager = Linear(ops.label_attention_reference);
+unfused = Linear(ops.label_attention); fused = ops.label_attention with the
+linear layer folded into the values v = Linear(h) (exact: a row's attention
+weights sum to 1), which skips the [B,L,D] context and its GEMM.
+
 topk_metrics, k = 5: ours against torch.topk on the GPU plus P@k/nDCG@k on
 the host with numpy and scipy (the indices copied back), at 3809 x 3993
 (EURLex-4K's test set) and 100000 x 13330 (AmazonCat-13K-sized, in chunks of
@@ -146,6 +152,42 @@ def test_label_attention(benchmark, labels, mode, dtype, impl):
         torch.cuda.empty_cache()
         pytest.skip(f"{impl}: {str(e).splitlines()[0][:200]}")
     timed(benchmark, step, rounds=5 if L > 10000 else 10, B=B, N=N, D=D, L=L)
+
+
+FC = 256
+HEAD_IMPLS = {
+    "eager": lambda h, mask, W, A, c: F.linear(ops.label_attention_reference(h, mask, W), A, c),
+    "unfused": lambda h, mask, W, A, c: F.linear(ops.label_attention(h, mask, W), A, c),
+    "fused": lambda h, mask, W, A, c: ops.label_attention(h, mask, W, F.linear(h, A, c)),
+}
+
+
+@pytest.mark.parametrize("impl", list(HEAD_IMPLS))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("labels", list(LABELS))
+def test_label_attention_head(benchmark, labels, dtype, impl):
+    benchmark.group = f"label_attention + Linear({FC}) {labels} forward+backward {dtype}"
+    if impl != "eager" and not ops.has_kernel("label_attention", "cuda"):
+        pytest.fail("the extension has no CUDA kernels: rebuild with FORCE_CUDA=1")
+    L = LABELS[labels]
+    h, mask, W, _ = attention_inputs(L, getattr(torch, dtype), True)
+    g = torch.Generator().manual_seed(1)
+    A = (torch.randn(FC, D, generator=g) / D ** 0.5).to(h.dtype).to(DEV).requires_grad_()
+    c = (torch.randn(FC, generator=g) * 0.1).to(h.dtype).to(DEV).requires_grad_()
+    grad = torch.randn(B, L, FC, generator=g).to(h.dtype).to(DEV)
+    fn = HEAD_IMPLS[impl]
+
+    def step():
+        h.grad = W.grad = A.grad = c.grad = None
+        fn(h, mask, W, A, c).backward(grad)
+
+    try:
+        step()
+        torch.cuda.synchronize()
+    except torch.OutOfMemoryError as e:
+        torch.cuda.empty_cache()
+        pytest.skip(f"{impl}: {str(e).splitlines()[0][:200]}")
+    timed(benchmark, step, rounds=5 if L > 10000 else 10, B=B, N=N, D=D, L=L, FC=FC)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
-// The schemas of every xmcnas_fast operator. Kernels register themselves per
-// backend next to their code (csrc/cpu/*.cpp, csrc/cuda/*.cu); autograd and
-// fake (meta) implementations live in xmcnas_fast/ops.py.
+// The schemas of every xmcnas_fast operator. The CPU kernels register
+// themselves next to their code (csrc/cpu/*.cpp), the CUDA kernels all in
+// csrc/cuda/registration.cu; the input checks that both devices share are in
+// csrc/checks.h; autograd, fake (meta) implementations and the plain-PyTorch
+// references live in xmcnas_fast/ops.py.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -13,7 +15,8 @@ PyMODINIT_FUNC PyInit__C(void) {
 
 TORCH_LIBRARY(xmcnas_fast, m) {
   // Label-wise attention: ctx[b,l] = sum_n softmax_n(W[l].h[b,n] | mask[b,n]) v[b,n],
-  // with values v [B,N,Dv] (h's dtype and padding), or h itself when v is None.
+  // with values v [B,N,Dv] (h's padding), or h itself when v is None. h float32,
+  // bfloat16, float16 or float64; W and v in h's dtype; mask bool (csrc/checks.h).
   // Returns (ctx [B,L,Dv] in h's dtype, lse [B,L] float32: log-sum-exp of the
   // scores over real tokens, +inf for a row with no real token). The backward
   // returns (grad_h, grad_W, grad_v); grad_v is empty (numel 0) when v is None.
@@ -28,7 +31,6 @@ TORCH_LIBRARY(xmcnas_fast, m) {
   m.def(
       "topk_metrics(Tensor scores, Tensor indptr, Tensor indices, int k, "
       "Tensor? inv_prop=None) -> (Tensor, Tensor)");
-  // Weighted layer-sum: out = sum_i w[i] * xs[i].
   // Inverted dropout, after a ReLU when relu=True: y = keep ? f(x) / (1 - p) : 0.
   // The mask is a counter-based stream of (seed, element index) (dropout_mask.h),
   // recomputed in backward: nothing is stored. seed: an int64 scalar tensor on
@@ -36,6 +38,8 @@ TORCH_LIBRARY(xmcnas_fast, m) {
   // backward takes the output y (used when relu=True: the gradient flows where y > 0).
   m.def("dropout(Tensor x, float p, Tensor seed, bool relu) -> Tensor");
   m.def("dropout_backward(Tensor grad, Tensor y, float p, Tensor seed, bool relu) -> Tensor");
+  // Weighted layer-sum: out = sum_i w[i] * xs[i] (w float32 or the inputs' dtype).
+  // The backward returns (grad_xs, grad_w), grad_w in w's dtype.
   m.def("layer_sum(Tensor[] xs, Tensor w) -> Tensor");
   m.def("layer_sum_backward(Tensor grad, Tensor[] xs, Tensor w) -> (Tensor[], Tensor)");
 }

@@ -60,14 +60,31 @@ def test_foreign_torch_is_refused_with_rebuild_hint(tmp_path):
 
 
 def test_fallback_ops_still_work_without_extension(tmp_path):
+    """Without the compiled extension the public ops are the references: same values (separate values
+    included), and the same refusals, as the compiled ops."""
+    if not ops.EXTENSION_LOADED:
+        pytest.skip(f"nothing to compare with: {ops.extension_status()}")
     import shutil
     dst = tmp_path / "xmcnas_fast"
     shutil.copytree(PKG, dst, ignore=shutil.ignore_patterns("__pycache__", "_C*", "_build_info.json"))
-    code = ("import torch, xmcnas_fast.ops as o\n"
-            "h = torch.randn(2, 5, 4); m = torch.ones(2, 5, dtype=torch.bool); W = torch.randn(3, 4)\n"
-            "print(o.EXTENSION_LOADED, tuple(o.label_attention(h, m, W).shape))")
+    code = ("import json, torch, xmcnas_fast.ops as o\n"
+            "torch.manual_seed(0)\n"
+            "h, W, v = torch.randn(2, 5, 4), torch.randn(3, 4), torch.randn(2, 5, 6)\n"
+            "m = torch.tensor([[1, 1, 0, 1, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)\n"
+            "try:\n    o.label_attention(h, m, W.double())\nexcept ValueError as e:\n    refusal = str(e)\n"
+            "print(json.dumps([o.EXTENSION_LOADED, o.label_attention(h, m, W).tolist(),\n"
+            "                  o.label_attention(h, m, W, v).tolist(), refusal]))")
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(tmp_path)})
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)}, timeout=120)
     assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "False (2, 3, 4)"
-    assert "not built" in res.stderr
+    loaded, ctx, ctx_v, refusal = json.loads(res.stdout)
+    assert loaded is False and "not built" in res.stderr
+    torch.manual_seed(0)
+    h, W, v = torch.randn(2, 5, 4), torch.randn(3, 4), torch.randn(2, 5, 6)
+    m = torch.tensor([[1, 1, 0, 1, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)
+    compiled = torch.ops.xmcnas_fast
+    torch.testing.assert_close(torch.tensor(ctx), compiled.label_attention(h, m, W)[0])
+    torch.testing.assert_close(torch.tensor(ctx_v), compiled.label_attention(h, m, W, v)[0])
+    with pytest.raises(ValueError) as info:
+        compiled.label_attention(h, m, W.double())
+    assert str(info.value).splitlines()[0] == refusal

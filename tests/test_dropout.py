@@ -5,6 +5,8 @@ import torch
 
 from xmcnas_fast import ops
 
+from _kernels import DEVICES, require_kernel
+
 def numpy_keep(seed, n, p):
     """dropout_mask.h in numpy: 16-bit lane i % 4 of splitmix64(seed + (i // 4) * phi) >= round(p * 2^16)."""
     i = np.arange(n, dtype=np.uint64)
@@ -89,8 +91,41 @@ def test_public_function_seeding_eval_and_dtypes():
         op(x, -0.1, 0, False)
 
 
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_float64(device, relu):
+    require_kernel("dropout", device)
+    x = torch.randn(5, 7, dtype=torch.float64, device=device)
+    x = (x + x.sign() * 0.1).requires_grad_()          # away from ReLU's kink at 0
+    seed = torch.tensor(99)
+    assert torch.autograd.gradcheck(lambda x: torch.ops.xmcnas_fast.dropout(x, 0.3, seed, relu), (x,))
+
+
+@pytest.mark.parametrize("case, message", [
+    (lambda x, s: (x, 1.0, s, True), "p must be in [0, 1), got 1"),
+    (lambda x, s: (x, -0.1, s, True), "p must be in [0, 1), got -0.1"),
+    (lambda x, s: (x.long(), 0.5, s, True), "x must be float32, float64, bfloat16 or float16, got int64"),
+    (lambda x, s: (x, 0.5, s.int(), True), "seed must be one int64 on the CPU"),
+    (lambda x, s: (x, 0.5, torch.tensor([1, 2]), True), "seed must be one int64 on the CPU"),
+], ids=["p=1", "p<0", "int64", "int32 seed", "two seeds"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_refusals_are_the_same_on_every_device(device, case, message):
+    require_kernel("dropout", device)
+    args = case(torch.randn(3, 4, device=device), torch.tensor(5))
+    with pytest.raises(ValueError) as forward:
+        torch.ops.xmcnas_fast.dropout(*args)
+    assert str(forward.value).splitlines()[0] == "dropout: " + message
+    with pytest.raises(ValueError) as backward:
+        torch.ops.xmcnas_fast.dropout_backward(args[0], args[0], *args[1:])
+    assert str(backward.value).splitlines()[0] == "dropout_backward: " + message
+    x = torch.randn(3, 4, device=device)
+    with pytest.raises(ValueError) as shapes:
+        torch.ops.xmcnas_fast.dropout_backward(x, x.t(), 0.5, torch.tensor(5), True)
+    assert str(shapes.value).splitlines()[0] == "dropout_backward: grad [3, 4] and output [4, 3] differ in shape"
+
+
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("relu", [False, True])
 def test_cuda_drops_the_same_elements_as_the_cpu(dtype, relu):
     x = torch.randn(3, 1001, 37).to(dtype)

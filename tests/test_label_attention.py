@@ -1,489 +1,378 @@
-"""The CPU label_attention kernel against the plain-PyTorch reference (AttentionXML's MLAttention)."""
-import json
-import os
-import subprocess
-import sys
+"""label_attention on every device against its reference (AttentionXML's MLAttention), in float64.
+
+Written once and parametrized, as pytorch/extension-cpp does: over the device
+(`cpu`; `cuda`, marked and skipped without a GPU) and over the values (None:
+the values are h; or separate values v of width Dv). The shapes reach every
+code path of both devices: on the CPU its label blocks (128) and token tiles
+(256, rows padded to 16); on CUDA the tensor-core kernels (float16/bfloat16,
+D and Dv multiples of 8 up to 1024: D = 136 is two 128-wide warp slices, the
+second mostly padding; D = 520 five; D = 1024 eight; Dv = 264 three slices,
+more than D = 136 has) and the simple kernels (float32, float64, D = 100,
+Dv = 5, a misaligned view, or D = Dv = 1024, whose tiles do not fit in shared
+memory). The input contract (what is refused, with which message) is
+tests/test_op_contract.py's.
+"""
+import math
 
 import pytest
 import torch
 
 from xmcnas_fast import ops
 
-pytestmark = pytest.mark.skipif(not ops.has_kernel("label_attention", "cpu"),
-                                reason=f"compiled kernel not in use: {ops.extension_status()}")
+from _kernels import DEVICES, close, require_kernel
 
 OP = torch.ops.xmcnas_fast.label_attention
 OP_BACKWARD = torch.ops.xmcnas_fast.label_attention_backward
+VALUES = [None, 5, 24, 264]  # Dv: None = the values are h; odd; narrower than D; three warp slices
+FLOATS = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+# Error bound on ctx, relative to the largest reference value, per input dtype (gradients: 5x).
+# float64: the backward recomputes the weights from lse, which is float32 (the schema's).
+TOL = {torch.float64: 1e-6, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
-def make_inputs(B, N, D, L, dtype=torch.float32, padding="end", empty_rows=(), scale=1.0):
-    """h [B,N,D], mask [B,N], W [L,D]; padding at the end of rows of random lengths, or anywhere."""
-    h = torch.randn(B, N, D, dtype=torch.float64) * scale
-    W = torch.randn(L, D, dtype=torch.float64) / D ** 0.5 * 2
+@pytest.fixture(autouse=True)
+def _kernels(request):
+    callspec = getattr(request.node, "callspec", None)
+    require_kernel("label_attention", callspec.params.get("device", "cpu") if callspec else "cpu")
+
+
+def make_inputs(B, N, D, L, Dv=None, dtype=torch.float32, device="cpu", padding="anywhere", empty_rows=(), seed=0):
+    """h [B,N,D], mask [B,N], W [L,D], v [B,N,Dv] or None, in `dtype` on `device`.
+
+    padding: "end" (rows of random lengths), "anywhere" (a row that starts with
+    padding, runs in the middle) or "none"; empty_rows: rows with no real token.
+    """
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, N, D, generator=g, dtype=torch.float64)
+    W = torch.randn(L, D, generator=g, dtype=torch.float64) * (2.0 / math.sqrt(max(D, 1)))  # peaked, not one-hot
+    v = None if Dv is None else torch.randn(B, N, Dv, generator=g, dtype=torch.float64)
     if padding == "end":
-        lengths = torch.randint(1, N + 1, (B,))
-        mask = torch.arange(N).unsqueeze(0) < lengths.unsqueeze(1)
+        mask = torch.arange(N).unsqueeze(0) < torch.randint(1, N + 1, (B,), generator=g).unsqueeze(1)
     elif padding == "anywhere":
-        mask = torch.rand(B, N) < 0.6
-        mask[:, 0] = False  # a row that starts with padding, and a run in the middle of most rows
-        mask[torch.arange(B), torch.randint(1, N, (B,))] = True if N > 1 else False
+        mask = torch.rand(B, N, generator=g) < 0.6
+        mask[:, 0] = False
+        if N > 1:
+            mask[torch.arange(B), torch.randint(1, N, (B,), generator=g)] = True
     else:
         mask = torch.ones(B, N, dtype=torch.bool)
     for b in empty_rows:
         mask[b] = False
-    return h.to(dtype), mask, W.to(dtype)
+    to = lambda t: None if t is None else t.to(dtype).to(device)  # noqa: E731
+    return to(h), mask.to(device), to(W), to(v)
 
 
-def exact(h, mask, W):
-    """ctx and lse in float64, straight from the definition (lse = +inf for a row with no real token)."""
-    s = torch.einsum("ld,bnd->bln", W.double(), h.double())
-    s = s.masked_fill(~mask.unsqueeze(1), float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)
-    lse = lse.masked_fill(~mask.any(1, keepdim=True), float("inf"))
-    return p @ h.double(), lse
+def run(fn, h, mask, W, v, grad):
+    """ctx and the gradients of h, W (and v) of fn(h, mask, W, v) for the output gradient `grad`."""
+    leaves = [t.detach().clone().requires_grad_() for t in (h, W) + (() if v is None else (v,))]
+    out = fn(leaves[0], mask, leaves[1], leaves[2] if v is not None else None)
+    return (out.detach(), *torch.autograd.grad(out, leaves, grad))
 
 
-def grads(fn, h, mask, W, grad_out):
-    h = h.detach().clone().requires_grad_()
-    W = W.detach().clone().requires_grad_()
-    out = fn(h, mask, W)
-    gh, gW = torch.autograd.grad(out, (h, W), grad_out)
-    return out.detach(), gh, gW
+def reference64(h, mask, W, v, grad):
+    """run() through the reference, in float64 on the CPU, from the inputs as given (already rounded)."""
+    c = lambda t: None if t is None else t.detach().double().cpu()  # noqa: E731
+    return run(ops.label_attention_reference, c(h), mask.cpu(), c(W), c(v), c(grad))
 
 
-def assert_matches_reference(h, mask, W, atol=1e-5, rtol=1e-4):
-    """Values and both gradients of ops.label_attention against autograd through the reference."""
-    g = torch.randn(h.shape[0], W.shape[0], h.shape[2], dtype=h.dtype)
-    out, gh, gW = grads(ops.label_attention, h, mask, W, g)
-    ref, rgh, rgW = grads(ops.label_attention_reference, h, mask, W, g)
-    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
-    torch.testing.assert_close(gh, rgh, atol=atol, rtol=rtol)
-    torch.testing.assert_close(gW, rgW, atol=atol * 10, rtol=rtol)
-    return out, gh, gW
-
-
-def test_public_function_runs_the_compiled_kernel(monkeypatch):
-    assert ops.has_kernel("label_attention", "cpu") and ops.has_kernel("label_attention_backward", "cpu")
-    h, mask, W = make_inputs(3, 9, 8, 5)
-    expected = OP(h, mask, W)[0]
-
-    def reference_must_not_run(*args):
-        raise AssertionError("ops.label_attention fell back to the reference")
-
-    monkeypatch.setattr(ops, "label_attention_reference", reference_must_not_run)
-    assert torch.equal(ops.label_attention(h, mask, W), expected)
-
-
-@pytest.mark.parametrize("padding", ["end", "anywhere", "none"])
-def test_float32_values_and_gradients(padding):
-    h, mask, W = make_inputs(5, 37, 24, 50, padding=padding)
-    assert_matches_reference(h, mask, W)
-
-
-def test_log_sum_exp_and_float64_truth():
-    h, mask, W = make_inputs(4, 30, 16, 20, padding="anywhere", empty_rows=[2])
-    ctx, lse = OP(h, mask, W)
-    ctx64, lse64 = exact(h, mask, W)
-    assert lse.dtype == torch.float32 and lse.shape == (4, 20)
-    torch.testing.assert_close(ctx.double(), ctx64, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse.double(), lse64, atol=1e-5, rtol=1e-6)  # +inf on the empty row
-    assert torch.isinf(lse[2]).all() and (lse[2] > 0).all()
-
-
-@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
-def test_half_precision(dtype, tol):
-    h, mask, W = make_inputs(4, 40, 32, 70, dtype=dtype, padding="anywhere")
-    g = torch.randn(4, 70, 32, dtype=dtype)
-    out, gh, gW = grads(ops.label_attention, h, mask, W, g)
-    assert out.dtype == gh.dtype == gW.dtype == dtype
-    # the reference on the same rounded inputs, in float32 (what the kernel accumulates in)
-    ref, rgh, rgW = grads(ops.label_attention_reference, h.float(), mask, W.float(), g.float())
-    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
-    torch.testing.assert_close(gh.float(), rgh, atol=tol * rgh.abs().max().item(), rtol=tol)
-    torch.testing.assert_close(gW.float(), rgW, atol=tol * rgW.abs().max().item(), rtol=tol)
-
-
-def test_gradcheck_float64():
-    h, mask, W = make_inputs(3, 6, 4, 5, dtype=torch.float64, padding="anywhere", empty_rows=[1])
-    h.requires_grad_()
-    W.requires_grad_()
-    assert torch.autograd.gradcheck(lambda h, W: ops.label_attention(h, mask, W), (h, W))
-
-
-@pytest.mark.parametrize("requires_grad", [False, True])
-def test_opcheck(requires_grad):
-    h, mask, W = make_inputs(3, 7, 8, 6, padding="anywhere", empty_rows=[0])
-    h.requires_grad_(requires_grad)
-    W.requires_grad_(requires_grad)
-    torch.library.opcheck(OP, (h, mask, W))
-
-
-def test_opcheck_backward():
-    h, mask, W = make_inputs(3, 7, 8, 6, padding="anywhere", empty_rows=[0])
-    ctx, lse = OP(h, mask, W)
-    torch.library.opcheck(OP_BACKWARD, (torch.randn_like(ctx), h, mask, W, None, ctx, lse))
-
-
-def test_non_contiguous_inputs():
-    h, mask, W = make_inputs(4, 11, 16, 9, padding="anywhere")
-    h_nc = h.transpose(1, 2).contiguous().transpose(1, 2)          # [B,N,D] with D-major storage
-    W_nc = W.t().contiguous().t()
-    mask_nc = torch.stack([mask, ~mask], dim=-1)[..., 0]           # a strided view
-    assert not (h_nc.is_contiguous() or W_nc.is_contiguous() or mask_nc.is_contiguous())
-    out, gh, gW = assert_matches_reference(h_nc, mask_nc, W_nc)
-    ctx, lse = OP(h, mask, W)
-    g = torch.randn_like(ctx)
-    g_nc = g.transpose(0, 1).contiguous().transpose(0, 1)
-    ref = OP_BACKWARD(g, h, mask, W, None, ctx, lse)
-    for a, b in zip(OP_BACKWARD(g_nc, h_nc, mask_nc, W_nc, None, ctx, lse), ref):
-        torch.testing.assert_close(a, b)
-
-
-def test_single_token():
-    h, mask, W = make_inputs(3, 1, 8, 4, padding="none")
-    out, gh, gW = assert_matches_reference(h, mask, W)
-    # one token: the context is that token, for every label
-    torch.testing.assert_close(out, h.expand(3, 4, 8))
-
-
-def test_all_padding_rows_give_zeros_and_zero_gradients():
-    h, mask, W = make_inputs(4, 10, 8, 6, empty_rows=[1, 3])
-    g = torch.randn(4, 6, 8)
-    out, gh, gW = grads(ops.label_attention, h, mask, W, g)
-    assert torch.isfinite(out).all() and torch.isfinite(gh).all() and torch.isfinite(gW).all()
-    assert (out[[1, 3]] == 0).all() and (gh[[1, 3]] == 0).all()
-    assert_matches_reference(h, mask, W)
-    # grad_W gets nothing from the empty rows
-    _, _, gW_rest = grads(ops.label_attention, h[[0, 2]], mask[[0, 2]], W, g[[0, 2]])
-    torch.testing.assert_close(gW, gW_rest)
-    # every row empty
-    out, gh, gW = grads(ops.label_attention, h, torch.zeros_like(mask), W, g)
-    assert (out == 0).all() and (gh == 0).all() and (gW == 0).all()
-
-
-def test_padding_is_never_read():
-    """Whatever sits in the padding (here NaN) changes nothing, and gets zero gradient."""
-    h, mask, W = make_inputs(4, 20, 8, 7, padding="anywhere")
-    g = torch.randn(4, 7, 8)
-    out, gh, gW = grads(ops.label_attention, h, mask, W, g)
-    h_nan = h.masked_fill(~mask.unsqueeze(-1), float("nan"))
-    out2, gh2, gW2 = grads(ops.label_attention, h_nan, mask, W, g)
-    assert torch.equal(out, out2) and torch.equal(gh, gh2) and torch.equal(gW, gW2)
-    assert (gh[~mask] == 0).all()
-
-
-def test_padding_in_the_middle_of_rows():
-    h, mask, W = make_inputs(3, 16, 8, 5, padding="none")
-    mask[0, 5:9] = False   # a hole
-    mask[1, ::2] = False   # every other token
-    mask[2, :3] = False    # leading padding
-    mask[2, -3:] = False
-    assert_matches_reference(h, mask, W)
-
-
-@pytest.mark.parametrize("L", [1, 127, 129, 300])
-def test_label_counts_around_the_block_size(L):
-    h, mask, W = make_inputs(3, 13, 8, L, padding="anywhere")
-    assert_matches_reference(h, mask, W)
-
-
-def test_rows_longer_than_a_token_tile():
-    """More real tokens than one score tile: the online softmax across tiles."""
-    h, mask, W = make_inputs(2, 1300, 8, 5, padding="anywhere")
-    mask[0] = True
-    out = OP(h, mask, W)
-    ctx64, lse64 = exact(h, mask, W)
-    torch.testing.assert_close(out[0].double(), ctx64, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out[1].double(), lse64, atol=1e-4, rtol=1e-6)
-    assert_matches_reference(h, mask, W)
-
-
-def test_row_lengths_at_tile_edges():
-    """Real-token counts on and around the multiples of 16 (row padding) and 256 (score tiles)."""
-    counts = [1, 15, 16, 17, 255, 256, 257, 272, 513]
-    h, mask, W = make_inputs(len(counts), 520, 8, 6, padding="none")
-    mask = torch.arange(520).unsqueeze(0) < torch.tensor(counts).unsqueeze(1)
-    ctx, lse = OP(h, mask, W)
-    ctx64, lse64 = exact(h, mask, W)
-    torch.testing.assert_close(ctx.double(), ctx64, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(lse.double(), lse64, atol=1e-5, rtol=1e-6)
-    assert_matches_reference(h, mask, W)
-
-
-def test_large_scores_are_stable():
-    """Scores near +-5000 (exp overflows float32 beyond 88) with moderate differences between tokens:
-    the result is the float64 softmax, up to the float32 rounding of the scores (ulp(5000) ~ 5e-4)."""
-    h, mask, W = make_inputs(3, 25, 16, 8, padding="anywhere")
-    h[..., 0] = 1000.0
-    W[:, 0] = torch.tensor([5.0, -5.0, 4.0, -4.0, 3.0, 2.0, -1.0, 1.0])
-    ctx, lse = OP(h, mask, W)
-    ctx64, lse64 = exact(h, mask, W)
-    assert lse64.abs().max() > 4000
-    torch.testing.assert_close(lse.double(), lse64, atol=0, rtol=1e-6)
-    torch.testing.assert_close(ctx.double(), ctx64, atol=3e-3, rtol=1e-5)
-    g = torch.randn_like(ctx)
-    _, gh, gW = grads(ops.label_attention, h, mask, W, g)
-    _, rgh, rgW = grads(ops.label_attention_reference, h.double(), mask, W.double(), g.double())
-    torch.testing.assert_close(gh.double(), rgh, atol=1e-2, rtol=1e-3)
-    # grad_W[:, 0] = 1000 * sum_n ds_n, a sum that is 0 up to float32 cancellation: only finite
-    assert torch.isfinite(gW[:, 0]).all()
-    torch.testing.assert_close(gW[:, 1:].double(), rgW[:, 1:], atol=1e-2, rtol=1e-3)
-
-
-@pytest.mark.parametrize("threads", [1, 3, 5])
-def test_any_thread_count(threads):
-    """Work split over more threads than rows cuts rows between threads: their grad_h partial sums."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        h, mask, W = make_inputs(2, 30, 16, 700, padding="end")
-        assert_matches_reference(h, mask, W)
-    finally:
-        torch.set_num_threads(saved)
-
-
-@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # said by mkldnn.flags()
-def test_blas_fallback_without_onednn():
-    """With oneDNN switched off, the float32 tiles go to ATen's BLAS instead: same results."""
-    h, mask, W = make_inputs(3, 40, 16, 150, padding="anywhere")
-    with torch.backends.mkldnn.flags(enabled=False):
-        assert_matches_reference(h, mask, W)
-
-
-@pytest.mark.parametrize("args,message", [
-    (lambda h, m, W: (h[0], m, W), "expected h [B,N,D]"),
-    (lambda h, m, W: (h, m[:, :-1], W), "mask must be [B,N]"),
-    (lambda h, m, W: (h, m, W[:, :-1]), "W must be [L, D="),
-    (lambda h, m, W: (h, m.float(), W), "mask must be bool"),
-    (lambda h, m, W: (h, m, W.double()), "W must have h's dtype"),
-    (lambda h, m, W: (h.long(), m, W.long()), "h must be float32"),
-])
-def test_bad_inputs_raise_value_error(args, message):
-    h, mask, W = make_inputs(2, 5, 4, 3)
-    with pytest.raises(ValueError, match="^label_attention: " + message.replace("[", r"\[")):
-        OP(*args(h, mask, W))
-
-
-def test_bad_backward_inputs_raise_value_error():
-    h, mask, W = make_inputs(2, 5, 4, 3)
-    ctx, lse = OP(h, mask, W)
-    g = torch.randn_like(ctx)
-    with pytest.raises(ValueError, match=r"^label_attention: grad_ctx and ctx must be \[B,L,Dv\]"):
-        OP_BACKWARD(g[:, :2], h, mask, W, None, ctx, lse)
-    with pytest.raises(ValueError, match="^label_attention: grad_ctx and ctx must have"):
-        OP_BACKWARD(g.double(), h, mask, W, None, ctx, lse)
-    with pytest.raises(ValueError, match="^label_attention: lse must be float32"):
-        OP_BACKWARD(g, h, mask, W, None, ctx, lse.double())
-    with pytest.raises(ValueError, match="^label_attention: "):
-        ops.label_attention(h, mask[:1], W)
-
-
-# --------------------------------------------------------------------------------------------
-# Separate values: ctx = softmax(W h^T) v, v [B,N,Dv] with h's padding
-# --------------------------------------------------------------------------------------------
-
-def make_values(h, Dv):
-    """Values [B,N,Dv] in h's dtype, independent of h."""
-    return torch.randn(h.shape[0], h.shape[1], Dv, dtype=torch.float64).to(h.dtype)
-
-
-def grads_v(fn, h, mask, W, v, grad_out):
-    h, W, v = (t.detach().clone().requires_grad_() for t in (h, W, v))
-    out = fn(h, mask, W, v)
-    return (out.detach(), *torch.autograd.grad(out, (h, W, v), grad_out))
-
-
-def assert_values_match_reference(h, mask, W, v, atol=1e-5, rtol=1e-4):
-    """ctx and the gradients of h, W and v against autograd through the reference."""
-    g = torch.randn(h.shape[0], W.shape[0], v.shape[2], dtype=h.dtype)
-    ours = grads_v(ops.label_attention, h, mask, W, v, g)
-    ref = grads_v(ops.label_attention_reference, h, mask, W, v, g)
-    assert ours[0].shape == (h.shape[0], W.shape[0], v.shape[2])
-    for what, a, b, scale in zip(("ctx", "grad_h", "grad_W", "grad_v"), ours, ref, (1, 1, 10, 1)):
-        torch.testing.assert_close(a, b, atol=atol * scale, rtol=rtol, msg=lambda m: f"{what}: {m}")
+def assert_matches_reference(h, mask, W, v, tol=None, seed=1):
+    """ctx and every gradient of ops.label_attention against the float64 reference; returns ours."""
+    tol = tol or TOL[h.dtype]
+    Dv = h.shape[2] if v is None else v.shape[2]
+    g = torch.Generator().manual_seed(seed)
+    grad = torch.randn(h.shape[0], W.shape[0], Dv, generator=g, dtype=torch.float64).to(h.dtype).to(h.device)
+    ours = run(ops.label_attention, h, mask, W, v, grad)
+    ref = reference64(h, mask, W, v, grad)
+    assert ours[0].shape == (h.shape[0], W.shape[0], Dv) and all(t.dtype == h.dtype for t in ours)
+    assert all(t.device == h.device for t in ours)
+    for what, a, b, k in zip(("ctx", "grad_h", "grad_W", "grad_v"), ours, ref, (1, 5, 5, 5)):
+        close(a, b, k * tol, what)
     return ours
 
 
-@pytest.mark.parametrize("Dv", [5, 24, 72])  # narrower than D = 24, as wide, wider
+# (B, N, D, L): the code paths each reaches are in the module docstring.
+SHAPES = [(5, 37, 24, 50), (3, 37, 100, 21), (4, 70, 136, 45), (3, 65, 520, 40), (3, 33, 1024, 19),
+          (3, 5, 8, 3), (2, 1, 64, 130)]
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("Dv", VALUES)
+@pytest.mark.parametrize("device", DEVICES)
+def test_values_and_gradients(device, Dv, shape, dtype):
+    h, mask, W, v = make_inputs(*shape, Dv=Dv, dtype=dtype, device=device, empty_rows=[1] if shape[0] > 2 else [])
+    ctx, gh, _, *gv = assert_matches_reference(h, mask, W, v)
+    real = mask.cpu()
+    assert (gh.cpu()[~real] == 0).all() and all((g.cpu()[~real] == 0).all() for g in gv), "padding: no gradient"
+    assert (ctx.cpu()[~real.any(1)] == 0).all(), "a row with no real token gives zeros"
+
+
 @pytest.mark.parametrize("padding", ["end", "anywhere", "none"])
-def test_values_float32(padding, Dv):
-    h, mask, W = make_inputs(5, 37, 24, 50, padding=padding)
-    assert_values_match_reference(h, mask, W, make_values(h, Dv))
+@pytest.mark.parametrize("Dv", [None, 24])
+@pytest.mark.parametrize("device", DEVICES)
+def test_log_sum_exp(device, Dv, padding):
+    h, mask, W, v = make_inputs(4, 30, 16, 20, Dv=Dv, device=device, padding=padding, empty_rows=[2])
+    _, lse = OP(h, mask, W, v)
+    s = torch.einsum("ld,bnd->bln", W.double().cpu(), h.double().cpu())
+    want = torch.logsumexp(s.masked_fill(~mask.cpu().unsqueeze(1), -math.inf), dim=-1)
+    assert lse.dtype == torch.float32 and lse.shape == (4, 20)
+    close(lse.cpu()[[0, 1, 3]], want[[0, 1, 3]], 1e-6, "lse")
+    assert torch.isinf(lse[2]).all() and (lse[2] > 0).all(), "+inf for a row with no real token"
 
 
-def test_values_none_is_unchanged_and_equals_values_h():
-    """v=None is the kernel of before (checked against the reference above); v = a copy of h gives the
-    same ctx, and grad_h without values is the sum of grad_h and grad_v with them."""
-    h, mask, W = make_inputs(4, 30, 16, 40, padding="anywhere", empty_rows=[1])
+@pytest.mark.parametrize("Dv", [None, 3, 9])
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_float64(device, Dv):
+    h, mask, W, v = make_inputs(3, 6, 4, 5, Dv=Dv, dtype=torch.float64, device=device, empty_rows=[1])
+    leaves = [t.requires_grad_() for t in (h, W) + (() if v is None else (v,))]
+    fn = (lambda h, W: ops.label_attention(h, mask, W)) if v is None else \
+        (lambda h, W, v: ops.label_attention(h, mask, W, v))
+    assert torch.autograd.gradcheck(fn, leaves)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("requires_grad", [False, True])
+@pytest.mark.parametrize("Dv", [None, 16])
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device, Dv, requires_grad, dtype):
+    h, mask, W, v = make_inputs(3, 7, 8, 6, Dv=Dv, dtype=dtype, device=device, empty_rows=[0])
+    for t in (h, W, v):
+        if t is not None:
+            t.requires_grad_(requires_grad)
+    torch.library.opcheck(OP, (h, mask, W, v))
+    with torch.no_grad():  # the backward op's inputs: saved tensors, not differentiated through
+        ctx, lse = OP(h, mask, W, v)
+    torch.library.opcheck(OP_BACKWARD, (torch.randn_like(ctx), h.detach(), mask, W.detach(),
+                                        None if v is None else v.detach(), ctx, lse))
+
+
+@pytest.mark.parametrize("Dv", [None, 12])
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_padding_rows_give_zeros_and_zero_gradients(device, Dv):
+    h, mask, W, v = make_inputs(4, 10, 8, 6, Dv=Dv, device=device, padding="end", empty_rows=[1, 3])
+    out, gh, gW, *gv = assert_matches_reference(h, mask, W, v)
+    assert (out[[1, 3]] == 0).all() and (gh[[1, 3]] == 0).all() and all((g[[1, 3]] == 0).all() for g in gv)
+    grad = torch.randn_like(out)
+    # grad_W gets nothing from the empty rows
+    keep = lambda t: None if t is None else t[[0, 2]]  # noqa: E731
+    gW_rest = run(ops.label_attention, keep(h), keep(mask), W, keep(v), grad[[0, 2]])[2]
+    close(run(ops.label_attention, h, mask, W, v, grad)[2], gW_rest, 1e-6, "grad_W")
+    # every row empty
+    for t in run(ops.label_attention, h, torch.zeros_like(mask), W, v, grad):
+        assert (t == 0).all()
+
+
+@pytest.mark.parametrize("B, N, L", [(0, 6, 5), (2, 0, 5), (2, 6, 0)])
+@pytest.mark.parametrize("Dv", [None, 7])
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_sizes(device, Dv, B, N, L):
+    h = torch.randn(B, N, 16, device=device)
+    v = None if Dv is None else torch.randn(B, N, Dv, device=device)
+    W = torch.randn(L, 16, device=device)
+    mask = torch.ones(B, N, dtype=torch.bool, device=device)
+    ctx, lse = OP(h, mask, W, v)
+    assert ctx.shape == (B, L, Dv or 16) and lse.shape == (B, L)
+    assert (ctx == 0).all() and (torch.isinf(lse) & (lse > 0)).all()  # no real token anywhere
+    gh, gW, gv = OP_BACKWARD(torch.ones_like(ctx), h, mask, W, v, ctx, lse)
+    assert gh.shape == h.shape and gW.shape == W.shape and (gh == 0).all() and (gW == 0).all()
+    assert gv.shape == ((0,) if v is None else v.shape) and (gv == 0).all()
+
+
+@pytest.mark.parametrize("Dv", [None, 13])
+@pytest.mark.parametrize("device", DEVICES)
+def test_padding_is_never_read(device, Dv):
+    """Whatever sits in the padding of h and v (here NaN) changes nothing, and gets zero gradient."""
+    h, mask, W, v = make_inputs(3, 16, 8, 5, Dv=Dv, device=device, padding="none")
+    mask[0, 5:9] = False   # a hole
+    mask[1, ::2] = False   # every other token
+    mask[2, :3] = False    # leading and trailing padding
+    mask[2, -3:] = False
+    ours = assert_matches_reference(h, mask, W, v)
+    pad = ~mask.unsqueeze(-1)
+    nan = lambda t: None if t is None else t.masked_fill(pad, float("nan"))  # noqa: E731
+    grad = torch.randn_like(ours[0])
+    for a, b in zip(run(ops.label_attention, h, mask, W, v, grad), run(ops.label_attention, nan(h), mask, W, nan(v),
+                                                                       grad)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("Dv", [None, 6])
+@pytest.mark.parametrize("device", DEVICES)
+def test_single_token(device, Dv):
+    h, mask, W, v = make_inputs(3, 1, 8, 4, Dv=Dv, device=device, padding="none")
+    out = assert_matches_reference(h, mask, W, v)[0]
+    values = h if v is None else v
+    torch.testing.assert_close(out, values.expand(3, 4, values.shape[2]))  # one token: its value, for every label
+
+
+@pytest.mark.parametrize("L", [1, 127, 129, 300])
+@pytest.mark.parametrize("Dv", [None, 40])
+@pytest.mark.parametrize("device", DEVICES)
+def test_label_counts_around_the_block_sizes(device, Dv, L):
+    assert_matches_reference(*make_inputs(3, 13, 8, L, Dv=Dv, device=device))
+
+
+@pytest.mark.parametrize("Dv", [None, 20])
+@pytest.mark.parametrize("device", DEVICES)
+def test_rows_longer_than_a_token_tile(device, Dv):
+    """More real tokens than one score tile (CPU: 256) or chunk (CUDA: 32): the online softmax across them."""
+    h, mask, W, v = make_inputs(2, 1300, 8, 5, Dv=Dv, device=device)
+    mask[0] = True
+    assert_matches_reference(h, mask, W, v)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_row_lengths_at_tile_edges(device):
+    """Real-token counts on and around the multiples of 16 (CPU row padding), 32 (CUDA chunks) and 256."""
+    counts = [1, 15, 16, 17, 31, 32, 33, 255, 256, 257, 272, 513]
+    h, _, W, v = make_inputs(len(counts), 520, 8, 6, Dv=24, device=device)
+    mask = (torch.arange(520).unsqueeze(0) < torch.tensor(counts).unsqueeze(1)).to(device)
+    assert_matches_reference(h, mask, W, None)
+    assert_matches_reference(h, mask, W, v)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_scores_are_stable(device):
+    """Scores near +-5000 (exp overflows float32 beyond 88) with moderate differences between tokens:
+    the result is the float64 softmax, up to the float32 rounding of the scores (ulp(5000) ~ 5e-4)."""
+    h, mask, W, _ = make_inputs(3, 25, 16, 8, device=device)
+    h[..., 0] = 1000.0
+    W[:, 0] = torch.tensor([5.0, -5.0, 4.0, -4.0, 3.0, 2.0, -1.0, 1.0], device=device)
+    ctx, lse = OP(h, mask, W)
+    ref = reference64(h, mask, W, None, torch.ones_like(ctx))
+    s = torch.einsum("ld,bnd->bln", W.double().cpu(), h.double().cpu())
+    lse64 = torch.logsumexp(s.masked_fill(~mask.cpu().unsqueeze(1), -math.inf), dim=-1)
+    assert lse64.abs().max() > 4000
+    torch.testing.assert_close(lse.double().cpu(), lse64, atol=0, rtol=1e-6)
+    torch.testing.assert_close(ctx.double().cpu(), ref[0], atol=3e-3, rtol=1e-5)
+
+
+@pytest.mark.parametrize("Dv", [None, 10])
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(device, Dv):
+    h, mask, W, v = make_inputs(4, 11, 16, 9, Dv=Dv, device=device)
+    strided = lambda t: None if t is None else t.transpose(-1, -2).contiguous().transpose(-1, -2)  # noqa: E731
+    mask_nc = torch.stack([mask, ~mask], dim=-1)[..., 0]
+    assert not (strided(h).is_contiguous() or strided(W).is_contiguous() or mask_nc.is_contiguous())
+    ours = assert_matches_reference(strided(h), mask_nc, strided(W), strided(v))
+    for a, b in zip(ours, assert_matches_reference(h, mask, W, v)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("Dv", [None, 24])
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_is_deterministic(device, Dv, dtype):
+    h, mask, W, v = make_inputs(5, 70, 136, 300, Dv=Dv, dtype=dtype, device=device, seed=5)
+    ctx, lse = OP(h, mask, W, v)
+    grad = torch.randn_like(ctx)
+    first = OP_BACKWARD(grad, h, mask, W, v, ctx, lse)
+    for a, b in zip(first, OP_BACKWARD(grad, h, mask, W, v, ctx, lse)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_values_h_are_the_kernel_without_values(device):
+    """v = a copy of h gives the same ctx and lse as v=None, and grad_h without values is the sum of
+    grad_h and grad_v with them; without values grad_v is empty."""
+    h, mask, W, _ = make_inputs(4, 30, 16, 40, device=device, empty_rows=[1])
     ctx, lse = OP(h, mask, W)
     ctx_v, lse_v = OP(h, mask, W, h.clone())
-    assert torch.equal(ctx, ctx_v) and torch.equal(lse, lse_v)
+    torch.testing.assert_close(ctx_v, ctx, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(lse_v, lse, atol=1e-6, rtol=1e-6)  # +inf on the empty row
     g = torch.randn_like(ctx)
     gh, gW, gv = OP_BACKWARD(g, h, mask, W, None, ctx, lse)
-    assert gv.numel() == 0 and gv.dtype == h.dtype
+    assert gv.numel() == 0 and gv.dtype == h.dtype and gv.device == h.device
     gh_v, gW_v, gv_v = OP_BACKWARD(g, h, mask, W, h.clone(), ctx, lse)
     assert gv_v.shape == h.shape
-    torch.testing.assert_close(gh, gh_v + gv_v, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(gW, gW_v, atol=1e-5, rtol=1e-5)
-    assert_matches_reference(h, mask, W)
+    close(gh_v + gv_v, gh, 1e-5, "grad_h")
+    close(gW_v, gW, 1e-5, "grad_W")
 
 
-def test_values_fold_a_linear_layer():
+@pytest.mark.parametrize("device", DEVICES)
+def test_values_fold_a_linear_layer(device):
     """What the model does with values: Linear(attention(h)) = attention(h, values = Linear(h)) on rows
     with a real token (a row with none gives zeros, where the unfused head gives the bias)."""
-    h, mask, W = make_inputs(4, 25, 32, 30, padding="anywhere", empty_rows=[3])
-    fc = torch.nn.Linear(32, 12)
+    h, mask, W, _ = make_inputs(4, 25, 32, 30, device=device, empty_rows=[3])
+    fc = torch.nn.Linear(32, 12).to(device)
     unfused = fc(ops.label_attention(h, mask, W))
     fused = ops.label_attention(h, mask, W, fc(h))
-    torch.testing.assert_close(fused[:3], unfused[:3], atol=1e-5, rtol=1e-5)
+    close(fused[:3], unfused[:3], 1e-5, "ctx")
     assert (fused[3] == 0).all()
     g = torch.randn_like(fused)
     g[3] = 0
     gu = torch.autograd.grad(unfused, list(fc.parameters()), g)
     gf = torch.autograd.grad(fused, list(fc.parameters()), g)
     for a, b in zip(gf, gu):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+        close(a, b, 1e-5, "fc gradient")
 
 
-@pytest.mark.parametrize("Dv", [3, 9])
-def test_values_gradcheck_float64(Dv):
-    h, mask, W = make_inputs(3, 6, 4, 5, dtype=torch.float64, padding="anywhere", empty_rows=[1])
-    v = make_values(h, Dv)
-    for t in (h, W, v):
-        t.requires_grad_()
-    assert torch.autograd.gradcheck(lambda h, W, v: ops.label_attention(h, mask, W, v), (h, W, v))
+# (D, Dv, dtype): the model's widths (D = 512 or 1024, values = the first FC layer's 256), and
+# D = Dv = 1024, whose tensor-core tiles do not fit in shared memory.
+MODEL_WIDTHS = [(512, None, torch.float32), (512, 256, torch.bfloat16), (1024, 256, torch.bfloat16),
+                (1024, 256, torch.float16), (1024, 1024, torch.bfloat16), (512, 256, torch.float32)]
 
 
-@pytest.mark.parametrize("requires_grad", [False, True])
-def test_values_opcheck(requires_grad):
-    h, mask, W = make_inputs(3, 7, 8, 6, padding="anywhere", empty_rows=[0])
-    v = make_values(h, 5)
-    for t in (h, W, v):
-        t.requires_grad_(requires_grad)
-    torch.library.opcheck(OP, (h, mask, W, v))
+@pytest.mark.parametrize("D, Dv, dtype", MODEL_WIDTHS, ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_model_widths(device, D, Dv, dtype):
+    """A realistic length (300 tokens) and label count (L = 257: a multiple of no tile)."""
+    assert_matches_reference(*make_inputs(4, 300, D, 257, Dv=Dv, dtype=dtype, device=device, seed=3))
 
 
-def test_values_opcheck_backward():
-    h, mask, W = make_inputs(3, 7, 8, 6, padding="anywhere", empty_rows=[0])
-    v = make_values(h, 11)
-    ctx, lse = OP(h, mask, W, v)
-    torch.library.opcheck(OP_BACKWARD, (torch.randn_like(ctx), h, mask, W, v, ctx, lse))
+@pytest.mark.cuda
+@pytest.mark.parametrize("Dv", [None, 24])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("device", ["cuda"])
+def test_misaligned_view_takes_the_simple_path(device, dtype, Dv):
+    """h and v as views 2 bytes off a 16-byte boundary: the simple kernels, same results as the tensor cores."""
+    h, mask, W, v = make_inputs(3, 40, 136, 33, Dv=Dv, dtype=dtype, device=device, seed=4)
+
+    def misaligned(t):
+        buf = torch.empty(t.numel() + 1, dtype=dtype, device=device)
+        return buf[1:].view_as(t).copy_(t)
+
+    hm, vm = misaligned(h), None if v is None else misaligned(v)
+    assert hm.data_ptr() % 16 != 0
+    simple = assert_matches_reference(hm, mask, W, vm)
+    tensor_cores = assert_matches_reference(h, mask, W, v)
+    for what, a, b in zip(("ctx", "grad_h", "grad_W", "grad_v"), simple, tensor_cores):
+        close(a, b, 5 * TOL[dtype], what + ", simple vs tensor cores")
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
-@pytest.mark.parametrize("Dv", [16, 48])
-def test_values_half_precision(dtype, tol, Dv):
-    h, mask, W = make_inputs(4, 40, 32, 70, dtype=dtype, padding="anywhere")
-    v = make_values(h, Dv)
-    g = torch.randn(4, 70, Dv, dtype=dtype)
-    ours = grads_v(ops.label_attention, h, mask, W, v, g)
-    assert all(t.dtype == dtype for t in ours)
-    # the reference on the same rounded inputs, in float32 (what the kernel accumulates in)
-    ref = grads_v(ops.label_attention_reference, h.float(), mask, W.float(), v.float(), g.float())
-    for a, b in zip(ours, ref):
-        torch.testing.assert_close(a.float(), b, atol=tol * b.abs().max().item(), rtol=tol)
-
-
-def test_values_padding_in_the_middle_of_rows_and_never_read():
-    h, mask, W = make_inputs(3, 16, 8, 5, padding="none")
-    mask[0, 5:9] = False   # a hole
-    mask[1, ::2] = False   # every other token
-    mask[2, :3] = False    # leading and trailing padding
-    mask[2, -3:] = False
-    v = make_values(h, 13)
-    ours = assert_values_match_reference(h, mask, W, v)
-    # NaN in the padding of h and v changes nothing, and the padding gets zero gradient
-    pad = ~mask.unsqueeze(-1)
-    g = torch.randn(3, 5, 13)
-    g_ref = grads_v(ops.label_attention, h, mask, W, v, g)
-    nan = grads_v(ops.label_attention, h.masked_fill(pad, float("nan")), mask, W, v.masked_fill(pad, float("nan")), g)
-    for a, b in zip(g_ref, nan):
-        assert torch.equal(a, b)
-    assert (ours[1][~mask] == 0).all() and (ours[3][~mask] == 0).all()
-
-
-def test_values_all_padding_rows():
-    h, mask, W = make_inputs(4, 10, 8, 6, empty_rows=[1, 3])
-    v = make_values(h, 12)
-    out, gh, gW, gv = assert_values_match_reference(h, mask, W, v)
-    assert (out[[1, 3]] == 0).all() and (gh[[1, 3]] == 0).all() and (gv[[1, 3]] == 0).all()
-    g = torch.randn(4, 6, 12)
-    out, gh, gW, gv = grads_v(ops.label_attention, h, torch.zeros_like(mask), W, v, g)
-    assert (out == 0).all() and (gh == 0).all() and (gW == 0).all() and (gv == 0).all()
-
-
-def test_values_single_token():
-    h, mask, W = make_inputs(3, 1, 8, 4, padding="none")
-    v = make_values(h, 6)
-    out, _, _, _ = assert_values_match_reference(h, mask, W, v)
-    torch.testing.assert_close(out, v.expand(3, 4, 6))  # one token: its value, for every label
-
-
-def test_values_rows_longer_than_a_token_tile():
-    """The online softmax across tiles rescales a [labels, Dv] accumulator."""
-    h, mask, W = make_inputs(2, 600, 8, 5, padding="anywhere")
-    mask[0] = True
-    assert_values_match_reference(h, mask, W, make_values(h, 20))
-
-
-@pytest.mark.parametrize("threads", [1, 3])
-def test_values_any_thread_count(threads):
-    """Rows cut between threads: partial sums of grad_h and grad_v."""
+@pytest.mark.parametrize("threads", [1, 3, 5])
+@pytest.mark.parametrize("Dv", [None, 40])
+def test_cpu_any_thread_count(Dv, threads):
+    """CPU: work split over more threads than rows cuts rows between threads: their grad_h (and grad_v)
+    partial sums."""
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        h, mask, W = make_inputs(2, 30, 16, 700, padding="end")
-        assert_values_match_reference(h, mask, W, make_values(h, 40))
+        assert_matches_reference(*make_inputs(2, 30, 16, 700, Dv=Dv, padding="end"))
     finally:
         torch.set_num_threads(saved)
 
 
-def test_values_non_contiguous():
-    h, mask, W = make_inputs(3, 11, 16, 9, padding="anywhere")
-    v = make_values(h, 10).transpose(1, 2).contiguous().transpose(1, 2)
-    assert not v.is_contiguous()
-    assert_values_match_reference(h, mask, W, v)
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # said by mkldnn.flags()
+@pytest.mark.parametrize("Dv", [None, 24])
+def test_cpu_blas_fallback_without_onednn(Dv):
+    """CPU: with oneDNN switched off, the float32 tiles go to ATen's BLAS instead: same results."""
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert_matches_reference(*make_inputs(3, 40, 16, 150, Dv=Dv))
 
 
-def test_values_bad_inputs():
-    h, mask, W = make_inputs(2, 5, 4, 3)
-    v = make_values(h, 6)
-    for bad, message in [(v[:, :-1], "v must be"), (v[0], "v must be"), (v.double(), "v must have h's dtype")]:
-        with pytest.raises(ValueError, match="^label_attention: " + message):
-            OP(h, mask, W, bad)
-        with pytest.raises(ValueError, match="^label_attention: " + message):
-            ops.label_attention(h, mask, W, bad)
-    ctx, lse = OP(h, mask, W, v)
-    with pytest.raises(ValueError, match=r"^label_attention: grad_ctx and ctx must be \[B,L,Dv\]"):
-        OP_BACKWARD(torch.randn(2, 3, 4), h, mask, W, v, ctx, lse)
+@pytest.mark.parametrize("device", DEVICES)
+def test_public_function_runs_the_compiled_kernel(device, monkeypatch):
+    h, mask, W, v = make_inputs(3, 9, 8, 5, Dv=7, device=device)
+    expected = OP(h, mask, W, v)[0]
+
+    def reference_must_not_run(*args):
+        raise AssertionError("ops.label_attention fell back to the reference")
+
+    monkeypatch.setattr(ops, "label_attention_reference", reference_must_not_run)
+    assert torch.equal(ops.label_attention(h, mask, W, v), expected)
+    assert torch.equal(ops.label_attention(h, mask.to(torch.uint8), W, v), expected)  # any mask dtype, as bool
 
 
-def test_supports_values(monkeypatch):
-    assert ops.label_attention_supports_values("cpu")
-    assert ops.label_attention_supports_values(torch.device("cpu"))
-    # CUDA: yes where the reference serves it, no where the compiled CUDA kernel does
-    monkeypatch.setattr(ops, "has_kernel", lambda op, device_type: True)
-    assert not ops.label_attention_supports_values("cuda")
-    monkeypatch.setattr(ops, "has_kernel", lambda op, device_type: device_type == "cpu")
-    assert ops.label_attention_supports_values("cuda:0")
-    assert ops.label_attention_supports_values("cpu")
-
-
-def test_values_with_the_reference_fallback():
-    """Without the compiled extension, label_attention(..., v) is the reference and says it supports values."""
-    code = ("import warnings, torch; warnings.simplefilter('ignore')\n"
-            "from xmcnas_fast import ops\n"
-            "assert not ops.EXTENSION_LOADED and ops.label_attention_supports_values('cpu')\n"
-            "torch.manual_seed(0)\n"
-            "h, W, v = torch.randn(2, 5, 4), torch.randn(3, 4), torch.randn(2, 5, 6)\n"
-            "m = torch.tensor([[1, 1, 0, 1, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)\n"
-            "print(ops.label_attention(h, m, W, v).tolist())\n")
-    env = {**os.environ, "XMCNAS_DISABLE_EXTENSION": "1"}
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
-    assert res.returncode == 0, res.stderr
-    torch.manual_seed(0)
-    h, W, v = torch.randn(2, 5, 4), torch.randn(3, 4), torch.randn(2, 5, 6)
-    m = torch.tensor([[1, 1, 0, 1, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)
-    torch.testing.assert_close(torch.tensor(json.loads(res.stdout)), OP(h, m, W, v)[0])
+def test_supports_values_everywhere():
+    for device in ("cpu", "cuda", torch.device("cuda:0")):
+        assert ops.label_attention_supports_values(device)

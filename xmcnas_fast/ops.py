@@ -1,16 +1,18 @@
 """The one Python face of xmcnas_fast's kernels.
 
 Each operator has
-  * a schema in csrc/ops.cpp and kernels in csrc/cpu/ and csrc/cuda/;
+  * a schema in csrc/ops.cpp and kernels in csrc/cpu/ and csrc/cuda/, which
+    accept and refuse the same inputs with the same messages (csrc/checks.h,
+    and its Python twin op_contracts.py for the references and fakes);
   * here: its fake (meta) implementation and autograd registration, so that it
     works under autograd and torch.compile;
   * here too: a plain-PyTorch reference, the oracle of the tests and the
     fallback when the compiled extension is missing or was built for another
-    torch (a warning says so once, at import).
+    torch (a warning says so once, at import). The references check their
+    inputs as the kernels do, with the very same messages.
 
-Public functions: label_attention (and label_attention_supports_values),
-topk_metrics, layer_sum. Use these, never
-torch.ops.xmcnas_fast directly: they choose the compiled op or the reference.
+Public functions: label_attention, topk_metrics, layer_sum, dropout. Use these,
+never torch.ops.xmcnas_fast directly: they choose the compiled op or the reference.
 """
 from __future__ import annotations
 
@@ -22,10 +24,12 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .op_contracts import check_label_attention_inputs, check_layer_sum_inputs, check_topk_metrics_inputs
+
 __all__ = [
-    "label_attention", "label_attention_supports_values", "topk_metrics", "layer_sum",
-    "label_attention_reference", "topk_metrics_reference", "layer_sum_reference",
-    "EXTENSION_LOADED", "extension_status",
+    "label_attention", "label_attention_supports_values", "topk_metrics", "layer_sum", "dropout",
+    "label_attention_reference", "topk_metrics_reference", "layer_sum_reference", "dropout_reference",
+    "EXTENSION_LOADED", "extension_status", "has_kernel",
 ]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -90,26 +94,15 @@ def label_attention_reference(h: torch.Tensor, mask: torch.Tensor, W: torch.Tens
     """AttentionXML's MLAttention: scores [B,L,N] materialised, masked softmax over tokens.
 
     The values are v [B,N,Dv] if given, else h. A row without any real token
-    gives a zero context (not NaN).
+    gives a zero context (not NaN). Inputs as label_attention takes them.
     """
-    scores = torch.matmul(W.float(), h.float().transpose(1, 2))          # [B, L, N]
-    m = mask.bool().unsqueeze(1)                                         # [B, 1, N]
+    check_label_attention_inputs(h, mask, W, v)
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    scores = torch.matmul(W.to(acc), h.to(acc).transpose(1, 2))         # [B, L, N]
+    m = mask.unsqueeze(1)                                                # [B, 1, N]
     scores = scores.masked_fill(~m, torch.finfo(scores.dtype).min)
     p = torch.softmax(scores, dim=-1) * m                                # all-padding rows -> 0
-    return torch.matmul(p, (h if v is None else v).float()).to(h.dtype)  # [B, L, Dv]
-
-
-def _check_csr(indptr: torch.Tensor, indices: torch.Tensor, rows: int) -> None:
-    if indptr.dim() != 1 or indptr.numel() != rows + 1:
-        raise ValueError(f"topk_metrics: indptr must have R+1 = {rows + 1} entries, has shape {tuple(indptr.shape)}")
-    if indices.dim() != 1:
-        raise ValueError("topk_metrics: indices must be 1-D")
-    if int(indptr[0]) != 0 or int(indptr[-1]) != indices.numel():
-        raise ValueError(f"topk_metrics: indptr must start at 0 and end at len(indices) = {indices.numel()}")
-    if rows and bool((indptr[1:] < indptr[:-1]).any()):
-        raise ValueError("topk_metrics: indptr must be non-decreasing")
-    if indices.numel() and int(indices.min()) < 0:
-        raise ValueError("topk_metrics: label indices must be >= 0")
+    return torch.matmul(p, (h if v is None else v).to(acc)).to(h.dtype)  # [B, L, Dv]
 
 
 def topk_metrics_reference(scores: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor, k: int,
@@ -119,17 +112,22 @@ def topk_metrics_reference(scores: torch.Tensor, indptr: torch.Tensor, indices: 
     Truth indices >= L (labels the model cannot score, e.g. unseen in training)
     count as true labels that are never hit. Returns (sums [4,k] float64, topk [R,k] int64).
     """
+    check_topk_metrics_inputs(scores, indptr, indices, k, inv_prop)
     R, L = scores.shape
-    if not 1 <= k <= L:
-        raise ValueError(f"topk_metrics: k must be in [1, L={L}], got {k}")
-    _check_csr(indptr, indices, R)
+    n_total = L if inv_prop is None else inv_prop.numel()
+    ptr = indptr.cpu().long()
+    ids = indices.cpu().long()
+    if int(ptr[0]) != 0 or int(ptr[-1]) != ids.numel():
+        raise ValueError(f"topk_metrics: indptr must start at 0 and end at len(indices) = {ids.numel()}")
+    if R and bool((ptr[1:] < ptr[:-1]).any()):
+        raise ValueError("topk_metrics: indptr must be non-decreasing")
+    if ids.numel() and int(ids.min()) < 0:
+        raise ValueError("topk_metrics: label indices must be >= 0")
+    if ids.numel() and int(ids.max()) >= n_total:
+        raise ValueError(f"topk_metrics: a label index is >= the number of labels ({n_total})")
     if bool(torch.isnan(scores).any()):
         raise ValueError("topk_metrics: scores contain NaN")
-    if inv_prop is not None and inv_prop.numel() < L:
-        raise ValueError(f"topk_metrics: inv_prop has {inv_prop.numel()} entries for {L} labels")
-    n_total = L if inv_prop is None else max(L, inv_prop.numel())
-    if indices.numel() and int(indices.max()) >= n_total:
-        raise ValueError(f"topk_metrics: a label index is >= the number of labels ({n_total})")
+    indptr, indices = ptr, ids
     topk = torch.sort(scores.float().cpu() if scores.dtype != torch.float64 else scores.cpu(),
                       dim=1, descending=True, stable=True).indices[:, :k]
     counts = (indptr[1:] - indptr[:-1]).cpu()
@@ -155,7 +153,8 @@ def topk_metrics_reference(scores: torch.Tensor, indptr: torch.Tensor, indices: 
 
 
 def layer_sum_reference(xs: Sequence[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
-    """sum_i w[i] * xs[i], through a stacked copy (what the kernel avoids)."""
+    """sum_i w[i] * xs[i], through a stacked copy (what the kernel avoids). Inputs as layer_sum takes them."""
+    check_layer_sum_inputs(xs, w)
     return (torch.stack(list(xs), 0) * w.to(xs[0].dtype).view(-1, *([1] * xs[0].dim()))).sum(0)
 
 
@@ -172,8 +171,7 @@ if EXTENSION_LOADED:
 
     @torch.library.register_fake("xmcnas_fast::label_attention")
     def _label_attention_fake(h, mask, W, v=None):
-        torch._check(h.dim() == 3 and W.dim() == 2 and mask.dim() == 2)
-        torch._check(v is None or v.dim() == 3)
+        check_label_attention_inputs(h, mask, W, v)  # the kernels' contract, under torch.compile too
         B, L, Dv = h.shape[0], W.shape[0], (h if v is None else v).shape[2]
         return h.new_empty(B, L, Dv), h.new_empty(B, L, dtype=torch.float32)
 
@@ -198,12 +196,13 @@ if EXTENSION_LOADED:
 
     @torch.library.register_fake("xmcnas_fast::topk_metrics")
     def _topk_metrics_fake(scores, indptr, indices, k, inv_prop=None):
+        check_topk_metrics_inputs(scores, indptr, indices, k, inv_prop)
         return (scores.new_empty(4, k, dtype=torch.float64),
                 scores.new_empty(scores.shape[0], k, dtype=torch.int64))
 
     @torch.library.register_fake("xmcnas_fast::layer_sum")
     def _layer_sum_fake(xs, w):
-        torch._check(len(xs) == w.shape[0])
+        check_layer_sum_inputs(xs, w)
         return torch.empty_like(xs[0])
 
     @torch.library.register_fake("xmcnas_fast::layer_sum_backward")
@@ -254,42 +253,33 @@ def label_attention(h: torch.Tensor, mask: torch.Tensor, W: torch.Tensor,
                     v: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Label-wise attention (AttentionXML's MLAttention) without the [B,L,N] score tensor.
 
-    h: [B,N,D] token states (float32, bfloat16 or float16); mask: [B,N] bool,
-    True for real tokens; W: [L,D] one attention vector per label, same dtype as h;
-    v: optional values [B,N,Dv], same dtype as h (h itself when None).
-    Returns ctx [B,L,Dv]: ctx[b,l] = sum_n softmax_n(W[l] . h[b,n] over real tokens) v[b,n];
-    a row with no real token gives zeros.
+    h: [B,N,D] token states (float32, bfloat16, float16 or float64); mask: [B,N],
+    True (nonzero) for real tokens; W: [L,D] one attention vector per label, in h's
+    dtype; v: optional values [B,N,Dv], in h's dtype (h itself when None); all on
+    one device. Returns ctx [B,L,Dv] in h's dtype:
+    ctx[b,l] = sum_n softmax_n(W[l] . h[b,n] over real tokens) v[b,n]; a row with
+    no real token gives zeros. Other inputs raise ValueError, with the same
+    message on every device and from the reference fallback.
 
     Since the weights of a row sum to 1, a linear layer after the attention
     folds into the values: Linear(label_attention(h, mask, W)) equals
     label_attention(h, mask, W, Linear(h)) on rows with a real token (rows
-    without one give zeros instead of the bias). On CUDA, separate values are
-    not implemented yet: see label_attention_supports_values.
+    without one give zeros instead of the bias).
     """
-    if h.dim() != 3 or W.dim() != 2 or mask.shape != h.shape[:2] or W.shape[1] != h.shape[2]:
-        raise ValueError(f"label_attention: expected h [B,N,D], mask [B,N], W [L,D]; got "
-                         f"{tuple(h.shape)}, {tuple(mask.shape)}, {tuple(W.shape)}")
-    if v is not None:
-        if v.dim() != 3 or v.shape[:2] != h.shape[:2]:
-            raise ValueError(f"label_attention: v must be [B,N,Dv] with [B,N] = {tuple(h.shape[:2])}, "
-                             f"got {tuple(v.shape)}")
-        if v.dtype != h.dtype or v.device != h.device:
-            raise ValueError(f"label_attention: v must have h's dtype and device ({h.dtype}, {h.device}), "
-                             f"got {v.dtype}, {v.device}")
+    mask = mask.bool()
     if _compiled("label_attention", h.device):
-        return torch.ops.xmcnas_fast.label_attention(h, mask.bool(), W, v)[0]
+        return torch.ops.xmcnas_fast.label_attention(h, mask, W, v)[0]
     return label_attention_reference(h, mask, W, v)
 
 
 def label_attention_supports_values(device) -> bool:
-    """Whether label_attention(h, mask, W, v) with separate values runs on `device`.
+    """Whether label_attention(h, mask, W, v) with separate values runs on `device`: on every device.
 
-    True where the compiled CPU kernel or the reference fallback serves the
-    device; False on CUDA with the compiled kernels, whose separate-values path
-    does not exist yet (the op raises NotImplementedError there).
+    Kept for callers written when the CUDA kernels lacked separate values; new
+    code can pass v unconditionally.
     """
-    device = torch.device(device)
-    return not (device.type == "cuda" and _compiled("label_attention", device))
+    torch.device(device)  # still refuses what is not a device
+    return True
 
 
 def topk_metrics(scores: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor, k: int,
@@ -305,10 +295,9 @@ def topk_metrics(scores: torch.Tensor, indptr: torch.Tensor, indices: torch.Tens
     hits in the top j, nDCG@j, propensity-weighted hits in the top j, and the
     best propensity-weighted hits achievable in j (PSP@j = sums[2]/sums[3]);
     topk [R,k] int64, the label ids ranked first.
-    Raises ValueError on NaN scores, k outside [1, L] or a malformed CSR.
+    Raises ValueError on NaN scores, k outside [1, L] or a malformed CSR, with
+    the same message on every device and from the reference fallback.
     """
-    if scores.dim() != 2:
-        raise ValueError(f"topk_metrics: scores must be [R, L], got {tuple(scores.shape)}")
     if _compiled("topk_metrics", scores.device):
         return torch.ops.xmcnas_fast.topk_metrics(scores, indptr, indices, int(k), inv_prop)
     return topk_metrics_reference(scores, indptr, indices, int(k), inv_prop)
@@ -317,14 +306,13 @@ def topk_metrics(scores: torch.Tensor, indptr: torch.Tensor, indices: torch.Tens
 def layer_sum(xs: Sequence[torch.Tensor], w: torch.Tensor) -> torch.Tensor:
     """Weighted layer-sum sum_i w[i] * xs[i] with no stacked copy of the inputs.
 
-    xs: K tensors of one shape and dtype; w: [K] (float32). Differentiable in xs and w.
+    xs: K >= 1 tensors of one shape and dtype (float32, float64, bfloat16 or
+    float16) on one device; w: [K], float32 or the inputs' dtype, on their
+    device. Differentiable in xs and w. Other inputs raise ValueError, with the
+    same message on every device and from the reference fallback.
     """
     xs = list(xs)
-    if not xs or w.dim() != 1 or w.shape[0] != len(xs):
-        raise ValueError(f"layer_sum: expected K tensors and w [K]; got {len(xs)} tensors and w {tuple(w.shape)}")
-    if any(x.shape != xs[0].shape for x in xs):
-        raise ValueError(f"layer_sum: all inputs must have one shape; got {[tuple(x.shape) for x in xs]}")
-    if _compiled("layer_sum", xs[0].device):
+    if _compiled("layer_sum", (xs[0] if xs else w).device):
         return torch.ops.xmcnas_fast.layer_sum(xs, w)
     return layer_sum_reference(xs, w)
 
@@ -337,7 +325,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True, relu: bool = False
     Out of training (or p == 0) it is the identity (or the ReLU).
     """
     if not 0.0 <= p < 1.0:
-        raise ValueError(f"dropout: p must be in [0, 1), got {p}")
+        raise ValueError(f"dropout: p must be in [0, 1), got {p:g}")  # as csrc/checks.h prints it
     if not training or p == 0.0:
         return F.relu(x) if relu else x
     if _compiled("dropout", x.device):

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../checks.h"
 #include "dropout_mask.h"
 
 namespace {
@@ -20,11 +21,7 @@ namespace {
 constexpr int64_t kGrain = 1 << 15;
 
 uint64_t check(const char* op, const at::Tensor& x, double p, const at::Tensor& seed) {
-  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, op, ": p must be in [0, 1), got ", p);
-  TORCH_CHECK_VALUE(at::isFloatingType(x.scalar_type()), op, ": expected a floating-point tensor, got ",
-                    x.scalar_type());
-  TORCH_CHECK_VALUE(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(), op,
-                    ": seed must be one int64 on the CPU");
+  xmcnas_fast::checks::dropout_inputs(op, x, p, seed);
   return static_cast<uint64_t>(*seed.const_data_ptr<int64_t>());
 }
 
@@ -60,8 +57,7 @@ at::Tensor dropout_cpu(const at::Tensor& x_, double p, const at::Tensor& seed, b
 at::Tensor dropout_backward_cpu(const at::Tensor& grad_, const at::Tensor& y_, double p, const at::Tensor& seed,
                                 bool relu) {
   const uint64_t s = check("dropout_backward", grad_, p, seed);
-  TORCH_CHECK_VALUE(grad_.sizes() == y_.sizes(), "dropout_backward: grad ", grad_.sizes(), " and output ",
-                    y_.sizes(), " differ in shape");
+  xmcnas_fast::checks::dropout_output(grad_, y_);
   const at::Tensor grad = grad_.contiguous();
   const at::Tensor y = relu ? y_.contiguous().to(grad.scalar_type()) : y_;
   at::Tensor gx = at::empty_like(grad);

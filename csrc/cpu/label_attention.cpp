@@ -42,6 +42,8 @@
 #include <utility>
 #include <vector>
 
+#include "../checks.h"
+
 namespace {
 
 constexpr int64_t kLabelBlock = 128;   // labels per task
@@ -240,33 +242,6 @@ void grad_scores(const acc_t* P, acc_t* dS, acc_t* PT, acc_t* dST, const acc_t* 
   }
 }
 
-void check_inputs(const at::Tensor& h, const at::Tensor& mask, const at::Tensor& W,
-                  const std::optional<at::Tensor>& v) {
-  TORCH_CHECK_VALUE(h.dim() == 3 && mask.dim() == 2 && W.dim() == 2,
-                    "label_attention: expected h [B,N,D], mask [B,N], W [L,D]; got h ", h.sizes(),
-                    ", mask ", mask.sizes(), ", W ", W.sizes());
-  TORCH_CHECK_VALUE(mask.size(0) == h.size(0) && mask.size(1) == h.size(1),
-                    "label_attention: mask must be [B,N] = ", h.sizes().slice(0, 2), ", got ", mask.sizes());
-  TORCH_CHECK_VALUE(W.size(1) == h.size(2), "label_attention: W must be [L, D=", h.size(2), "], got ",
-                    W.sizes());
-  TORCH_CHECK_VALUE(mask.scalar_type() == at::kBool, "label_attention: mask must be bool, got ",
-                    mask.scalar_type());
-  TORCH_CHECK_VALUE(W.scalar_type() == h.scalar_type(), "label_attention: W must have h's dtype (",
-                    h.scalar_type(), "), got ", W.scalar_type());
-  const auto t = h.scalar_type();
-  TORCH_CHECK_VALUE(t == at::kFloat || t == at::kBFloat16 || t == at::kHalf || t == at::kDouble,
-                    "label_attention: h must be float32, bfloat16, float16 or float64, got ", t);
-  TORCH_CHECK_VALUE(h.device().is_cpu() && mask.device().is_cpu() && W.device().is_cpu(),
-                    "label_attention: all inputs must be on the CPU");
-  if (!v) return;
-  TORCH_CHECK_VALUE(v->dim() == 3 && v->size(0) == h.size(0) && v->size(1) == h.size(1),
-                    "label_attention: v must be [B,N,Dv] with [B,N] = ", h.sizes().slice(0, 2), ", got ",
-                    v->sizes());
-  TORCH_CHECK_VALUE(v->scalar_type() == h.scalar_type(), "label_attention: v must have h's dtype (",
-                    h.scalar_type(), "), got ", v->scalar_type());
-  TORCH_CHECK_VALUE(v->device().is_cpu(), "label_attention: all inputs must be on the CPU");
-}
-
 // v: the values [B,N,Dv], or undefined for h itself (Dv = D).
 template <typename scalar_t>
 void forward_impl(const at::Tensor& h, const at::Tensor& mask, const at::Tensor& W, const at::Tensor& v,
@@ -342,7 +317,7 @@ void forward_impl(const at::Tensor& h, const at::Tensor& mask, const at::Tensor&
 std::tuple<at::Tensor, at::Tensor> label_attention_cpu(const at::Tensor& h_in, const at::Tensor& mask_in,
                                                        const at::Tensor& W_in,
                                                        const std::optional<at::Tensor>& v_in) {
-  check_inputs(h_in, mask_in, W_in, v_in);
+  xmcnas_fast::checks::label_attention_inputs(h_in, mask_in, W_in, v_in);
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // the ATen calls on tiles are not recorded
   const at::Tensor h = h_in.contiguous(), mask = mask_in.contiguous(), W = W_in.contiguous();
   const at::Tensor v = v_in ? v_in->contiguous() : at::Tensor();
@@ -492,19 +467,9 @@ void backward_impl(const at::Tensor& grad_ctx, const at::Tensor& h, const at::Te
 std::tuple<at::Tensor, at::Tensor, at::Tensor> label_attention_backward_cpu(
     const at::Tensor& grad_ctx_in, const at::Tensor& h_in, const at::Tensor& mask_in, const at::Tensor& W_in,
     const std::optional<at::Tensor>& v_in, const at::Tensor& ctx_in, const at::Tensor& lse_in) {
-  check_inputs(h_in, mask_in, W_in, v_in);
+  xmcnas_fast::checks::label_attention_inputs(h_in, mask_in, W_in, v_in);
+  xmcnas_fast::checks::label_attention_saved(h_in, W_in, v_in, grad_ctx_in, ctx_in, lse_in);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const int64_t B = h_in.size(0), Dv = v_in ? v_in->size(2) : h_in.size(2), L = W_in.size(0);
-  const std::vector<int64_t> ctx_shape{B, L, Dv}, lse_shape{B, L};
-  TORCH_CHECK_VALUE(grad_ctx_in.sizes() == ctx_shape && ctx_in.sizes() == ctx_shape,
-                    "label_attention: grad_ctx and ctx must be [B,L,Dv] = ", ctx_shape, ", got ",
-                    grad_ctx_in.sizes(), " and ", ctx_in.sizes());
-  TORCH_CHECK_VALUE(grad_ctx_in.scalar_type() == h_in.scalar_type() && ctx_in.scalar_type() == h_in.scalar_type(),
-                    "label_attention: grad_ctx and ctx must have h's dtype (", h_in.scalar_type(), "), got ",
-                    grad_ctx_in.scalar_type(), " and ", ctx_in.scalar_type());
-  TORCH_CHECK_VALUE(lse_in.sizes() == lse_shape && lse_in.scalar_type() == at::kFloat,
-                    "label_attention: lse must be float32 [B,L] = ", lse_shape, ", got ", lse_in.scalar_type(),
-                    " ", lse_in.sizes());
   const at::Tensor grad_ctx = grad_ctx_in.contiguous(), h = h_in.contiguous(), mask = mask_in.contiguous(),
                    W = W_in.contiguous(), ctx = ctx_in.contiguous(), lse = lse_in.contiguous();
   const at::Tensor v = v_in ? v_in->contiguous() : at::Tensor();

@@ -39,6 +39,8 @@
 #include <sys/mman.h>
 #endif
 
+#include "../checks.h"
+
 namespace {
 
 constexpr int64_t kBlock = 1024;  // elements per inner block (scratch stays in L1)
@@ -53,27 +55,10 @@ constexpr bool kDirect = std::is_same_v<scalar_t, at::opmath_type<scalar_t>>;
 
 // Checks the inputs shared by forward and backward; returns xs made contiguous.
 std::vector<at::Tensor> check_inputs(const char* op, at::TensorList xs, const at::Tensor& w) {
-  const int64_t K = static_cast<int64_t>(xs.size());
-  TORCH_CHECK_VALUE(K >= 1, op, ": expected at least one input tensor");
-  TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == K, op, ": expected w of shape [K] = [", K,
-                    "], got ", w.sizes());
-  const auto dt = xs[0].scalar_type();
-  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, op,
-                    ": inputs must be float32, float64, bfloat16 or float16, got ", dt);
-  TORCH_CHECK_VALUE(w.scalar_type() == at::kFloat || w.scalar_type() == dt, op,
-                    ": w must be float32 or the inputs' dtype (", dt, "), got ", w.scalar_type());
-  TORCH_CHECK_VALUE(w.device().is_cpu(), op, ": w must be on the CPU");
+  xmcnas_fast::checks::layer_sum_inputs(op, xs, w);
   std::vector<at::Tensor> out;
-  out.reserve(K);
-  for (int64_t i = 0; i < K; ++i) {
-    const at::Tensor& x = xs[i];
-    TORCH_CHECK_VALUE(x.sizes() == xs[0].sizes(), op, ": all inputs must have one shape; input ", i,
-                      " has ", x.sizes(), ", input 0 has ", xs[0].sizes());
-    TORCH_CHECK_VALUE(x.scalar_type() == dt, op, ": all inputs must have one dtype; input ", i, " is ",
-                      x.scalar_type(), ", input 0 is ", dt);
-    TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": input ", i, " is not on the CPU");
-    out.push_back(x.contiguous());
-  }
+  out.reserve(xs.size());
+  for (const at::Tensor& x : xs) out.push_back(x.contiguous());
   return out;
 }
 
@@ -266,10 +251,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> layer_sum_backward_cpu(const at:
                                                                        at::TensorList xs_in,
                                                                        const at::Tensor& w) {
   const std::vector<at::Tensor> xs = check_inputs("layer_sum_backward", xs_in, w);
-  TORCH_CHECK_VALUE(grad_in.sizes() == xs[0].sizes() && grad_in.scalar_type() == xs[0].scalar_type(),
-                    "layer_sum_backward: grad must have the inputs' shape ", xs[0].sizes(), " and dtype ",
-                    xs[0].scalar_type(), ", got ", grad_in.sizes(), " ", grad_in.scalar_type());
-  TORCH_CHECK_VALUE(grad_in.device().is_cpu(), "layer_sum_backward: grad is not on the CPU");
+  xmcnas_fast::checks::layer_sum_grad(grad_in, xs[0]);
   const at::Tensor grad = grad_in.contiguous();
   const int64_t K = static_cast<int64_t>(xs.size());
   const int64_t n = grad.numel();

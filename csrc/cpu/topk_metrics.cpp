@@ -33,6 +33,8 @@
 #include <emmintrin.h>
 #endif
 
+#include "../checks.h"
+
 namespace {
 
 template <typename T>
@@ -419,56 +421,31 @@ void topk_metrics_rows(const at::Tensor& scores, const Csr& csr, const Metrics& 
   });
 }
 
-at::Tensor as_int64(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.dim() == 1, "topk_metrics: ", name, " must be 1-D, got shape ", t.sizes());
-  TORCH_CHECK_VALUE(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt,
-                    "topk_metrics: ", name, " must be int64 or int32, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device().is_cpu(), "topk_metrics: ", name, " must be on the CPU like scores");
-  return t.to(at::kLong).contiguous();
-}
-
 std::tuple<at::Tensor, at::Tensor> topk_metrics_cpu(const at::Tensor& scores_in, const at::Tensor& indptr_in,
                                                     const at::Tensor& indices_in, int64_t k,
                                                     const std::optional<at::Tensor>& inv_prop_in) {
-  TORCH_CHECK_VALUE(scores_in.dim() == 2, "topk_metrics: scores must be [R, L], got shape ", scores_in.sizes());
+  xmcnas_fast::checks::topk_metrics_inputs(scores_in, indptr_in, indices_in, k, inv_prop_in);
   const auto st = scores_in.scalar_type();
-  TORCH_CHECK_VALUE(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf,
-                    "topk_metrics: scores must be float32, float64, bfloat16 or float16, got ", st);
   const int64_t R = scores_in.size(0), L = scores_in.size(1);
-  TORCH_CHECK_VALUE(k >= 1 && k <= L, "topk_metrics: k must be in [1, L=", L, "], got ", k);
-
-  const at::Tensor indptr = as_int64(indptr_in, "indptr");
-  const at::Tensor indices = as_int64(indices_in, "indices");
+  const at::Tensor indptr = indptr_in.to(at::kLong).contiguous();
+  const at::Tensor indices = indices_in.to(at::kLong).contiguous();
   const int64_t nnz = indices.numel();
-  TORCH_CHECK_VALUE(indptr.numel() == R + 1, "topk_metrics: indptr must have R+1 = ", R + 1,
-                    " entries, has ", indptr.numel());
-  const int64_t* ip = indptr.const_data_ptr<int64_t>();
-  TORCH_CHECK_VALUE(ip[0] == 0 && ip[R] == nnz,
-                    "topk_metrics: indptr must start at 0 and end at len(indices) = ", nnz);
-  for (int64_t r = 0; r < R; ++r) {
-    TORCH_CHECK_VALUE(ip[r + 1] >= ip[r], "topk_metrics: indptr must be non-decreasing (row ", r, ")");
-  }
-
   at::Tensor inv_prop;
   int64_t n_total = L;
   if (inv_prop_in.has_value()) {
-    const at::Tensor& p = *inv_prop_in;
-    TORCH_CHECK_VALUE(p.dim() == 1 && p.is_floating_point(),
-                      "topk_metrics: inv_prop must be a 1-D floating tensor, got ", p.scalar_type(),
-                      " of shape ", p.sizes());
-    TORCH_CHECK_VALUE(p.numel() >= L, "topk_metrics: inv_prop must have at least L = ", L,
-                      " entries, has ", p.numel());
-    TORCH_CHECK_VALUE(p.device().is_cpu(), "topk_metrics: inv_prop must be on the CPU like scores");
-    inv_prop = p.to(at::kDouble).contiguous();
-    n_total = p.numel();
+    inv_prop = inv_prop_in->to(at::kDouble).contiguous();
+    n_total = inv_prop.numel();
   }
-
+  const int64_t* ip = indptr.const_data_ptr<int64_t>();
   const int64_t* idx = indices.const_data_ptr<int64_t>();
+  bool decreasing = false, negative = false, too_large = false;
+  for (int64_t r = 0; r < R; ++r) decreasing = decreasing || ip[r + 1] < ip[r];
   for (int64_t t = 0; t < nnz; ++t) {
-    TORCH_CHECK_VALUE(idx[t] >= 0, "topk_metrics: label indices must be >= 0, got ", idx[t]);
-    TORCH_CHECK_VALUE(idx[t] < n_total, "topk_metrics: a label index is >= the number of labels (",
-                      n_total, "): ", idx[t]);
+    negative = negative || idx[t] < 0;
+    too_large = too_large || idx[t] >= n_total;
   }
+  xmcnas_fast::checks::topk_metrics_values(ip[0] != 0 || ip[R] != nnz, decreasing, negative, too_large, false, nnz,
+                                           n_total);
 
   // Rows must be unit-stride; the row stride itself may be anything.
   const at::Tensor scores = scores_in.stride(1) == 1 || L == 1 ? scores_in : scores_in.contiguous();
@@ -483,7 +460,7 @@ std::tuple<at::Tensor, at::Tensor> topk_metrics_cpu(const at::Tensor& scores_in,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, st, "topk_metrics", [&] {
     topk_metrics_rows<scalar_t>(scores, csr, m, n_total, topk.mutable_data_ptr<int64_t>(), partial, saw_nan);
   });
-  TORCH_CHECK_VALUE(!saw_nan.load(), "topk_metrics: scores contain NaN");
+  xmcnas_fast::checks::topk_metrics_values(false, false, false, false, saw_nan.load(), nnz, n_total);
   double* out = sums.mutable_data_ptr<double>();
   for (size_t t = 0; t < partial.size(); ++t) out[t % (4 * k)] += partial[t];
   return {sums, topk};

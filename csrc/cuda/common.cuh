@@ -46,6 +46,17 @@ void dispatch_float_types(at::ScalarType st, const char* op, Fn&& fn) {
   }
 }
 
+// As dispatch_float_types, with T = double as well (the kernels that gradcheck
+// runs on: they accumulate in acc_t<T>).
+template <typename Fn>
+void dispatch_float_types_and_double(at::ScalarType st, const char* op, Fn&& fn) {
+  if (st == at::kDouble) {
+    fn(TypeTag<double>{});
+  } else {
+    dispatch_float_types(st, op, static_cast<Fn&&>(fn));
+  }
+}
+
 inline bool is_supported_float(at::ScalarType st) {
   return st == at::kFloat || st == at::kHalf || st == at::kBFloat16;
 }
@@ -84,6 +95,42 @@ template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
 }
+
+// The accumulation type of element type T (float, or double for double), and
+// the conversions and math in it.
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename Acc<T>::type;
+
+inline at::ScalarType acc_scalar_type(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+
+template <typename T>
+__device__ __forceinline__ T from_acc(acc_t<T> x) {
+  if constexpr (std::is_same_v<T, double>) {
+    return x;
+  } else {
+    return from_float<T>(x);
+  }
+}
+
+__device__ __forceinline__ float exp_acc(float x) { return expf(x); }
+__device__ __forceinline__ double exp_acc(double x) { return exp(x); }
+__device__ __forceinline__ float log_acc(float x) { return logf(x); }
+__device__ __forceinline__ double log_acc(double x) { return log(x); }
+__device__ __forceinline__ float max_acc(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double max_acc(double a, double b) { return fmax(a, b); }
 
 // ---------------------------------------------------------------------------
 // Warp reductions (full warp participates).

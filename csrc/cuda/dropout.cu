@@ -3,6 +3,7 @@
 // the same elements for the same seed. Elementwise, grid-stride.
 #include <algorithm>
 
+#include "../checks.h"
 #include "../dropout_mask.h"
 #include "common.cuh"
 #include "ops.cuh"
@@ -14,22 +15,24 @@ constexpr int kThreads = 256;
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    dropout_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t n, uint64_t seed, uint32_t thr, float scale,
-                   bool relu) {
+    dropout_kernel(const T* __restrict__ x, T* __restrict__ y, int64_t n, uint64_t seed, uint32_t thr,
+                   acc_t<T> scale, bool relu) {
+  using A = acc_t<T>;
   for (int64_t i = blockIdx.x * int64_t(kThreads) + threadIdx.x; i < n; i += int64_t(gridDim.x) * kThreads) {
-    float v = to_float(x[i]);
-    if (relu && v < 0.0f) v = 0.0f;
-    y[i] = from_float<T>(dropout_keep(seed, static_cast<uint64_t>(i), thr) ? v * scale : 0.0f);
+    A v = to_acc(x[i]);
+    if (relu && v < A(0)) v = A(0);
+    y[i] = from_acc<T>(dropout_keep(seed, static_cast<uint64_t>(i), thr) ? v * scale : A(0));
   }
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     dropout_backward_kernel(const T* __restrict__ g, const T* __restrict__ y, T* __restrict__ out, int64_t n,
-                            uint64_t seed, uint32_t thr, float scale, bool relu) {
+                            uint64_t seed, uint32_t thr, acc_t<T> scale, bool relu) {
+  using A = acc_t<T>;
   for (int64_t i = blockIdx.x * int64_t(kThreads) + threadIdx.x; i < n; i += int64_t(gridDim.x) * kThreads) {
-    const bool flows = relu ? to_float(y[i]) > 0.0f : dropout_keep(seed, static_cast<uint64_t>(i), thr);
-    out[i] = from_float<T>(flows ? to_float(g[i]) * scale : 0.0f);
+    const bool flows = relu ? to_acc(y[i]) > A(0) : dropout_keep(seed, static_cast<uint64_t>(i), thr);
+    out[i] = from_acc<T>(flows ? to_acc(g[i]) * scale : A(0));
   }
 }
 
@@ -38,9 +41,7 @@ unsigned blocks_for(int64_t n) {
 }
 
 uint64_t check(const char* op, const at::Tensor& x, double p, const at::Tensor& seed) {
-  TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, op, ": p must be in [0, 1), got ", p);
-  TORCH_CHECK_VALUE(seed.numel() == 1 && seed.scalar_type() == at::kLong && seed.device().is_cpu(), op,
-                    ": seed must be one int64 on the CPU");
+  checks::dropout_inputs(op, x, p, seed);
   return static_cast<uint64_t>(*seed.const_data_ptr<int64_t>());
 }
 
@@ -54,11 +55,11 @@ at::Tensor dropout_cuda(const at::Tensor& x_, double p, const at::Tensor& seed_,
   const int64_t n = x.numel();
   if (n == 0) return y;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const float scale = static_cast<float>(dropout_scale(dropout_threshold(p)));
-  dispatch_float_types(x.scalar_type(), "dropout", [&](auto tag) {
+  const double scale = dropout_scale(dropout_threshold(p));
+  dispatch_float_types_and_double(x.scalar_type(), "dropout", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    dropout_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(mptr<T>(x), mptr<T>(y), n, seed,
-                                                              dropout_threshold(p), scale, relu);
+    dropout_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(mptr<T>(x), mptr<T>(y), n, seed, dropout_threshold(p),
+                                                              static_cast<acc_t<T>>(scale), relu);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return y;
@@ -67,7 +68,7 @@ at::Tensor dropout_cuda(const at::Tensor& x_, double p, const at::Tensor& seed_,
 at::Tensor dropout_backward_cuda(const at::Tensor& grad_, const at::Tensor& y_, double p, const at::Tensor& seed_,
                                  bool relu) {
   const uint64_t seed = check("dropout_backward", grad_, p, seed_);
-  TORCH_CHECK_VALUE(grad_.sizes() == y_.sizes(), "dropout_backward: grad and output differ in shape");
+  checks::dropout_output(grad_, y_);
   const at::Tensor grad = grad_.contiguous();
   const at::Tensor y = relu ? y_.contiguous().to(grad.scalar_type()) : grad;
   const c10::cuda::CUDAGuard guard(grad.device());
@@ -75,11 +76,11 @@ at::Tensor dropout_backward_cuda(const at::Tensor& grad_, const at::Tensor& y_, 
   const int64_t n = grad.numel();
   if (n == 0) return out;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const float scale = static_cast<float>(dropout_scale(dropout_threshold(p)));
-  dispatch_float_types(grad.scalar_type(), "dropout_backward", [&](auto tag) {
+  const double scale = dropout_scale(dropout_threshold(p));
+  dispatch_float_types_and_double(grad.scalar_type(), "dropout_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
     dropout_backward_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(
-        mptr<T>(grad), mptr<T>(y), mptr<T>(out), n, seed, dropout_threshold(p), scale, relu);
+        mptr<T>(grad), mptr<T>(y), mptr<T>(out), n, seed, dropout_threshold(p), static_cast<acc_t<T>>(scale), relu);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

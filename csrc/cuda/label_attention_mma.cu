@@ -212,24 +212,32 @@ __device__ __forceinline__ void zero(float (&a)[4][4]) {
   for (int j = 0; j < 4; ++j) a[j][0] = a[j][1] = a[j][2] = a[j][3] = 0.f;
 }
 
-// Two 16 x 32 score tiles over the whole of D, s = A1 . rows1^T and
-// u = A2 . rows2^T: each warp's partial over its slice, summed over the wd
-// warps of its row group through red (8 slots a warp). Synchronises the block.
+// Two 16 x 32 score tiles, s = A1 . rows1^T over D and u = A2 . rows2^T over
+// Dv (row strides srow1, srow2): each warp's partial over its slice (zero
+// where the slice lies past that width: has1 / has2 false), summed over the
+// wd warps of its row group through red (8 slots a warp). Synchronises the block.
 template <typename T>
 __device__ __forceinline__ void score_pair(float (&s)[4][4], float (&u)[4][4], const unsigned (&a1)[8][4],
-                                           const T* rows1, const unsigned (&a2)[8][4], const T* rows2, int srow,
-                                           float4* my_red, const float4* group_red, int wd, int lane) {
+                                           const T* rows1, int srow1, bool has1, const unsigned (&a2)[8][4],
+                                           const T* rows2, int srow2, bool has2, float4* my_red,
+                                           const float4* group_red, int wd, int lane) {
   float ps[4][4], pu[4][4];
   zero(ps);
   zero(pu);
-  mma_scores<T>(ps, a1, rows1, srow, lane);
-  mma_scores<T>(pu, a2, rows2, srow, lane);
+  if (has1) mma_scores<T>(ps, a1, rows1, srow1, lane);
+  if (has2) mma_scores<T>(pu, a2, rows2, srow2, lane);
   publish(my_red, ps, lane);
   publish(my_red + 4 * 32, pu, lane);
   __syncthreads();
   gather(s, group_red, 8 * 32, wd, lane);
   gather(u, group_red + 4 * 32, 8 * 32, wd, lane);
 }
+
+// The padded width of a staged row of D elements: D rounded up to the warp
+// slice (the columns past D are zeros), and its shared-memory row stride (8
+// more: the rows of an ldmatrix fall in different banks).
+__device__ __forceinline__ int padded(int D) { return static_cast<int>(ceil_div(D, kSlice)) * kSlice; }
+__device__ __forceinline__ int row_stride(int D) { return padded(D) + 8; }
 
 // Stages kChunk rows of D elements into shared memory (row stride srow, the
 // columns [D, dp) zero-filled). Row j comes from src_row(j), or is all zero
@@ -332,48 +340,61 @@ __device__ __forceinline__ WarpPlace warp_place(int wd, int wm, int tiles) {
   return w;
 }
 
-// Calls body(tile, valid) for the real tokens of one batch item, kChunk at a
-// time staged in kv (two buffers: the next chunk loads while body runs on
-// the current one); tile rows valid .. kChunk-1 are zeros. Every thread of
-// the block must call it (it synchronises the block around body).
-template <typename T, typename Body>
-__device__ __forceinline__ void for_token_chunks(T* kv, const T* h, const T* hb, const int* ib, int nreal, int D,
-                                                 int dp, int srow, Body&& body) {
+// Calls body(h_tile, v_tile, valid) for the real tokens of one batch item,
+// kChunk at a time staged in kh (rows of D, stride row_stride(D)) and, with
+// separate values (kV), kv (rows of Dv, stride row_stride(Dv)); without
+// them v_tile is h_tile. Two buffers each: the next chunk loads while body
+// runs on the current one; tile rows valid .. kChunk-1 are zeros. Every
+// thread of the block must call it (it synchronises the block around body).
+template <typename T, bool kV, typename Body>
+__device__ __forceinline__ void for_token_chunks(T* kh, T* kv, const T* h, const T* hb, const T* vb, const int* ib,
+                                                 int nreal, int D, int Dv, Body&& body) {
   const int nchunks = static_cast<int>(ceil_div(nreal, kChunk));
   if (nchunks == 0) return;
-  stage_rows(kv, h, D, dp, srow, TokenRows<T>{hb, ib, 0, nreal, D});
-  cp_async_commit();
+  const int srow_h = row_stride(D), srow_v = row_stride(Dv);
+  auto stage = [&](int c) {
+    const int buf = c & 1;
+    stage_rows(kh + buf * kChunk * srow_h, h, D, padded(D), srow_h, TokenRows<T>{hb, ib, c * kChunk, nreal, D});
+    if constexpr (kV) {
+      stage_rows(kv + buf * kChunk * srow_v, h, Dv, padded(Dv), srow_v, TokenRows<T>{vb, ib, c * kChunk, nreal, Dv});
+    }
+    cp_async_commit();
+  };
+  stage(0);
   for (int c = 0; c < nchunks; ++c) {
     if (c + 1 < nchunks) {
-      stage_rows(kv + ((c + 1) & 1) * kChunk * srow, h, D, dp, srow, TokenRows<T>{hb, ib, (c + 1) * kChunk, nreal, D});
-      cp_async_commit();
+      stage(c + 1);
       cp_async_wait<1>();
     } else {
       cp_async_wait<0>();
     }
     __syncthreads();
-    body(kv + (c & 1) * kChunk * srow, nreal - c * kChunk);
+    const T* ht = kh + (c & 1) * kChunk * srow_h;
+    body(ht, kV ? kv + (c & 1) * kChunk * srow_v : ht, nreal - c * kChunk);
     __syncthreads();  // the buffer is refilled by the next iteration
   }
 }
 
 // ---------------------------------------------------------------------------
 // Forward. Block: 16 * wm labels of one batch item; loop over its real tokens
-// in chunks of 32, online softmax.
+// in chunks of 32, online softmax. The values are v (kV) or h. A warp's
+// slice [c0, c0 + 128) takes part in the scores where c0 < D and in the
+// values where c0 < Dv.
 // ---------------------------------------------------------------------------
 
-template <typename T>
-__global__ void __launch_bounds__(kThreadsMax) la_fwd_mma_kernel(const T* __restrict__ h, const int* __restrict__ idx,
-                                                                  const int* __restrict__ cnt,
-                                                                  const T* __restrict__ W, T* __restrict__ ctx,
-                                                                  float* __restrict__ lse, int N, int D, int L,
-                                                                  int wd, int wm, int tiles) {
+template <typename T, bool kV>
+__global__ void __launch_bounds__(kThreadsMax)
+    la_fwd_mma_kernel(const T* __restrict__ h, const T* __restrict__ v, const int* __restrict__ idx,
+                      const int* __restrict__ cnt, const T* __restrict__ W, T* __restrict__ ctx,
+                      float* __restrict__ lse, int N, int D, int Dv, int L, int wd, int wm, int tiles) {
   extern __shared__ __align__(16) unsigned char smem[];
-  const int dp = wd * kSlice, srow = dp + 8;
-  T* kv = reinterpret_cast<T*>(smem);  // [2][kChunk][srow]
-  float4* red = reinterpret_cast<float4*>(smem + 2 * kChunk * srow * sizeof(T));  // [wm][wd][4][32]
+  const int srow_h = row_stride(D), srow_v = row_stride(Dv);
+  T* kh = reinterpret_cast<T*>(smem);                    // [2][kChunk][srow_h]
+  T* kv = kh + 2 * kChunk * srow_h;                      // [2][kChunk][srow_v], with kV
+  float4* red = reinterpret_cast<float4*>(kv + (kV ? 2 * kChunk * srow_v : 0));  // [wm][wd][4][32]
   const WarpPlace w = warp_place(wd, wm, tiles);
   const int b = w.outer, t = w.t, lane = w.lane;
+  const bool in_h = w.c0 < D, in_v = w.c0 < Dv;
 
   unsigned qa[8][4];
   load_a(qa, row_ptr(W, w.row0, L, D), row_ptr(W, w.row1, L, D), w.c0, D, lane);
@@ -382,12 +403,13 @@ __global__ void __launch_bounds__(kThreadsMax) la_fwd_mma_kernel(const T* __rest
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // l: per-lane partial row sums
   float4* my_red = red + (w.wm_i * wd + w.wd_i) * 4 * 32;
   const float4* group_red = red + w.wm_i * wd * 4 * 32;
+  const T* vb = kV ? v + static_cast<int64_t>(b) * N * Dv : nullptr;
 
-  for_token_chunks(kv, h, h + static_cast<int64_t>(b) * N * D, idx + static_cast<int64_t>(b) * N, cnt[b], D, dp,
-                   srow, [&](const T* kb, int valid) {
+  for_token_chunks<T, kV>(kh, kv, h, h + static_cast<int64_t>(b) * N * D, vb, idx + static_cast<int64_t>(b) * N,
+                          cnt[b], D, Dv, [&](const T* hb_s, const T* vb_s, int valid) {
     float sp[4][4];
     zero(sp);
-    mma_scores<T>(sp, qa, kb + w.c0, srow, lane);
+    if (in_h) mma_scores<T>(sp, qa, hb_s + w.c0, srow_h, lane);
     publish(my_red, sp, lane);
     __syncthreads();
     float s[4][4];
@@ -429,13 +451,13 @@ __global__ void __launch_bounds__(kThreadsMax) la_fwd_mma_kernel(const T* __rest
     }
     unsigned pa[2][4];
     to_a<T>(pa, s);
-    mma_values<T>(o, pa, kb + w.c0, srow, lane);
+    if (in_v) mma_values<T>(o, pa, vb_s + w.c0, srow_v, lane);
   });
 
   const float sum0 = quad_sum(l0), sum1 = quad_sum(l1);
   const int64_t base = static_cast<int64_t>(b) * L;
-  store_tile(row_ptr(ctx + base * D, w.row0, L, D), row_ptr(ctx + base * D, w.row1, L, D), o,
-             sum0 > 0.f ? 1.f / sum0 : 0.f, sum1 > 0.f ? 1.f / sum1 : 0.f, w.c0, D, lane);
+  store_tile(row_ptr(ctx + base * Dv, w.row0, L, Dv), row_ptr(ctx + base * Dv, w.row1, L, Dv), o,
+             sum0 > 0.f ? 1.f / sum0 : 0.f, sum1 > 0.f ? 1.f / sum1 : 0.f, w.c0, Dv, lane);
   if (w.wd_i == 0 && t == 0) {
     if (w.row0 < L) lse[base + w.row0] = sum0 > 0.f ? m0 + logf(sum0) : INFINITY;
     if (w.row1 < L) lse[base + w.row1] = sum1 > 0.f ? m1 + logf(sum1) : INFINITY;
@@ -444,22 +466,24 @@ __global__ void __launch_bounds__(kThreadsMax) la_fwd_mma_kernel(const T* __rest
 
 // ---------------------------------------------------------------------------
 // Backward, grad_W pass. Block: 16 * wm labels, batch items g, g + G, ...;
-// recomputes S = W h^T and dP = dO h^T tile by tile and accumulates
-// grad_W += dS h in registers (no atomics).
+// recomputes S = W h^T and dP = dO u^T (u: the values) tile by tile and
+// accumulates grad_W += dS h in registers (no atomics).
 // ---------------------------------------------------------------------------
 
-template <typename T>
+template <typename T, bool kV>
 __global__ void __launch_bounds__(kThreadsMax)
-    la_dw_mma_kernel(const T* __restrict__ h, const int* __restrict__ idx, const int* __restrict__ cnt,
-                     const T* __restrict__ W, const T* __restrict__ dO, const float* __restrict__ lse,
-                     const float* __restrict__ delta, float* __restrict__ ws, int G, int B, int N, int D, int L,
-                     int wd, int wm, int tiles) {
+    la_dw_mma_kernel(const T* __restrict__ h, const T* __restrict__ v, const int* __restrict__ idx,
+                     const int* __restrict__ cnt, const T* __restrict__ W, const T* __restrict__ dO,
+                     const float* __restrict__ lse, const float* __restrict__ delta, float* __restrict__ ws, int G,
+                     int B, int N, int D, int Dv, int L, int wd, int wm, int tiles) {
   extern __shared__ __align__(16) unsigned char smem[];
-  const int dp = wd * kSlice, srow = dp + 8;
-  T* kv = reinterpret_cast<T*>(smem);  // [2][kChunk][srow]
-  float4* red = reinterpret_cast<float4*>(smem + 2 * kChunk * srow * sizeof(T));  // [wm][wd][8][32]
+  const int srow_h = row_stride(D), srow_v = row_stride(Dv);
+  T* kh = reinterpret_cast<T*>(smem);  // [2][kChunk][srow_h]
+  T* kv = kh + 2 * kChunk * srow_h;    // [2][kChunk][srow_v], with kV
+  float4* red = reinterpret_cast<float4*>(kv + (kV ? 2 * kChunk * srow_v : 0));  // [wm][wd][8][32]
   const WarpPlace w = warp_place(wd, wm, tiles);
   const int t = w.t, lane = w.lane;
+  const bool in_h = w.c0 < D, in_v = w.c0 < Dv;
 
   unsigned qa[8][4];
   load_a(qa, row_ptr(W, w.row0, L, D), row_ptr(W, w.row1, L, D), w.c0, D, lane);
@@ -471,14 +495,16 @@ __global__ void __launch_bounds__(kThreadsMax)
   for (int b = w.outer; b < B; b += G) {
     const int64_t base = static_cast<int64_t>(b) * L;
     unsigned da[8][4];
-    load_a(da, row_ptr(dO + base * D, w.row0, L, D), row_ptr(dO + base * D, w.row1, L, D), w.c0, D, lane);
+    load_a(da, row_ptr(dO + base * Dv, w.row0, L, Dv), row_ptr(dO + base * Dv, w.row1, L, Dv), w.c0, Dv, lane);
     const float lse0 = w.row0 < L ? lse[base + w.row0] : INFINITY, lse1 = w.row1 < L ? lse[base + w.row1] : INFINITY;
     const float dl0 = w.row0 < L ? delta[base + w.row0] : 0.f, dl1 = w.row1 < L ? delta[base + w.row1] : 0.f;
+    const T* vb = kV ? v + static_cast<int64_t>(b) * N * Dv : nullptr;
 
-    for_token_chunks(kv, h, h + static_cast<int64_t>(b) * N * D, idx + static_cast<int64_t>(b) * N, cnt[b], D, dp,
-                     srow, [&](const T* kb, int valid) {
-      float s[4][4], dpv[4][4];  // W.h and dO.h
-      score_pair<T>(s, dpv, qa, kb + w.c0, da, kb + w.c0, srow, my_red, group_red, wd, lane);
+    for_token_chunks<T, kV>(kh, kv, h, h + static_cast<int64_t>(b) * N * D, vb, idx + static_cast<int64_t>(b) * N,
+                            cnt[b], D, Dv, [&](const T* hb_s, const T* vb_s, int valid) {
+      float s[4][4], dpv[4][4];  // W.h and dO.u
+      score_pair<T>(s, dpv, qa, hb_s + w.c0, srow_h, in_h, da, vb_s + w.c0, srow_v, in_v, my_red, group_red, wd,
+                    lane);
 
       float ds[4][4];
 #pragma unroll
@@ -492,7 +518,7 @@ __global__ void __launch_bounds__(kThreadsMax)
       }
       unsigned dsa[2][4];
       to_a<T>(dsa, ds);
-      mma_values<T>(acc, dsa, kb + w.c0, srow, lane);
+      if (in_h) mma_values<T>(acc, dsa, hb_s + w.c0, srow_h, lane);
     });
   }
 
@@ -501,60 +527,82 @@ __global__ void __launch_bounds__(kThreadsMax)
 }
 
 // ---------------------------------------------------------------------------
-// Backward, grad_h pass. Block: 16 * wm real tokens of one batch item; loop
-// over the labels in chunks of 32: S^T = h W^T, dP^T = h dO^T, then
-// grad_h += P^T dO + dS^T W. Recomputing S here instead of adding into grad_h
-// from the grad_W pass with atomics keeps the result deterministic and avoids
-// L / 16 blocks contending for the same rows of a float32 copy of grad_h.
+// Backward, token passes. Block: 16 * wm real tokens of one batch item; loop
+// over the labels in chunks of 32: S^T = h W^T (and dP^T = u dO^T), then
+//   kAlias  (values h): grad_h += P^T dO + dS^T W
+//   kGradH  (values v): grad_h += dS^T W
+//   kGradV  (values v): grad_v += P^T dO
+// Recomputing S here instead of adding into grad_h from the grad_W pass with
+// atomics keeps the result deterministic and avoids L / 16 blocks contending
+// for the same rows of a float32 copy of grad_h.
 // ---------------------------------------------------------------------------
 
-template <typename T>
+enum TokenPass { kAlias, kGradH, kGradV };
+
+template <typename T, int kPass>
 __global__ void __launch_bounds__(kThreadsMax)
-    la_dh_mma_kernel(const T* __restrict__ h, const int* __restrict__ idx, const int* __restrict__ cnt,
-                     const T* __restrict__ W, const T* __restrict__ dO, const float* __restrict__ lse,
-                     const float* __restrict__ delta, T* __restrict__ gh, int N, int D, int L, int wd, int wm,
-                     int tiles) {
+    la_dh_mma_kernel(const T* __restrict__ h, const T* __restrict__ v, const int* __restrict__ idx,
+                     const int* __restrict__ cnt, const T* __restrict__ W, const T* __restrict__ dO,
+                     const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ out, int N,
+                     int D, int Dv, int L, int wd, int wm, int tiles) {
   extern __shared__ __align__(16) unsigned char smem[];
-  const int dp = wd * kSlice, srow = dp + 8;
-  T* wbuf = reinterpret_cast<T*>(smem);  // [kChunk][srow]
-  T* obuf = wbuf + kChunk * srow;        // [kChunk][srow]
-  float* lse_s = reinterpret_cast<float*>(obuf + kChunk * srow);
+  const int srow_h = row_stride(D), srow_v = row_stride(Dv);
+  T* wbuf = reinterpret_cast<T*>(smem);  // [kChunk][srow_h]
+  T* obuf = wbuf + kChunk * srow_h;      // [kChunk][srow_v]
+  float* lse_s = reinterpret_cast<float*>(obuf + kChunk * srow_v);
   float* del_s = lse_s + kChunk;
   float4* red = reinterpret_cast<float4*>(del_s + kChunk);  // [wm][wd][8][32]
 
   const WarpPlace w = warp_place(wd, wm, tiles);  // rows: positions in the list of real tokens
   const int b = w.outer, t = w.t, lane = w.lane;
+  const bool in_h = w.c0 < D, in_v = w.c0 < Dv;
   const int nreal = cnt[b];
   if ((blockIdx.x - b * tiles) * 16 * wm >= nreal) return;  // uniform over the block, before any barrier
 
   const int* ib = idx + static_cast<int64_t>(b) * N;
-  T* ghb = gh + static_cast<int64_t>(b) * N * D;
   const T* hb = h + static_cast<int64_t>(b) * N * D;
   const int64_t tok0 = w.row0 < nreal ? ib[w.row0] : -1, tok1 = w.row1 < nreal ? ib[w.row1] : -1;
 
-  unsigned ha[8][4];
+  unsigned ha[8][4], va[8][4];
   load_a(ha, tok0 >= 0 ? hb + tok0 * D : nullptr, tok1 >= 0 ? hb + tok1 * D : nullptr, w.c0, D, lane);
+  if constexpr (kPass == kGradH) {
+    const T* vb = v + static_cast<int64_t>(b) * N * Dv;
+    load_a(va, tok0 >= 0 ? vb + tok0 * Dv : nullptr, tok1 >= 0 ? vb + tok1 * Dv : nullptr, w.c0, Dv, lane);
+  }
   float acc[16][4];
   zero(acc);
   float4* my_red = red + (w.wm_i * wd + w.wd_i) * 8 * 32;
   const float4* group_red = red + w.wm_i * wd * 8 * 32;
   const int64_t base = static_cast<int64_t>(b) * L;
-  const T* dOb = dO + base * D;
+  const T* dOb = dO + base * Dv;
 
   for (int l0 = 0; l0 < L; l0 += kChunk) {
-    stage_rows(wbuf, W, D, dp, srow, LabelRows<T>{W, l0, L, D});
-    stage_rows(obuf, W, D, dp, srow, LabelRows<T>{dOb, l0, L, D});
+    stage_rows(wbuf, W, D, padded(D), srow_h, LabelRows<T>{W, l0, L, D});
+    stage_rows(obuf, W, Dv, padded(Dv), srow_v, LabelRows<T>{dOb, l0, L, Dv});
     cp_async_commit();
     if (threadIdx.x < kChunk) {
       const int l = l0 + threadIdx.x;
       lse_s[threadIdx.x] = l < L ? lse[base + l] : INFINITY;  // P = 0 past L
-      del_s[threadIdx.x] = l < L ? delta[base + l] : 0.f;
+      if constexpr (kPass != kGradV) del_s[threadIdx.x] = l < L ? delta[base + l] : 0.f;
     }
     cp_async_wait<0>();
     __syncthreads();
 
-    float s[4][4], dpv[4][4];  // h.W and h.dO
-    score_pair<T>(s, dpv, ha, wbuf + w.c0, ha, obuf + w.c0, srow, my_red, group_red, wd, lane);
+    float s[4][4], dpv[4][4];  // h.W and u.dO (dpv unused by kGradV)
+    if constexpr (kPass == kGradV) {
+      float ps[4][4];
+      zero(ps);
+      if (in_h) mma_scores<T>(ps, ha, wbuf + w.c0, srow_h, lane);
+      publish(my_red, ps, lane);
+      __syncthreads();
+      gather(s, group_red, 8 * 32, wd, lane);
+    } else if constexpr (kPass == kGradH) {
+      score_pair<T>(s, dpv, ha, wbuf + w.c0, srow_h, in_h, va, obuf + w.c0, srow_v, in_v, my_red, group_red, wd,
+                    lane);
+    } else {
+      score_pair<T>(s, dpv, ha, wbuf + w.c0, srow_h, in_h, ha, obuf + w.c0, srow_v, in_h, my_red, group_red, wd,
+                    lane);
+    }
 
     float p[4][4], ds[4][4];
 #pragma unroll
@@ -563,34 +611,46 @@ __global__ void __launch_bounds__(kThreadsMax)
       for (int e = 0; e < 4; ++e) {
         const int col = 8 * j + 2 * t + (e & 1);
         p[j][e] = exp2f((s[j][e] - lse_s[col]) * kLog2e);
-        ds[j][e] = p[j][e] * (dpv[j][e] - del_s[col]);
+        if constexpr (kPass != kGradV) ds[j][e] = p[j][e] * (dpv[j][e] - del_s[col]);
       }
     }
-    unsigned pa[2][4], dsa[2][4];
-    to_a<T>(pa, p);
-    to_a<T>(dsa, ds);
-    mma_values<T>(acc, pa, obuf + w.c0, srow, lane);
-    mma_values<T>(acc, dsa, wbuf + w.c0, srow, lane);
+    if constexpr (kPass != kGradH) {  // P^T dO: into grad_h (kAlias) or grad_v (kGradV)
+      unsigned pa[2][4];
+      to_a<T>(pa, p);
+      if (in_v) mma_values<T>(acc, pa, obuf + w.c0, srow_v, lane);
+    }
+    if constexpr (kPass != kGradV) {  // dS^T W
+      unsigned dsa[2][4];
+      to_a<T>(dsa, ds);
+      if (in_h) mma_values<T>(acc, dsa, wbuf + w.c0, srow_h, lane);
+    }
     __syncthreads();  // the buffers are refilled by the next iteration
   }
 
-  store_tile(tok0 >= 0 ? ghb + tok0 * D : nullptr, tok1 >= 0 ? ghb + tok1 * D : nullptr, acc, 1.f, 1.f, w.c0, D,
-             lane);
+  const int width = kPass == kGradV ? Dv : D;
+  T* ob = out + static_cast<int64_t>(b) * N * width;
+  store_tile(tok0 >= 0 ? ob + tok0 * width : nullptr, tok1 >= 0 ? ob + tok1 * width : nullptr, acc, 1.f, 1.f, w.c0,
+             width, lane);
 }
 
 // ---------------------------------------------------------------------------
 // Host side.
 // ---------------------------------------------------------------------------
 
-size_t fwd_smem(const MmaLayout& ly) {
-  return 2 * kChunk * (ly.wd * kSlice + 8) * 2 + static_cast<size_t>(ly.wm) * ly.wd * 4 * 32 * sizeof(float4);
+// Shared memory of each pass: staged tiles of kChunk rows (h / W of width D,
+// values / grad_ctx of width Dv), then the cross-warp reduction slots.
+size_t tile_bytes(int64_t width) { return static_cast<size_t>(kChunk) * (ceil_div(width, kSlice) * kSlice + 8) * 2; }
+size_t red_bytes(const MmaLayout& ly, int slots) {
+  return static_cast<size_t>(ly.wm) * ly.wd * slots * 32 * sizeof(float4);
 }
-size_t dw_smem(const MmaLayout& ly) {
-  return 2 * kChunk * (ly.wd * kSlice + 8) * 2 + static_cast<size_t>(ly.wm) * ly.wd * 8 * 32 * sizeof(float4);
+size_t fwd_smem(const MmaLayout& ly, int64_t D, int64_t Dv, bool values) {
+  return 2 * tile_bytes(D) + (values ? 2 * tile_bytes(Dv) : 0) + red_bytes(ly, 4);
 }
-size_t dh_smem(const MmaLayout& ly) {
-  return 2 * kChunk * (ly.wd * kSlice + 8) * 2 + 2 * kChunk * sizeof(float) +
-         static_cast<size_t>(ly.wm) * ly.wd * 8 * 32 * sizeof(float4);
+size_t dw_smem(const MmaLayout& ly, int64_t D, int64_t Dv, bool values) {
+  return 2 * tile_bytes(D) + (values ? 2 * tile_bytes(Dv) : 0) + red_bytes(ly, 8);
+}
+size_t dh_smem(const MmaLayout& ly, int64_t D, int64_t Dv) {
+  return tile_bytes(D) + tile_bytes(Dv) + 2 * kChunk * sizeof(float) + red_bytes(ly, 8);
 }
 
 // One block per (outer, tile), outer_count * tiles blocks of 32 * wm * wd threads.
@@ -615,51 +675,67 @@ void dispatch_16bit(at::ScalarType st, Fn&& fn) {
 
 }  // namespace
 
-bool mma_eligible(at::ScalarType st, int64_t D, int device) {
+bool mma_eligible(at::ScalarType st, int64_t D, int64_t Dv, bool values, int device) {
   if (st != at::kHalf && st != at::kBFloat16) return false;
-  if (D < 8 || D > 8 * kSlice || D % 8 != 0) return false;
+  for (const int64_t width : {D, Dv}) {
+    if (width < 8 || width > 8 * kSlice || width % 8 != 0) return false;
+  }
   if (device_attr(cudaDevAttrComputeCapabilityMajor, device) < 8) return false;
   // The code the device would run must itself be sm_80+ (a "7.5+PTX" build
   // JIT-compiled for a newer GPU would not be).
   cudaFuncAttributes attr;
-  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, la_fwd_mma_kernel<__nv_bfloat16>));
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, la_fwd_mma_kernel<__nv_bfloat16, false>));
   if (attr.binaryVersion < 80 || attr.ptxVersion < 80) return false;
-  const MmaLayout ly = mma_layout(D);
-  const size_t need = std::max(fwd_smem(ly), std::max(dw_smem(ly), dh_smem(ly)));
+  const MmaLayout ly = mma_layout(D, Dv);
+  const size_t need = std::max({fwd_smem(ly, D, Dv, values), dw_smem(ly, D, Dv, values), dh_smem(ly, D, Dv)});
   return need <= static_cast<size_t>(device_attr(cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
 }
 
-int mma_dw_rows_per_block(int64_t D) { return 16 * mma_layout(D).wm; }
+int mma_dw_rows_per_block(int64_t D, int64_t Dv) { return 16 * mma_layout(D, Dv).wm; }
 
-void mma_forward(at::ScalarType st, const void* h, const int* idx, const int* cnt, const void* W, void* ctx,
-                 float* lse, int B, int N, int D, int L, cudaStream_t stream) {
-  const MmaLayout ly = mma_layout(D);
+void mma_forward(at::ScalarType st, const void* h, const void* v, const int* idx, const int* cnt, const void* W,
+                 void* ctx, float* lse, int B, int N, int D, int Dv, int L, cudaStream_t stream) {
+  const MmaLayout ly = mma_layout(D, Dv);
   dispatch_16bit(st, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    launch(la_fwd_mma_kernel<T>, ly, ceil_div(L, 16 * ly.wm), B, fwd_smem(ly), stream, static_cast<const T*>(h), idx,
-           cnt, static_cast<const T*>(W), static_cast<T*>(ctx), lse, N, D, L);
+    launch(v ? la_fwd_mma_kernel<T, true> : la_fwd_mma_kernel<T, false>, ly, ceil_div(L, 16 * ly.wm), B,
+           fwd_smem(ly, D, Dv, v != nullptr), stream, static_cast<const T*>(h), static_cast<const T*>(v), idx, cnt,
+           static_cast<const T*>(W), static_cast<T*>(ctx), lse, N, D, Dv, L);
   });
 }
 
-void mma_backward_dw(at::ScalarType st, const void* h, const int* idx, const int* cnt, const void* W,
+void mma_backward_dw(at::ScalarType st, const void* h, const void* v, const int* idx, const int* cnt, const void* W,
                      const void* dO, const float* lse, const float* delta, float* ws, int G, int B, int N, int D,
-                     int L, cudaStream_t stream) {
-  const MmaLayout ly = mma_layout(D);
+                     int Dv, int L, cudaStream_t stream) {
+  const MmaLayout ly = mma_layout(D, Dv);
   dispatch_16bit(st, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    launch(la_dw_mma_kernel<T>, ly, ceil_div(L, 16 * ly.wm), G, dw_smem(ly), stream, static_cast<const T*>(h), idx,
-           cnt, static_cast<const T*>(W), static_cast<const T*>(dO), lse, delta, ws, G, B, N, D, L);
+    launch(v ? la_dw_mma_kernel<T, true> : la_dw_mma_kernel<T, false>, ly, ceil_div(L, 16 * ly.wm), G,
+           dw_smem(ly, D, Dv, v != nullptr), stream, static_cast<const T*>(h), static_cast<const T*>(v), idx, cnt,
+           static_cast<const T*>(W), static_cast<const T*>(dO), lse, delta, ws, G, B, N, D, Dv, L);
   });
 }
 
-void mma_backward_dh(at::ScalarType st, const void* h, const int* idx, const int* cnt, const void* W,
-                     const void* dO, const float* lse, const float* delta, void* gh, int B, int N, int D, int L,
-                     cudaStream_t stream) {
-  const MmaLayout ly = mma_layout(D);
+void mma_backward_dh(at::ScalarType st, const void* h, const void* v, const int* idx, const int* cnt, const void* W,
+                     const void* dO, const float* lse, const float* delta, void* gh, int B, int N, int D, int Dv,
+                     int L, cudaStream_t stream) {
+  const MmaLayout ly = mma_layout(D, Dv);
   dispatch_16bit(st, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    launch(la_dh_mma_kernel<T>, ly, ceil_div(N, 16 * ly.wm), B, dh_smem(ly), stream, static_cast<const T*>(h), idx,
-           cnt, static_cast<const T*>(W), static_cast<const T*>(dO), lse, delta, static_cast<T*>(gh), N, D, L);
+    launch(v ? la_dh_mma_kernel<T, kGradH> : la_dh_mma_kernel<T, kAlias>, ly, ceil_div(N, 16 * ly.wm), B,
+           dh_smem(ly, D, Dv), stream, static_cast<const T*>(h), static_cast<const T*>(v), idx, cnt,
+           static_cast<const T*>(W), static_cast<const T*>(dO), lse, delta, static_cast<T*>(gh), N, D, Dv, L);
+  });
+}
+
+void mma_backward_dv(at::ScalarType st, const void* h, const int* idx, const int* cnt, const void* W, const void* dO,
+                     const float* lse, void* gv, int B, int N, int D, int Dv, int L, cudaStream_t stream) {
+  const MmaLayout ly = mma_layout(D, Dv);
+  dispatch_16bit(st, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    launch(la_dh_mma_kernel<T, kGradV>, ly, ceil_div(N, 16 * ly.wm), B, dh_smem(ly, D, Dv), stream,
+           static_cast<const T*>(h), static_cast<const T*>(nullptr), idx, cnt, static_cast<const T*>(W),
+           static_cast<const T*>(dO), lse, static_cast<const float*>(nullptr), static_cast<T*>(gv), N, D, Dv, L);
   });
 }
 

@@ -2,9 +2,10 @@
 // no stacked copy. Up to 16 input pointers travel in a kernel-parameter
 // struct; more inputs are summed in groups of 16 into the output.
 //
-// Backward, also one pass: grad_xs[i] = w[i] grad and grad_w[i] = sum(grad
-// xs[i]), the latter reduced per block (float32 per thread, float64 across
-// the block) into a [blocks, K] buffer summed in a fixed order afterwards:
+// Sums are formed in float32 (float64 for float64 inputs). Backward, also one
+// pass: grad_xs[i] = w[i] grad and grad_w[i] = sum(grad xs[i]), the latter
+// reduced per block (in the accumulation type per thread, float64 across the
+// block) into a [blocks, K] buffer summed in a fixed order afterwards:
 // reproducible, no atomics.
 //
 // Loads and stores are 16 bytes wide when every pointer is 16-byte aligned
@@ -13,6 +14,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../checks.h"
 #include "common.cuh"
 #include "ops.cuh"
 
@@ -49,47 +51,48 @@ __device__ __forceinline__ Vec<T> load_vec(const void* base, int64_t i) {
 // out = sum_{i < K} w[i] xs[i] (+ out when accumulate).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    layer_sum_kernel(InPtrs xs, int K, const float* __restrict__ w, T* __restrict__ out, int64_t n,
+    layer_sum_kernel(InPtrs xs, int K, const acc_t<T>* __restrict__ w, T* __restrict__ out, int64_t n,
                      bool vectorized, bool accumulate) {
+  using A = acc_t<T>;
   constexpr int V = Vec<T>::n;
-  float wr[kMaxK];
+  A wr[kMaxK];
 #pragma unroll
-  for (int i = 0; i < kMaxK; ++i) wr[i] = i < K ? w[i] : 0.f;
+  for (int i = 0; i < kMaxK; ++i) wr[i] = i < K ? w[i] : A(0);
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t nvec = vectorized ? n / V : 0;
 
   for (int64_t v = tid; v < nvec; v += stride) {
-    float acc[V];
+    A acc[V];
     if (accumulate) {  // out is written here: a plain load, not the read-only path
       Vec<T> o;
       o.raw = reinterpret_cast<const uint4*>(out)[v];
 #pragma unroll
-      for (int j = 0; j < V; ++j) acc[j] = to_float(o.v[j]);
+      for (int j = 0; j < V; ++j) acc[j] = to_acc(o.v[j]);
     } else {
 #pragma unroll
-      for (int j = 0; j < V; ++j) acc[j] = 0.f;
+      for (int j = 0; j < V; ++j) acc[j] = 0;
     }
 #pragma unroll
     for (int i = 0; i < kMaxK; ++i) {
       if (i < K) {
         const Vec<T> x = load_vec<T>(xs.p[i], v);
 #pragma unroll
-        for (int j = 0; j < V; ++j) acc[j] += wr[i] * to_float(x.v[j]);
+        for (int j = 0; j < V; ++j) acc[j] += wr[i] * to_acc(x.v[j]);
       }
     }
     Vec<T> o;
 #pragma unroll
-    for (int j = 0; j < V; ++j) o.v[j] = from_float<T>(acc[j]);
+    for (int j = 0; j < V; ++j) o.v[j] = from_acc<T>(acc[j]);
     reinterpret_cast<uint4*>(out)[v] = o.raw;
   }
   for (int64_t e = nvec * V + tid; e < n; e += stride) {
-    float acc = accumulate ? to_float(out[e]) : 0.f;
+    A acc = accumulate ? to_acc(out[e]) : A(0);
 #pragma unroll
     for (int i = 0; i < kMaxK; ++i) {  // static indices: the pointers stay in registers
-      if (i < K) acc += wr[i] * to_float(static_cast<const T*>(xs.p[i])[e]);
+      if (i < K) acc += wr[i] * to_acc(static_cast<const T*>(xs.p[i])[e]);
     }
-    out[e] = from_float<T>(acc);
+    out[e] = from_acc<T>(acc);
   }
 }
 
@@ -97,14 +100,15 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     layer_sum_backward_kernel(const T* __restrict__ grad, InPtrs xs, OutPtrs gxs, int K,
-                              const float* __restrict__ w, double* __restrict__ ws, int64_t n, bool vectorized) {
+                              const acc_t<T>* __restrict__ w, double* __restrict__ ws, int64_t n, bool vectorized) {
+  using A = acc_t<T>;
   constexpr int V = Vec<T>::n;
   __shared__ double red[kThreads / 32][kMaxK];
-  float wr[kMaxK], part[kMaxK];
+  A wr[kMaxK], part[kMaxK];
 #pragma unroll
   for (int i = 0; i < kMaxK; ++i) {
-    wr[i] = i < K ? w[i] : 0.f;
-    part[i] = 0.f;
+    wr[i] = i < K ? w[i] : A(0);
+    part[i] = 0;
   }
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -112,9 +116,9 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int64_t v = tid; v < nvec; v += stride) {
     const Vec<T> gv = load_vec<T>(grad, v);
-    float g[V];
+    A g[V];
 #pragma unroll
-    for (int j = 0; j < V; ++j) g[j] = to_float(gv.v[j]);
+    for (int j = 0; j < V; ++j) g[j] = to_acc(gv.v[j]);
 #pragma unroll
     for (int i = 0; i < kMaxK; ++i) {
       if (i < K) {
@@ -122,20 +126,20 @@ __global__ void __launch_bounds__(kThreads)
         Vec<T> o;
 #pragma unroll
         for (int j = 0; j < V; ++j) {
-          part[i] += g[j] * to_float(x.v[j]);
-          o.v[j] = from_float<T>(wr[i] * g[j]);
+          part[i] += g[j] * to_acc(x.v[j]);
+          o.v[j] = from_acc<T>(wr[i] * g[j]);
         }
         reinterpret_cast<uint4*>(gxs.p[i])[v] = o.raw;
       }
     }
   }
   for (int64_t e = nvec * V + tid; e < n; e += stride) {
-    const float g = to_float(grad[e]);
+    const A g = to_acc(grad[e]);
 #pragma unroll
     for (int i = 0; i < kMaxK; ++i) {
       if (i < K) {
-        part[i] += g * to_float(static_cast<const T*>(xs.p[i])[e]);
-        static_cast<T*>(gxs.p[i])[e] = from_float<T>(wr[i] * g);
+        part[i] += g * to_acc(static_cast<const T*>(xs.p[i])[e]);
+        static_cast<T*>(gxs.p[i])[e] = from_acc<T>(wr[i] * g);
       }
     }
   }
@@ -158,30 +162,15 @@ __global__ void __launch_bounds__(kThreads)
 
 struct Checked {
   std::vector<at::Tensor> xs;  // contiguous
-  at::Tensor w;                // float32, contiguous, on the device
+  at::Tensor w;                // in the accumulation type (float32, or float64 for float64 inputs), contiguous
 };
 
 Checked check(const char* op, at::TensorList xs, const at::Tensor& w) {
-  TORCH_CHECK_VALUE(!xs.empty(), op, ": expected at least one input tensor");
-  TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == static_cast<int64_t>(xs.size()), op, ": expected w of shape [",
-                    xs.size(), "], got ", w.sizes());
-  const at::Tensor& x0 = xs[0];
-  TORCH_CHECK_VALUE(x0.is_cuda(), op, ": inputs must be CUDA tensors");
-  TORCH_CHECK_VALUE(is_supported_float(x0.scalar_type()), op,
-                    ": inputs must be float32, float16 or bfloat16, got ", x0.scalar_type());
-  TORCH_CHECK_VALUE(at::isFloatingType(w.scalar_type()), op, ": w must be floating point, got ", w.scalar_type());
-  check_same_device(op, x0, w, "w");
+  checks::layer_sum_inputs(op, xs, w);
   Checked c;
   c.xs.reserve(xs.size());
-  for (size_t i = 0; i < xs.size(); ++i) {
-    TORCH_CHECK_VALUE(xs[i].sizes() == x0.sizes(), op, ": all inputs must have one shape; input ", i, " is ",
-                      xs[i].sizes(), ", input 0 is ", x0.sizes());
-    TORCH_CHECK_VALUE(xs[i].scalar_type() == x0.scalar_type(), op, ": all inputs must have one dtype; input ", i,
-                      " is ", xs[i].scalar_type(), ", input 0 is ", x0.scalar_type());
-    check_same_device(op, x0, xs[i], "an input");
-    c.xs.push_back(xs[i].contiguous());
-  }
-  c.w = w.to(at::kFloat).contiguous();
+  for (const at::Tensor& x : xs) c.xs.push_back(x.contiguous());
+  c.w = w.to(acc_scalar_type(xs[0].scalar_type())).contiguous();
   return c;
 }
 
@@ -202,7 +191,7 @@ at::Tensor layer_sum_cuda(at::TensorList xs_, const at::Tensor& w_) {
   const int K = static_cast<int>(c.xs.size());
   if (n == 0) return out;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_float_types(x0.scalar_type(), op, [&](auto tag) {
+  dispatch_float_types_and_double(x0.scalar_type(), op, [&](auto tag) {
     using T = typename decltype(tag)::type;
     bool aligned = aligned16(out.const_data_ptr());
     for (const at::Tensor& x : c.xs) aligned = aligned && aligned16(x.const_data_ptr());
@@ -212,7 +201,7 @@ at::Tensor layer_sum_cuda(at::TensorList xs_, const at::Tensor& w_) {
       const int kg = std::min(kMaxK, K - k0);
       for (int i = 0; i < kg; ++i) p.p[i] = c.xs[k0 + i].const_data_ptr();
       layer_sum_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-          p, kg, c.w.const_data_ptr<float>() + k0, mptr<T>(out), n, aligned, k0 > 0);
+          p, kg, cptr<acc_t<T>>(c.w) + k0, mptr<T>(out), n, aligned, k0 > 0);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -224,12 +213,9 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> layer_sum_backward_cuda(const at
   const char* op = "layer_sum_backward";
   const Checked c = check(op, xs_, w_);
   const at::Tensor& x0 = c.xs[0];
-  TORCH_CHECK_VALUE(grad_.sizes() == x0.sizes(), op, ": grad must have the inputs' shape ", x0.sizes(), ", got ",
-                    grad_.sizes());
-  check_same_device(op, x0, grad_, "grad");
-  TORCH_CHECK_VALUE(at::isFloatingType(grad_.scalar_type()), op, ": grad must be floating point");
+  checks::layer_sum_grad(grad_, x0);
   const c10::cuda::CUDAGuard guard(x0.device());
-  const at::Tensor grad = grad_.to(x0.scalar_type()).contiguous();
+  const at::Tensor grad = grad_.contiguous();
   const int64_t n = x0.numel();
   const int K = static_cast<int>(c.xs.size());
   std::vector<at::Tensor> gxs;
@@ -239,7 +225,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> layer_sum_backward_cuda(const at
 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor grad_w;
-  dispatch_float_types(x0.scalar_type(), op, [&](auto tag) {
+  dispatch_float_types_and_double(x0.scalar_type(), op, [&](auto tag) {
     using T = typename decltype(tag)::type;
     bool aligned = aligned16(grad.const_data_ptr());
     for (int i = 0; i < K; ++i) {
@@ -259,7 +245,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> layer_sum_backward_cuda(const at
       // so give each group its own contiguous buffer.
       at::Tensor wsg = kg == K ? ws : grad.new_empty({blocks, kg}, grad.options().dtype(at::kDouble));
       layer_sum_backward_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-          cptr<T>(grad), p, q, kg, c.w.const_data_ptr<float>() + k0, wsg.mutable_data_ptr<double>(), n, aligned);
+          cptr<T>(grad), p, q, kg, cptr<acc_t<T>>(c.w) + k0, wsg.mutable_data_ptr<double>(), n, aligned);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (kg != K) ws.narrow(1, k0, kg).copy_(wsg);
     }

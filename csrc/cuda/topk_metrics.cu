@@ -27,6 +27,7 @@
 #include <optional>
 #include <tuple>
 
+#include "../checks.h"
 #include "common.cuh"
 #include "ops.cuh"
 
@@ -306,26 +307,10 @@ void dispatch_score_types(at::ScalarType st, Fn&& fn) {
 std::tuple<at::Tensor, at::Tensor> topk_metrics_cuda(const at::Tensor& scores_, const at::Tensor& indptr_,
                                                      const at::Tensor& indices_, int64_t k,
                                                      const std::optional<at::Tensor>& inv_prop_) {
-  TORCH_CHECK_VALUE(scores_.dim() == 2, "topk_metrics: scores must be [R, L], got ", scores_.sizes());
-  TORCH_CHECK_VALUE(scores_.is_cuda(), "topk_metrics: scores must be a CUDA tensor");
+  checks::topk_metrics_inputs(scores_, indptr_, indices_, k, inv_prop_);
   const int64_t R = scores_.size(0), L = scores_.size(1);
-  TORCH_CHECK_VALUE(1 <= k && k <= L, "topk_metrics: k must be in [1, L=", L, "], got ", k);
-  TORCH_CHECK_VALUE(L < kNoLabel, "topk_metrics: L must be below 2^31 - 1, got ", L);
-  TORCH_CHECK_VALUE(indptr_.dim() == 1 && indptr_.numel() == R + 1, "topk_metrics: indptr must have R+1 = ", R + 1,
-                    " entries, has shape ", indptr_.sizes());
-  TORCH_CHECK_VALUE(indices_.dim() == 1, "topk_metrics: indices must be 1-D");
-  for (const at::Tensor* t : {&indptr_, &indices_}) {
-    TORCH_CHECK_VALUE(t->scalar_type() == at::kLong || t->scalar_type() == at::kInt,
-                      "topk_metrics: indptr and indices must be int64 or int32, got ", t->scalar_type());
-  }
+  TORCH_CHECK_VALUE(L < kNoLabel, "topk_metrics: L must be below 2^31 - 1 on CUDA, got ", L);
   const auto st = scores_.scalar_type();
-  TORCH_CHECK_VALUE(st == at::kDouble || is_supported_float(st),
-                    "topk_metrics: scores must be float32, float64, float16 or bfloat16, got ", st);
-  if (inv_prop_.has_value()) {
-    TORCH_CHECK_VALUE(inv_prop_->dim() == 1 && at::isFloatingType(inv_prop_->scalar_type()),
-                      "topk_metrics: inv_prop must be a 1-D floating tensor, got ", inv_prop_->scalar_type(), " ",
-                      inv_prop_->sizes());
-  }
 
   const c10::cuda::CUDAGuard guard(scores_.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -411,11 +396,7 @@ std::tuple<at::Tensor, at::Tensor> topk_metrics_cuda(const at::Tensor& scores_, 
 
   const at::Tensor f = flags.cpu();  // the one synchronisation
   const int* fl = f.const_data_ptr<int>();
-  TORCH_CHECK_VALUE(!fl[kBadEnds], "topk_metrics: indptr must start at 0 and end at len(indices) = ", nnz);
-  TORCH_CHECK_VALUE(!fl[kDecreasing], "topk_metrics: indptr must be non-decreasing");
-  TORCH_CHECK_VALUE(!fl[kNegative], "topk_metrics: label indices must be >= 0");
-  TORCH_CHECK_VALUE(!fl[kNaN], "topk_metrics: scores contain NaN");
-  TORCH_CHECK_VALUE(!fl[kTooLarge], "topk_metrics: a label index is >= the number of labels (", n_total, ")");
+  checks::topk_metrics_values(fl[kBadEnds], fl[kDecreasing], fl[kNegative], fl[kTooLarge], fl[kNaN], nnz, n_total);
 
   at::Tensor sums = ws.sum(0);
   return {sums, topk};
