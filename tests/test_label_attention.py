@@ -371,8 +371,3 @@ def test_public_function_runs_the_compiled_kernel(device, monkeypatch):
     monkeypatch.setattr(ops, "label_attention_reference", reference_must_not_run)
     assert torch.equal(ops.label_attention(h, mask, W, v), expected)
     assert torch.equal(ops.label_attention(h, mask.to(torch.uint8), W, v), expected)  # any mask dtype, as bool
-
-
-def test_supports_values_everywhere():
-    for device in ("cpu", "cuda", torch.device("cuda:0")):
-        assert ops.label_attention_supports_values(device)

@@ -220,7 +220,7 @@ class AttentionHead(nn.Module):
     def forward(self, h, mask):
         W = self.attention.to(h.dtype)
         fc = list(self.fc)
-        if self.use_kernels and fc and ops.label_attention_supports_values(h.device):
+        if self.use_kernels and fc:
             # The attention weights of a row sum to 1, so the first FC layer commutes with the
             # attention: Linear(sum_n p_n h_n) = sum_n p_n Linear(h_n). Attending over the
             # projected tokens skips the [B,L,D] x [D,fc] product and the [B,L,D] context.

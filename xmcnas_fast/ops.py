@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from .op_contracts import check_label_attention_inputs, check_layer_sum_inputs, check_topk_metrics_inputs
 
 __all__ = [
-    "label_attention", "label_attention_supports_values", "topk_metrics", "layer_sum", "dropout",
+    "label_attention", "topk_metrics", "layer_sum", "dropout",
     "label_attention_reference", "topk_metrics_reference", "layer_sum_reference", "dropout_reference",
     "EXTENSION_LOADED", "extension_status", "has_kernel",
 ]
@@ -98,11 +98,12 @@ def label_attention_reference(h: torch.Tensor, mask: torch.Tensor, W: torch.Tens
     """
     check_label_attention_inputs(h, mask, W, v)
     acc = torch.float64 if h.dtype == torch.float64 else torch.float32
-    scores = torch.matmul(W.to(acc), h.to(acc).transpose(1, 2))         # [B, L, N]
-    m = mask.unsqueeze(1)                                                # [B, 1, N]
-    scores = scores.masked_fill(~m, torch.finfo(scores.dtype).min)
-    p = torch.softmax(scores, dim=-1) * m                                # all-padding rows -> 0
-    return torch.matmul(p, (h if v is None else v).to(acc)).to(h.dtype)  # [B, L, Dv]
+    with torch.autocast(h.device.type, enabled=False):                   # float32 under autocast too
+        scores = torch.matmul(W.to(acc), h.to(acc).transpose(1, 2))     # [B, L, N]
+        m = mask.unsqueeze(1)                                            # [B, 1, N]
+        scores = scores.masked_fill(~m, torch.finfo(scores.dtype).min)
+        p = torch.softmax(scores, dim=-1) * m                            # all-padding rows -> 0
+        return torch.matmul(p, (h if v is None else v).to(acc)).to(h.dtype)  # [B, L, Dv]
 
 
 def topk_metrics_reference(scores: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor, k: int,
@@ -270,16 +271,6 @@ def label_attention(h: torch.Tensor, mask: torch.Tensor, W: torch.Tensor,
     if _compiled("label_attention", h.device):
         return torch.ops.xmcnas_fast.label_attention(h, mask, W, v)[0]
     return label_attention_reference(h, mask, W, v)
-
-
-def label_attention_supports_values(device) -> bool:
-    """Whether label_attention(h, mask, W, v) with separate values runs on `device`: on every device.
-
-    Kept for callers written when the CUDA kernels lacked separate values; new
-    code can pass v unconditionally.
-    """
-    torch.device(device)  # still refuses what is not a device
-    return True
 
 
 def topk_metrics(scores: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor, k: int,
