@@ -16,7 +16,7 @@
 #   PYTHON                 the interpreter (default python3)
 #   GPU_CHECK_DEVICE       cuda (default) or cpu: a dry run of every step's plumbing without a GPU
 #                          (CUDA-only steps are skipped, budgets are tiny)
-#   GPU_CHECK_SKIP         steps to leave out, e.g. "sanitizer bench"
+#   GPU_CHECK_SKIP         steps to leave out, e.g. "racecheck bench"
 #   GPU_CHECK_TRAIN_MIN    minutes of `train --arch attentionxml` (default 1; RESULTS.md quotes 5)
 #   GPU_CHECK_WORKERS      workers on one GPU for the search, one search each (default "4"; "1 2 4"
 #                          gives the candidates-per-hour comparison)
@@ -74,16 +74,24 @@ fi
 step build 600 "$PY" setup.py -q build_ext --inplace
 "$PY" -c "from xmcnas_fast import ops; print('kernels:', ops.extension_status())" 2>&1 | tee -a "$LOG"
 
-# ---- 2. the CUDA tests, the build check, the device-path and precision tests ---------------------
+# ---- 2. every CUDA test; the build check, the device-path and precision tests ---------------------
 if cuda_only tests; then
-  step tests 420 "$PY" -m pytest -q -x -p no:cacheprovider -m cuda tests \
-    tests/test_build.py tests/test_device_paths.py tests/test_precision.py
+  step tests 420 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests
 fi
+step host_paths 420 "$PY" -m pytest -q -p no:cacheprovider tests/test_build.py tests/test_device_paths.py \
+  tests/test_precision.py
 
-# ---- 3. memory hazards in the kernels: compute-sanitizer memcheck on a subset -------------------
+# ---- 3. memory and shared-memory hazards in the kernels: compute-sanitizer on subsets -------------
+KERNEL_TESTS=(tests/test_label_attention.py tests/test_layer_sum.py tests/test_dropout.py tests/test_cuda_ops.py)
 if cuda_only sanitizer; then
-  step sanitizer 300 compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 20 \
-    "$PY" -m pytest -q -x -p no:cacheprovider tests/test_cuda_ops.py -k "not eurlex and not many_rows"
+  step sanitizer 240 compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 20 \
+    "$PY" -m pytest -q -x -p no:cacheprovider -m cuda "${KERNEL_TESTS[@]}" \
+    -k "not float64 and not eurlex and not many_rows and not large and not gradcheck and not opcheck"
+fi
+if cuda_only racecheck; then   # the tensor-core kernels' shared-memory tiles, bf16 with and without values
+  step racecheck 180 compute-sanitizer --tool racecheck --error-exitcode 3 --print-limit 20 \
+    "$PY" -m pytest -q -x -p no:cacheprovider -m cuda tests/test_label_attention.py \
+    -k "values_and_gradients and bfloat16 and (5x37x24x50 or 3x65x520x40)"
 fi
 
 # ---- 4. the CUDA benchmarks, few rounds ----------------------------------------------------------

@@ -110,6 +110,7 @@ def main(argv=None) -> int:
         versions = {}
     kernels = re.search(r"^kernels: (.*)$", log, re.M)
     sanitizer = re.search(r"ERROR SUMMARY: (\d+) error", sec.get("sanitizer", ""))
+    racecheck = re.search(r"(?:RACECHECK|ERROR) SUMMARY: (\d+) (?:hazard|error)", sec.get("racecheck", ""))
     figures = {
         "machine": {"gpu": gpu, "device": a.device, "cpu_cores": os.cpu_count(), "host": platform.node(),
                     **versions, "kernels": kernels.group(1) if kernels else None},
@@ -117,6 +118,7 @@ def main(argv=None) -> int:
         "tests": pytest_summary(sec.get("tests", "")),
         "sanitizer_memcheck_errors": int(sanitizer.group(1)) if sanitizer else None,
         "sanitizer_tests": pytest_summary(sec.get("sanitizer", "")),
+        "racecheck_hazards": int(racecheck.group(1)) if racecheck else None,
         "parity": parity(sec.get("parity", "")),
         "train": trained(a.bundle),
         "evaluate": next((json.loads(ln) for ln in reversed(sec.get("evaluate", "").splitlines())
@@ -126,8 +128,9 @@ def main(argv=None) -> int:
     }
     md = [f"# GPU check: {gpu or 'no GPU'} ({a.device}), torch {versions.get('torch')}", "",
           "| step | status | seconds | figure |", "|---|---|---|---|"]
-    notes = {"tests": figures["tests"], "sanitizer": f"{figures['sanitizer_memcheck_errors']} memcheck errors; "
+    notes = {"tests": figures["tests"], "host_paths": pytest_summary(sec.get("host_paths", "")), "sanitizer": f"{figures['sanitizer_memcheck_errors']} memcheck errors; "
              f"{figures['sanitizer_tests']}" if sanitizer else figures["sanitizer_tests"],
+             "racecheck": f"{figures['racecheck_hazards']} racecheck hazards" if racecheck else None,
              "parity": json.dumps(figures["parity"]) if figures["parity"] else None,
              "train": json.dumps(figures["train"]) if figures["train"] else None,
              "bench": f"{len(figures['bench_cuda'])} cases in bench_cuda.json" if figures["bench_cuda"] else None}
