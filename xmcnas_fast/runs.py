@@ -5,8 +5,11 @@
       proposals.jsonl   one line per candidate proposed, in order (what resume replays)
       history.jsonl     one line per finished candidate: genotype, hash, status, metrics, weights, ...
                         and model_dir while its bundle is kept
-      models/cand-N/    model bundles of the best candidates (the others are deleted)
-      best.json         which candidate is best so far, and where its bundle is
+      models/cand-N/    model bundles of the best candidates (the others are deleted; with weight
+                        inheritance, those of the population too: they may become parents)
+      models/final/     the best architecture trained to the end (the search's result)
+      final.json        its record: which candidate it trains, its settings and metrics
+      best.json         the search's result: the final model once trained, else the best candidate
       .lock             exists while a search runs in the directory
 
 Lines are appended, flushed and fsynced one at a time, so a kill -9 at any
@@ -200,19 +203,32 @@ class Run:
     def model_dir(self, cand_id: int) -> str:
         return os.path.join(self.models_dir, f"cand-{cand_id}")
 
-    def best(self) -> Optional[dict]:
-        p = os.path.join(self.path, "best.json")
+    def final_dir(self) -> str:
+        return os.path.join(self.models_dir, "final")
+
+    def _read(self, name: str) -> Optional[dict]:
+        p = os.path.join(self.path, name)
         if not os.path.exists(p):
             return None
         with open(p, encoding="utf-8") as f:
             return json.load(f)
+
+    def final(self) -> Optional[dict]:
+        """The record of the final training (None until it has finished)."""
+        return self._read("final.json")
+
+    def set_final(self, record: dict) -> None:
+        write_json_atomic(os.path.join(self.path, "final.json"), record)
+
+    def best(self) -> Optional[dict]:
+        return self._read("best.json")
 
     def keep_models(self, ids: set) -> None:
         """Delete the bundles of candidates not in `ids` (and stray temporary ones), and the
         `model_dir` of their records in the history, so that no record points to a deleted bundle."""
         for name in os.listdir(self.models_dir):
             full = os.path.join(self.models_dir, name)
-            keep = name.startswith("cand-") and name[5:].isdigit() and int(name[5:]) in ids
+            keep = name == "final" or (name.startswith("cand-") and name[5:].isdigit() and int(name[5:]) in ids)
             if not keep and os.path.isdir(full):
                 shutil.rmtree(full, ignore_errors=True)
         stale = [r for r in self.history.records if r.get("model_dir") and r.get("id") not in ids]
