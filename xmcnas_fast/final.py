@@ -17,11 +17,12 @@ MIN_FINAL_MINUTES = 0.5
 
 def final_settings(cfg: dict, elapsed: float, seed: int) -> tuple[dict, dict]:
     """The model and training settings of the final training, `elapsed` seconds into the search:
-    the search's, with the final section's values; its time is what is left of total_minutes
+    the search's, with the final section's values (but no candidate's step or time limit); its time is what is left of total_minutes
     (at least MIN_FINAL_MINUTES), or max_minutes, whichever is less."""
     f = {**FINAL_DEFAULTS, **(cfg.get("final") or {})}
     model = {**cfg["model"], **{k: f[k] for k in FINAL_MODEL_KEYS if f[k] is not None}}
     train = {**cfg["train"], **{k: f[k] for k in FINAL_TRAIN_KEYS if f[k] is not None}}
+    train["max_steps"] = f["max_steps"]          # the candidates' step limit is the proxy's, not the final's
     limits = [m for m in (f["max_minutes"],) if m is not None]
     if f["total_minutes"] is not None:
         limits.append(max(MIN_FINAL_MINUTES, f["total_minutes"] - elapsed / 60))
