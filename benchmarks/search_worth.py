@@ -62,10 +62,10 @@ def figures_of(run) -> dict:
     """What one finished search scored: its best candidate (by the budget its figure comes from, then
     validation P@5) and its final model, P@5 on validation and test, and children's steps to their
     parent's validation P@5."""
-    from xmcnas_fast.search import _ranked
+    from xmcnas_fast.search import ranked
 
     records = {r["id"]: r for r in run.history.records}
-    best = (_ranked(records) or [{}])[0]
+    best = (ranked(records) or [{}])[0]
     final = run.final() or {}
     children = [r for r in records.values() if r.get("parent") is not None and r.get("reused_from") is None]
     reached = [r["steps_to_parent"] for r in children if r.get("steps_to_parent") is not None]

@@ -132,12 +132,15 @@ def test_the_final_training_gets_what_is_left_of_the_total_time_and_its_own_size
     assert pm["width"] == 512 and pt["max_epochs"] == 30 and pt["max_minutes"] is None
 
 
-def test_keep_models_never_deletes_the_final_model(tmp_path):
+def test_keep_models_never_deletes_the_final_model_nor_a_bundle_being_written(tmp_path):
     run = Run.create(str(tmp_path / "r"), {"x": 1})
-    for d in (run.final_dir(), run.model_dir(1), run.model_dir(2)):
-        (tmp_path / "r" / "models" / d.rsplit("/", 1)[1]).mkdir()
-    run.keep_models({2})
-    assert sorted(p.name for p in (tmp_path / "r" / "models").iterdir()) == ["cand-2", "final"]
+    models = tmp_path / "r" / "models"
+    for name in ("final", "cand-1", "cand-2", ".tmp-bundle-x1"):
+        (models / name).mkdir()
+    run.keep_models({2})     # every candidate saves a bundle when inheriting: a worker may be writing one now
+    assert sorted(p.name for p in models.iterdir()) == [".tmp-bundle-x1", "cand-2", "final"]
+    run.remove_stray_files()     # at the start of a search, before any worker: what a kill left half-written
+    assert sorted(p.name for p in models.iterdir()) == ["cand-2", "final"]
     assert run.final() is None
     run.set_final({"id": "final", "of": 2})
     assert Run.open(run.path).final() == {"id": "final", "of": 2}
@@ -151,3 +154,18 @@ def test_an_old_run_without_a_final_section_has_no_final_phase(monkeypatch, tmp_
     run = Run.create(str(tmp_path / "old"), cfg)
     strategy = types.SimpleNamespace(best=lambda: types.SimpleNamespace(id=0))
     assert search.run_final(run, strategy, sched=None, progress=None, devices="cpu") is None
+
+
+def test_analysis_compares_children_that_inherited_with_those_that_did_not():
+    from xmcnas_fast.analysis import inheritance
+
+    recs = [{"id": 0, "parent": None, "fitness": 0.3},
+            {"id": 1, "parent": 0, "fitness": 0.32, "inherited": {"from": 0, "parts": ["embedding"]},
+             "steps_to_parent": 100},
+            {"id": 2, "parent": 0, "fitness": 0.34, "inherited": {"from": 0, "parts": ["head"]}, "steps_to_parent": 300},
+            {"id": 3, "parent": 1, "fitness": 0.28, "inherited": {"from": 1, "parts": []}, "steps_to_parent": None},
+            {"id": 4, "parent": 1, "fitness": 0.33, "steps_to_parent": 500}]
+    got = inheritance(recs)
+    assert got["inherited"] == {"children": 2, "reached": 2, "median_steps": 200, "mean_p5": pytest.approx(0.33)}
+    assert got["from scratch"] == {"children": 2, "reached": 1, "median_steps": 500,
+                                   "mean_p5": pytest.approx(0.305)}

@@ -224,18 +224,27 @@ class Run:
         return self._read("best.json")
 
     def keep_models(self, ids: set) -> None:
-        """Delete the bundles of candidates not in `ids` (and stray temporary ones), and the
-        `model_dir` of their records in the history, so that no record points to a deleted bundle."""
+        """Delete the bundles of candidates not in `ids`, and the `model_dir` of their records in the
+        history, so that no record points to a deleted bundle. Anything else under models/ may be a
+        bundle a worker is writing now: it is left alone (remove_stray_files clears it at the start)."""
         for name in os.listdir(self.models_dir):
             full = os.path.join(self.models_dir, name)
-            keep = name == "final" or (name.startswith("cand-") and name[5:].isdigit() and int(name[5:]) in ids)
-            if not keep and os.path.isdir(full):
+            if name.startswith("cand-") and name[5:].isdigit() and int(name[5:]) not in ids and os.path.isdir(full):
                 shutil.rmtree(full, ignore_errors=True)
         stale = [r for r in self.history.records if r.get("model_dir") and r.get("id") not in ids]
         for r in stale:
             del r["model_dir"]
         if stale:
             self.history.rewrite()
+
+    def remove_stray_files(self) -> None:
+        """Half-written bundles (temporary directories) left by a search that was killed; call it
+        before any worker starts."""
+        for name in os.listdir(self.models_dir):
+            full = os.path.join(self.models_dir, name)
+            bundle = name == "final" or (name.startswith("cand-") and name[5:].isdigit())
+            if not bundle and os.path.isdir(full):
+                shutil.rmtree(full, ignore_errors=True)
 
     def set_best(self, record: dict) -> None:
         write_json_atomic(os.path.join(self.path, "best.json"),

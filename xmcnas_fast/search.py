@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Optional
@@ -23,11 +22,14 @@ from .candidate import train_candidate, worker_init
 from .evolution import Candidate, Strategy, make_strategy
 from .final import FINAL_DEFAULTS, FINAL_MODEL_KEYS, final_settings
 from .model import ModelConfig
+from .records import SearchClock, _proposal_record, _ranked, _result_record, steps_to_reach
 from .runs import Run, RunError, write_json_atomic
 from .scheduler import Event, TaskResult, make_scheduler
 from .train import TrainConfig
 
-__all__ = ["make_config", "run_search", "replay", "train_candidate", "training_seed", "SearchOutcome"]
+__all__ = ["make_config", "run_search", "replay", "train_candidate", "training_seed", "SearchOutcome",
+           "steps_to_reach", "ranked"]
+ranked = _ranked
 
 CONFIG_VERSION = 1
 
@@ -153,59 +155,6 @@ def report(strategy: Strategy, rec: dict) -> None:
                     short_fitness=(rec.get("short") or {}).get("P@5"))
 
 
-def _candidate_fields(c: Candidate) -> dict:
-    """Who a candidate is and where it came from, as both of a run's logs record it."""
-    return {"id": c.id, "hash": c.genotype.hash(), "genotype": c.genotype.to_dict(), "parent": c.parent,
-            "mutation": c.mutation, "constrained": c.constrained, "reused_from": c.reused_from,
-            "stands_in_for": c.stands_in_for}
-
-
-def _proposal_record(c: Candidate, after_reports: int) -> dict:
-    return {**_candidate_fields(c), "after_reports": after_reports, "time": time.time()}
-
-
-def _result_record(c: Candidate, res: Optional[TaskResult], rec: Optional[dict], prior: Optional[dict]) -> dict:
-    base = {**_candidate_fields(c), "depth": c.genotype.depth}
-    if prior is not None:  # the same network was trained before: its result, not a new training
-        keep = ("status", "error", "valid", "test", "layer_weights", "params", "epochs", "steps", "rung", "short")
-        return {**base, **{k: prior.get(k) for k in keep}, "fitness": prior.get("fitness"),
-                "seconds": 0.0, "device": None, "attempts": 0, "finished": time.time()}
-    out = {**base, "status": res.status, "error": res.error, "device": res.device,
-           "attempts": res.attempts, "seconds": round(res.seconds, 3), "finished": time.time()}
-    if res.status == "ok" and isinstance(rec, dict):
-        out.update({k: v for k, v in rec.items() if k not in ("status", "error", "device", "seconds")})
-        out["status"], out["error"] = rec["status"], rec.get("error")
-        out["train_seconds"] = rec.get("seconds")
-    valid = out.get("valid") or {}
-    ok = out["status"] in ("ok", "stopped") and valid.get("P@5") is not None
-    out["fitness"] = valid["P@5"] if ok else None
-    return _json_safe(out)
-
-
-def _json_safe(x):
-    if isinstance(x, float):
-        return None if math.isnan(x) or math.isinf(x) else x
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
-
-
-def _ranked(records: dict) -> list[dict]:
-    """The finished candidates with a fitness, best first: by the budget their figure comes from
-    (the full one before the short one), then by the figure."""
-    return sorted((r for r in records.values() if r.get("fitness") is not None),
-                  key=lambda r: (r.get("rung") or 0, r["fitness"]), reverse=True)
-
-
-def steps_to_reach(curve: Optional[list], target: Optional[float]) -> Optional[int]:
-    """The first step at which a validation curve ([step, epoch, P@1, P@5] rows) reaches P@5 `target`."""
-    if not curve or target is None:
-        return None
-    return next((row[0] for row in curve if row[3] >= target), None)
-
-
 class _Silent:
     """Progress for a search nobody watches: every event is dropped."""
 
@@ -325,19 +274,6 @@ class _SearchLoop:
             self.run.set_best(ranked[0])
 
 
-class SearchClock:
-    """The search's wall-clock seconds over all its sessions: those recorded with the last finished
-    candidate, plus this session's since it started (time between sessions does not count)."""
-
-    def __init__(self, run: Run):
-        recs = run.history.records
-        self.before = float(recs[-1].get("elapsed") or 0.0) if recs else 0.0
-        self.t0 = time.monotonic()
-
-    def seconds(self) -> float:
-        return round(self.before + time.monotonic() - self.t0, 3)
-
-
 # ---- the final phase: the best architecture trained to the end -----------------------------------
 
 def run_final(run: Run, strategy: Strategy, sched, progress, devices: str) -> Optional[dict]:
@@ -413,6 +349,7 @@ def run_search(run: Run, *, progress=None, backend: Optional[str] = None, device
     vectors_path = _prepare_vectors(run, cfg, data, progress)
     strategy = _strategy(cfg)
     reruns = replay(strategy, run)
+    run.remove_stray_files()
     devices = resolve_devices(cfg, devices)
     sched = make_scheduler(backend or cfg["run"]["backend"], devices,
                            init_fn=worker_init, init_args=(data.cache_path, vectors_path),
