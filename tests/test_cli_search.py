@@ -118,7 +118,7 @@ def test_summary_hints_stay_whole_on_an_80_column_terminal(tiny_run, monkeypatch
     assert f"  xmcnas-fast predict {best['model_dir']} \"some text\"" in lines
     assert f"  xmcnas-fast analyze {run.path}" in lines
     assert "  per candidate: width 8, at most 1 epochs and 0.5 min, inheriting weights" in lines   # one line
-    assert "  then the best trained to the end: width 128, at most 10 epochs, ending by minute 9.0" in lines
+    assert "  then the best to the end: width 128, at most 10 epochs, until minute 9.0" in lines
     assert all(len(x) <= 80 for x in lines if "/" not in x)                    # only paths may run longer
 
 
@@ -144,7 +144,8 @@ def test_a_finished_search_leaves_no_lock_and_no_record_of_a_deleted_bundle(tiny
     recs = JsonLog(os.path.join(tiny_run, "history.jsonl")).records
     kept = [r["model_dir"] for r in recs if r.get("model_dir")]
     assert kept and all(os.path.isdir(d) for d in kept)
-    assert sorted(os.listdir(os.path.join(tiny_run, "models"))) == sorted(os.path.basename(d) for d in kept)
+    assert sorted(os.listdir(os.path.join(tiny_run, "models"))) == sorted([*(os.path.basename(d) for d in kept),
+                                                                            "final"])
 
 
 def test_analyze_prints_a_render_command_that_names_a_real_file(tiny_run, capsys, tmp_path):

@@ -135,8 +135,8 @@ def final_line(cfg: dict) -> list:
     width = f.get("width") or cfg["model"]["width"]
     epochs = f.get("max_epochs") or cfg["train"]["max_epochs"]
     limit = (f" and {f['max_minutes']} min" if f.get("max_minutes") else "") + \
-        (f", ending by minute {f['total_minutes']}" if f.get("total_minutes") else "")
-    return [f"  then the best trained to the end: width {width}, at most {epochs} epochs{limit}"]
+        (f", until minute {f['total_minutes']}" if f.get("total_minutes") else "")
+    return [f"  then the best to the end: width {width}, at most {epochs} epochs{limit}"]
 
 
 def cmd_search(args) -> int:
