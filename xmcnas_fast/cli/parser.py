@@ -20,7 +20,7 @@ under runs/NAME/models/. Ctrl-C stops cleanly; --resume continues to the same en
 After the evolution, the best architecture is trained to the end of the budget (wider, longer)
 and that model is the search's result (runs/NAME/models/final, best.json).
 
-Budgets: demo (default; within 10 minutes on a 2-core CPU with debtags, a third of it for the
+Budgets: demo (default; within 10 minutes on a 2-core CPU with debtags, about half of it for the
 final model) and paper (P=20, C=50, S=10, up to 30 epochs, width 512, the final model 30 epochs).
 Every setting below overrides the budget."""
 
