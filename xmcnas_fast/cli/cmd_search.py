@@ -98,7 +98,7 @@ def open_or_create(args, out):
 
     if args.resume:
         run = Run.open(args.resume)
-        check_backend(args.backend or run.config["run"]["backend"])
+        check_backend(args.backend or (run.config.get("run") or {}).get("backend"))
         changed = settings_changed(args, run.config)
         if changed:
             raise CLIError(f"--resume continues {args.resume} with its saved settings; drop {' '.join(changed)} "
