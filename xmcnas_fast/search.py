@@ -161,7 +161,7 @@ class _Silent:
     def _drop(self, *args, **kwargs) -> None:
         return None
 
-    started = progress = finished = note = _drop
+    started = progress = finished = note = ended = _drop
 
 
 class _SearchLoop:
@@ -297,7 +297,7 @@ def run_final(run: Run, strategy: Strategy, sched, progress, devices: str) -> Op
     source = records[best.id]
     payload = {"model": {**model, "genotype": source["genotype"]}, "train": train,
                "model_dir": run.final_dir(), "save_above": -math.inf}
-    label = f"final: #{best.id} {best.genotype}"
+    label = f"(#{best.id}) {best.genotype}"
     progress.note(f"training the best architecture (#{best.id}) to the end: width {model['width']}, "
                   f"at most {train['max_epochs']} epochs" + (f", {train['max_minutes']} min" if train["max_minutes"] else ""))
     sched.submit("final", train_candidate, payload)
@@ -308,8 +308,8 @@ def run_final(run: Run, strategy: Strategy, sched, progress, devices: str) -> Op
                         "train": {k: train[k] for k in ("max_epochs", "max_steps", "max_minutes", "lr")}},
            "search_seconds": elapsed}
     run.set_final(out)
-    progress.note(f"final model: {out['status']}, validation P@5 {_pct(out['fitness'])} "
-                  f"(the search's best: {_pct(source['fitness'])}) in {out['seconds']:.0f}s")
+    progress.ended("final", res.device or "-", f"final model: {out['status']}, validation P@5 {_pct(out['fitness'])} "
+                   f"(the search's best: {_pct(source['fitness'])}) in {out['seconds']:.0f}s")
     if out["fitness"] is not None and out.get("model_dir"):
         run.set_best(out)
     return out
