@@ -169,3 +169,11 @@ def test_analysis_compares_children_that_inherited_with_those_that_did_not():
     assert got["inherited"] == {"children": 2, "reached": 2, "median_steps": 200, "mean_p5": pytest.approx(0.33)}
     assert got["from scratch"] == {"children": 2, "reached": 1, "median_steps": 500,
                                    "mean_p5": pytest.approx(0.305)}
+
+
+def test_short_run_settings_no_search_can_use_are_refused_up_front():
+    with pytest.raises(ValueError, match="at least 1 step"):
+        make_config("demo", overrides={"search": {"fidelity": 0}})
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        make_config("demo", overrides={"search": {"fidelity": 100, "promote": 1.5}})
+    assert make_config("demo", overrides={"search": {"fidelity": 100, "promote": 0.5}})["search"]["promote"] == 0.5

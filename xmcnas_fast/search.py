@@ -99,6 +99,11 @@ def make_config(budget: str = "demo", *, dataset: str = "debtags", overrides: Op
                 raise ValueError(f"unknown setting {section}.{k}")
             cfg[section][k] = v
     _strategy(cfg)  # refuses settings no search can run with (a sample larger than the population) up front
+    s = cfg["search"]
+    if s.get("fidelity") is not None and s["fidelity"] < 1:
+        raise ValueError(f"--fidelity {s['fidelity']}: the short run needs at least 1 step")
+    if not 0 < s.get("promote", 1) <= 1:
+        raise ValueError(f"--promote {s['promote']}: expected a fraction of the population, in (0, 1]")
     return cfg
 
 
