@@ -11,19 +11,19 @@ from .runs import Run
 from .scheduler import TaskResult
 
 
-def _candidate_fields(c: Candidate) -> dict:
+def candidate_fields(c: Candidate) -> dict:
     """Who a candidate is and where it came from, as both of a run's logs record it."""
     return {"id": c.id, "hash": c.genotype.hash(), "genotype": c.genotype.to_dict(), "parent": c.parent,
             "mutation": c.mutation, "constrained": c.constrained, "reused_from": c.reused_from,
             "stands_in_for": c.stands_in_for}
 
 
-def _proposal_record(c: Candidate, after_reports: int) -> dict:
-    return {**_candidate_fields(c), "after_reports": after_reports, "time": time.time()}
+def proposal_record(c: Candidate, after_reports: int) -> dict:
+    return {**candidate_fields(c), "after_reports": after_reports, "time": time.time()}
 
 
-def _result_record(c: Candidate, res: Optional[TaskResult], rec: Optional[dict], prior: Optional[dict]) -> dict:
-    base = {**_candidate_fields(c), "depth": c.genotype.depth}
+def result_record(c: Candidate, res: Optional[TaskResult], rec: Optional[dict], prior: Optional[dict]) -> dict:
+    base = {**candidate_fields(c), "depth": c.genotype.depth}
     if prior is not None:  # the same network was trained before: its result, not a new training
         keep = ("status", "error", "valid", "test", "layer_weights", "params", "epochs", "steps", "rung", "short")
         return {**base, **{k: prior.get(k) for k in keep}, "fitness": prior.get("fitness"),
@@ -50,7 +50,7 @@ def _json_safe(x):
     return x
 
 
-def _ranked(records: dict) -> list[dict]:
+def ranked(records: dict) -> list[dict]:
     """The finished candidates with a fitness, best first: by the budget their figure comes from
     (the full one before the short one), then by the figure."""
     return sorted((r for r in records.values() if r.get("fitness") is not None),

@@ -22,14 +22,13 @@ from .candidate import train_candidate, worker_init
 from .evolution import Candidate, Strategy, make_strategy
 from .final import FINAL_DEFAULTS, FINAL_MODEL_KEYS, final_settings
 from .model import ModelConfig
-from .records import SearchClock, _proposal_record, _ranked, _result_record, steps_to_reach
+from .records import SearchClock, proposal_record, ranked, result_record, steps_to_reach
 from .runs import Run, RunError, write_json_atomic
 from .scheduler import Event, TaskResult, make_scheduler
 from .train import TrainConfig
 
 __all__ = ["make_config", "run_search", "replay", "train_candidate", "training_seed", "SearchOutcome",
            "steps_to_reach", "ranked"]
-ranked = _ranked
 
 CONFIG_VERSION = 1
 
@@ -205,7 +204,7 @@ class _SearchLoop:
             return self.reruns.popleft()
         c = self.strategy.propose()
         if c is not None:
-            rec = _proposal_record(c, len(self.strategy.history))
+            rec = proposal_record(c, len(self.strategy.history))
             if self.short_steps:   # the bar a short run must reach, fixed when the candidate is proposed
                 t = self.strategy.promotion_threshold(self.cfg["search"]["promote"])
                 rec["promote_above"] = self.thresholds[c.id] = None if math.isinf(t) else t
@@ -235,7 +234,7 @@ class _SearchLoop:
 
     def saved(self) -> list[dict]:
         """The finished candidates whose bundle was saved, best first."""
-        return [r for r in _ranked(self.records) if r.get("model_dir")]
+        return [r for r in ranked(self.records) if r.get("model_dir")]
 
     def check_can_go_on(self) -> None:
         if self.in_flight or self.strategy.done:
@@ -253,7 +252,7 @@ class _SearchLoop:
 
     def finish(self, c: Candidate, res: Optional[TaskResult], rec: Optional[dict]) -> None:
         prior = self.records.get(c.reused_from) if c.reused_from is not None else None
-        out = _result_record(c, res, rec, prior)
+        out = result_record(c, res, rec, prior)
         if c.parent is not None and prior is None:
             parent = self.records.get(c.parent) or {}
             out["steps_to_parent"] = steps_to_reach(out.get("curve"), parent.get("fitness"))
@@ -269,14 +268,14 @@ class _SearchLoop:
     def keep_best_models(self) -> None:
         """Delete all bundles but the `keep` best ones (and, with inheritance, those of the population
         and of the parents of candidates in flight); point best.json at the best if it has one."""
-        ranked = _ranked(self.records)
+        order = ranked(self.records)
         keep = {r["id"] for r in self.saved()[: self.keep]}
         if self.inherit:
             keep |= {m.id for m in self.strategy.population}
             keep |= {c.parent for c in [*self.in_flight.values(), *self.reruns] if c.parent is not None}
         self.run.keep_models(keep)
-        if ranked and ranked[0].get("model_dir"):
-            self.run.set_best(ranked[0])
+        if order and order[0].get("model_dir"):
+            self.run.set_best(order[0])
 
 
 # ---- the final phase: the best architecture trained to the end -----------------------------------
@@ -308,7 +307,7 @@ def run_final(run: Run, strategy: Strategy, sched, progress, devices: str) -> Op
     sched.submit("final", train_candidate, payload)
     progress.started("final", sched.running().get("final", "?"), label)
     res = _wait_for(sched, "final", progress)
-    out = {**_result_record(strategy.candidates[best.id], res, res.value, None), "id": "final", "of": best.id,
+    out = {**result_record(strategy.candidates[best.id], res, res.value, None), "id": "final", "of": best.id,
            "settings": {"model": {k: model[k] for k in FINAL_MODEL_KEYS},
                         "train": {k: train[k] for k in ("max_epochs", "max_steps", "max_minutes", "lr")}},
            "search_seconds": elapsed}
