@@ -48,7 +48,7 @@ def add_search(sub) -> None:
     g.add_argument("--inherit-weights", action=argparse.BooleanOptionalAction, default=None,
                    help="a child starts from its parent's trained weights wherever the two agree (embedding, "
                    "head, each node whose operation and input are unchanged); the rest starts fresh. Each "
-                   "history line says what was inherited (default: the budget's)")
+                   "history line says what was inherited (default: on in the demo budget, off in paper)")
     g.add_argument("--fidelity", type=int, metavar="STEPS",
                    help="short runs first: every new candidate trains STEPS steps, and goes on to the full "
                    "budget only if its validation P@5 is in the top --promote part of the population's at "
