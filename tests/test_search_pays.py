@@ -177,3 +177,20 @@ def test_short_run_settings_no_search_can_use_are_refused_up_front():
     with pytest.raises(ValueError, match=r"in \(0, 1\]"):
         make_config("demo", overrides={"search": {"fidelity": 100, "promote": 1.5}})
     assert make_config("demo", overrides={"search": {"fidelity": 100, "promote": 0.5}})["search"]["promote"] == 0.5
+
+
+def test_the_evaluations_still_due_count_inside_the_time_budget(data):
+    import time
+
+    from xmcnas_fast.train import Trainer
+
+    model = model_of(data, [["conv3", 0]])
+    trainer = Trainer(model, data, tcfg(), torch.device("cpu"))
+    trainer.deadline = time.monotonic() + 3600.0
+    assert not trainer.should_end(None)
+    docs = len(data.valid) + len(data.test)
+    trainer.eval_seconds_per_doc = 7200.0 / docs     # a last validation and the test split: two hours
+    assert trainer.evaluations_due() == pytest.approx(7200.0)
+    assert trainer.should_end(None)                  # an hour left is not enough: stop training now
+    trainer.validate()                                # measures what an evaluation costs here
+    assert 0 < trainer.eval_seconds_per_doc < 7200.0 / docs
