@@ -117,7 +117,8 @@ def test_summary_hints_stay_whole_on_an_80_column_terminal(tiny_run, monkeypatch
     lines = ANSI.sub("", capsys.readouterr().out).splitlines()
     assert f"  xmcnas-fast predict {best['model_dir']} \"some text\"" in lines
     assert f"  xmcnas-fast analyze {run.path}" in lines
-    assert "  per candidate: width 8, at most 2 epochs and 0.8 min" in lines   # one setting, one line
+    assert "  per candidate: width 8, at most 1 epochs and 0.5 min, inheriting weights" in lines   # one line
+    assert "  then the best to the end: width 128, at most 10 epochs, until minute 9.0" in lines
     assert all(len(x) <= 80 for x in lines if "/" not in x)                    # only paths may run longer
 
 
@@ -143,7 +144,8 @@ def test_a_finished_search_leaves_no_lock_and_no_record_of_a_deleted_bundle(tiny
     recs = JsonLog(os.path.join(tiny_run, "history.jsonl")).records
     kept = [r["model_dir"] for r in recs if r.get("model_dir")]
     assert kept and all(os.path.isdir(d) for d in kept)
-    assert sorted(os.listdir(os.path.join(tiny_run, "models"))) == sorted(os.path.basename(d) for d in kept)
+    assert sorted(os.listdir(os.path.join(tiny_run, "models"))) == sorted([*(os.path.basename(d) for d in kept),
+                                                                            "final"])
 
 
 def test_analyze_prints_a_render_command_that_names_a_real_file(tiny_run, capsys, tmp_path):
@@ -161,3 +163,27 @@ def test_a_search_reads_a_csv_by_the_columns_given(tmp_path, capsys):
                "--runs-dir", str(runs), "--name", "csv", *TINY])
     assert rc == 0, capsys.readouterr().err
     assert json.load(open(runs / "csv" / "config.json"))["data"]["text_column"] == "text"
+
+
+def test_help_explains_the_flags_that_make_the_search_pay(capsys):
+    with pytest.raises(SystemExit):
+        main(["search", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for f in ("--inherit-weights, --no-inherit-weights", "--fidelity STEPS", "--promote FRACTION", "--no-final",
+              "--final-width", "--final-epochs", "--final-minutes", "--total-minutes"):
+        assert f in out, f
+    assert "what was inherited" in out and "never compared" in out and "what the candidates left" in out
+
+
+def test_no_final_leaves_the_best_candidate_as_the_result(tmp_path, debtags_slice, capsys):
+    runs = tmp_path / "runs"
+    args = [a for a in TINY if a != "--quiet"]
+    rc = main(["search", "--dataset", debtags_slice, "--runs-dir", str(runs), "--name", "nf", *args, "--no-final",
+               "--no-inherit-weights"])
+    out = capsys.readouterr().out
+    assert rc == 0 and not (runs / "nf" / "final.json").exists() and "final, width" not in out
+    run = Run.open(str(runs / "nf"))
+    assert isinstance(run.best()["id"], int) and "(search)" in out
+    assert all("inherited" not in r for r in run.history.records)
+    assert main(["search", "--resume", str(runs / "nf"), "--final-width", "32"]) == 2
+    assert "drop --final-width" in capsys.readouterr().err

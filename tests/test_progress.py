@@ -94,3 +94,19 @@ def test_the_best_candidate_keeps_one_line_at_80_columns():
     text = Console(file=io.StringIO(), width=80, record=True)
     text.print(p._render())
     assert any(f"best P@5 25.18  (#0 {label})" in line for line in text.export_text().splitlines())
+
+
+def test_the_final_model_shows_on_its_worker_and_leaves_it_idle():
+    p = SearchProgress(2, ["cpu#0", "cpu#1"], console=Console(file=io.StringIO()), live=False)
+    p.started("final", "cpu#1", "(#3) 1:conv5<0")
+    p.progress("final", "cpu#1", {"epoch": 2, "step": 700, "valid_p5": 0.39})
+
+    def panel():
+        text = Console(file=io.StringIO(), width=120, record=True)
+        text.print(p._render())
+        return text.export_text()
+
+    assert "#final (#3) 1:conv5<0" in panel() and "39.00" in panel()
+    p.ended("final", "cpu#1", "final model: ok")
+    assert "#final (#3)" not in panel() and panel().count("idle") == 2 and "final model: ok" in panel()
+    assert p.done == 0          # not one of the candidates

@@ -63,6 +63,22 @@ def operation_importance(records: list) -> dict:
     return {"by_operation": by_op, "by_input": by_input, "by_depth": by_depth, "nodes": len(rows)}
 
 
+def inheritance(records: list) -> dict:
+    """Children trained from their parent's weights against children trained from scratch: how many
+    reached their parent's validation P@5, the median steps that took, their mean validation P@5."""
+    children = [r for r in records if r.get("parent") is not None and r.get("reused_from") is None
+                and r.get("fitness") is not None]
+    groups = {"inherited": [r for r in children if (r.get("inherited") or {}).get("parts")],
+              "from scratch": [r for r in children if not (r.get("inherited") or {}).get("parts")]}
+    out = {}
+    for name, group in groups.items():
+        reached = [r["steps_to_parent"] for r in group if r.get("steps_to_parent") is not None]
+        out[name] = {"children": len(group), "reached": len(reached),
+                     "median_steps": statistics.median(reached) if reached else None,
+                     "mean_p5": _mean([r["fitness"] for r in group])}
+    return out
+
+
 def to_dot(g: Genotype, weights: Optional[list] = None, title: str = "") -> str:
     """Graphviz DOT of an architecture: embedding -> nodes -> merge, edges labelled with merge weights."""
     lines = ["digraph architecture {", "  rankdir=LR;", f'  label="{title}";', '  node [shape=box];',
@@ -95,7 +111,7 @@ def analyze_run(path: str, *, console, top: int = 3, out_dir: Optional[str] = No
     run = Run.open(path)
     records = run.history.records
     ok = sorted((r for r in records if r.get("fitness") is not None and r.get("reused_from") is None),
-                key=lambda r: -r["fitness"])
+                key=lambda r: (-(r.get("rung") or 0), -r["fitness"]))   # full-budget figures first
     if not ok:
         raise RunError(f"{path}: no candidate has finished successfully "
                        f"({len(records)} recorded): nothing to analyze yet")
@@ -124,6 +140,17 @@ def analyze_run(path: str, *, console, top: int = 3, out_dir: Optional[str] = No
     for d, v in imp["by_depth"].items():
         t.add_row(str(d), str(v["candidates"]), _fmt(v["mean_p5"], True), _fmt(v["best_p5"], True))
     console.print(t)
+
+    inh = inheritance(records)
+    if any(v["children"] for v in inh.values()):
+        t = Table(title="children: steps to reach their parent's validation P@5")
+        for c in ("children", "number", "reached it", "median steps", "mean P@5"):
+            t.add_column(c, justify="right" if c != "children" else "left")
+        for name, v in inh.items():
+            t.add_row(name, str(v["children"]), str(v["reached"]),
+                      "-" if v["median_steps"] is None else f"{v['median_steps']:.0f}", _fmt(v["mean_p5"], True))
+        console.print(t)
+    imp["inheritance"] = inh
 
     for rank, r in enumerate(ok[:top], start=1):
         g = Genotype.from_dict(r["genotype"])

@@ -32,10 +32,18 @@ class Candidate:
     fitness: Optional[float] = None       # validation P@5; None until reported (or a failed run)
     reused_from: Optional[int] = None     # an identical network trained before: its result is reused
     stands_in_for: Optional[int] = None   # drawn at random for this parent: its mutations were all in flight
+    rung: int = 0                         # the budget `fitness` comes from: 0 the short one, 1 the full one
+    short_fitness: Optional[float] = None  # validation P@5 at the short budget (short runs first only)
 
 
-def _key(c: Candidate) -> float:
-    return -math.inf if c.fitness is None else c.fitness
+def _key(c: Candidate) -> tuple:
+    """Candidates are ranked by the budget their figure comes from, then by the figure: a figure of
+    one budget is never weighed against a figure of another (successive halving)."""
+    return (-math.inf, -math.inf) if c.fitness is None else (c.rung, c.fitness)
+
+
+def _finite(x: Optional[float]) -> Optional[float]:
+    return None if x is None or math.isnan(x) else float(x)
 
 
 class Strategy:
@@ -77,14 +85,25 @@ class Strategy:
     def propose(self) -> Optional[Candidate]:
         raise NotImplementedError
 
-    def report(self, cand_id: int, fitness: Optional[float]) -> Candidate:
+    def report(self, cand_id: int, fitness: Optional[float], *, rung: int = 0,
+               short_fitness: Optional[float] = None) -> Candidate:
+        """A finished candidate: its fitness at budget `rung` (1: it went on to the full budget after
+        its short run), and its figure at the short budget when it had one."""
         if cand_id in self.reported:
             raise ValueError(f"candidate {cand_id} was reported twice")
         c = self.candidates[cand_id]
-        c.fitness = None if fitness is None or math.isnan(fitness) else float(fitness)
+        c.fitness, c.rung, c.short_fitness = _finite(fitness), int(rung), _finite(short_fitness)
         self.reported.add(cand_id)
         self.history.append(c)
         return c
+
+    def promotion_threshold(self, fraction: float) -> float:
+        """The short-budget figure a new candidate must reach to go on to the full budget: that of the
+        population's ceil(n * fraction)-th best at the short budget (-inf while none has one)."""
+        figures = sorted((c.short_fitness for c in self.population if c.short_fitness is not None), reverse=True)
+        if not figures:
+            return -math.inf
+        return figures[max(1, math.ceil(len(figures) * fraction)) - 1]
 
     def best(self) -> Optional[Candidate]:
         done = [c for c in self.history if c.fitness is not None]
@@ -145,8 +164,8 @@ class RegularizedEvolution(Strategy):
         parent = max(sample, key=_key)
         return self._child_of(parent)
 
-    def report(self, cand_id: int, fitness: Optional[float]) -> Candidate:
-        c = super().report(cand_id, fitness)
+    def report(self, cand_id: int, fitness: Optional[float], **kw) -> Candidate:
+        c = super().report(cand_id, fitness, **kw)
         self.population.append(c)
         if len(self.population) > self.P:
             self.population.popleft()                    # the oldest dies, whatever its fitness
@@ -169,7 +188,7 @@ class RegularizedEvolution(Strategy):
         """The child is a network trained before: it takes that result instead of training again."""
         c = self._new(child, parent=parent.id, mutation=kind, constrained=parent.constrained,
                       reused_from=prior.id)
-        c.fitness = prior.fitness
+        c.fitness, c.rung, c.short_fitness = prior.fitness, prior.rung, prior.short_fitness
         return c
 
     def _stand_in(self, parent: Candidate) -> Candidate:

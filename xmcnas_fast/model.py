@@ -400,5 +400,29 @@ def build_model(cfg: ModelConfig, vocab_size: int, num_labels: int, vectors=None
         return TfidfMLP(cfg, vocab_size, num_labels)
 
 
+@torch.no_grad()
+def inherit_weights(child: nn.Module, parent_state: dict, parent_genotype: Genotype) -> list:
+    """Copy a parent's trained weights into `child` wherever the two networks agree: the embedding,
+    the head, and each node whose operation and input are unchanged (the same position in both
+    genotypes); a part is taken whole or not at all (any shape differs: it stays fresh). Returns the
+    names of the parts inherited ("embedding", "head", "node2", ...)."""
+    own = child.state_dict()
+    parts = []
+
+    def take(prefix: str, part: str) -> None:
+        keys = [k for k in own if k.startswith(prefix)]
+        if keys and all(k in parent_state and parent_state[k].shape == own[k].shape for k in keys):
+            for k in keys:
+                own[k].copy_(parent_state[k])
+            parts.append(part)
+
+    take("embedding.", "embedding")
+    for j, (node, parent_node) in enumerate(zip(child.genotype.nodes, parent_genotype.nodes)):
+        if tuple(node) == tuple(parent_node):
+            take(f"encoder.nodes.{j}.", f"node{j + 1}")
+    take("head.", "head")
+    return parts
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -126,6 +126,12 @@ class SearchProgress:
     def note(self, text: str) -> None:
         self._event(text)
 
+    def ended(self, task_id, device: str, text: str) -> None:
+        """A task outside the candidates' count (the final model) ended: its worker is idle again."""
+        if self.workers.get(device, {}).get("id") == task_id:
+            self.workers[device] = {}
+        self._event(text)
+
     def eta(self) -> Optional[float]:
         now = time.monotonic()
         running = [now - w["t0"] for w in self.workers.values() if w]

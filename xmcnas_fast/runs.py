@@ -5,8 +5,11 @@
       proposals.jsonl   one line per candidate proposed, in order (what resume replays)
       history.jsonl     one line per finished candidate: genotype, hash, status, metrics, weights, ...
                         and model_dir while its bundle is kept
-      models/cand-N/    model bundles of the best candidates (the others are deleted)
-      best.json         which candidate is best so far, and where its bundle is
+      models/cand-N/    model bundles of the best candidates (the others are deleted; with weight
+                        inheritance, those of the population too: they may become parents)
+      models/final/     the best architecture trained to the end (the search's result)
+      final.json        its record: which candidate it trains, its settings and metrics
+      best.json         the search's result: the final model once trained, else the best candidate
       .lock             exists while a search runs in the directory
 
 Lines are appended, flushed and fsynced one at a time, so a kill -9 at any
@@ -200,26 +203,48 @@ class Run:
     def model_dir(self, cand_id: int) -> str:
         return os.path.join(self.models_dir, f"cand-{cand_id}")
 
-    def best(self) -> Optional[dict]:
-        p = os.path.join(self.path, "best.json")
+    def final_dir(self) -> str:
+        return os.path.join(self.models_dir, "final")
+
+    def _read(self, name: str) -> Optional[dict]:
+        p = os.path.join(self.path, name)
         if not os.path.exists(p):
             return None
         with open(p, encoding="utf-8") as f:
             return json.load(f)
 
+    def final(self) -> Optional[dict]:
+        """The record of the final training (None until it has finished)."""
+        return self._read("final.json")
+
+    def set_final(self, record: dict) -> None:
+        write_json_atomic(os.path.join(self.path, "final.json"), record)
+
+    def best(self) -> Optional[dict]:
+        return self._read("best.json")
+
     def keep_models(self, ids: set) -> None:
-        """Delete the bundles of candidates not in `ids` (and stray temporary ones), and the
-        `model_dir` of their records in the history, so that no record points to a deleted bundle."""
+        """Delete the bundles of candidates not in `ids`, and the `model_dir` of their records in the
+        history, so that no record points to a deleted bundle. Anything else under models/ may be a
+        bundle a worker is writing now: it is left alone (remove_stray_files clears it at the start)."""
         for name in os.listdir(self.models_dir):
             full = os.path.join(self.models_dir, name)
-            keep = name.startswith("cand-") and name[5:].isdigit() and int(name[5:]) in ids
-            if not keep and os.path.isdir(full):
+            if name.startswith("cand-") and name[5:].isdigit() and int(name[5:]) not in ids and os.path.isdir(full):
                 shutil.rmtree(full, ignore_errors=True)
         stale = [r for r in self.history.records if r.get("model_dir") and r.get("id") not in ids]
         for r in stale:
             del r["model_dir"]
         if stale:
             self.history.rewrite()
+
+    def remove_stray_files(self) -> None:
+        """Half-written bundles (temporary directories) left by a search that was killed; call it
+        before any worker starts."""
+        for name in os.listdir(self.models_dir):
+            full = os.path.join(self.models_dir, name)
+            bundle = name == "final" or (name.startswith("cand-") and name[5:].isdigit())
+            if not bundle and os.path.isdir(full):
+                shutil.rmtree(full, ignore_errors=True)
 
     def set_best(self, record: dict) -> None:
         write_json_atomic(os.path.join(self.path, "best.json"),

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Optional
@@ -19,28 +18,38 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .candidate import train_candidate, worker_init
 from .evolution import Candidate, Strategy, make_strategy
-from .model import ModelConfig, build_model
+from .final import FINAL_DEFAULTS, FINAL_MODEL_KEYS, final_settings
+from .model import ModelConfig
+from .records import SearchClock, proposal_record, ranked, result_record, steps_to_reach
 from .runs import Run, RunError, write_json_atomic
 from .scheduler import Event, TaskResult, make_scheduler
-from .train import TrainConfig, train_model
+from .train import TrainConfig
+
+__all__ = ["make_config", "run_search", "replay", "train_candidate", "training_seed", "SearchOutcome",
+           "steps_to_reach", "ranked"]
 
 CONFIG_VERSION = 1
 
 # Budgets: starting points for every knob (each is also a flag).
 BUDGETS = {
-    # 16 candidates: about 6 minutes on a 2-core CPU with the bundled debtags data (at most 10)
+    # 16 candidates of at most an epoch or half a minute each, then the best trained at twice the width
+    # for what is left of 9 minutes: within 10 minutes on a 2-core CPU with the bundled debtags data
     "demo": {
-        "search": {"population": 6, "cycles": 10, "sample": 3, "max_depth": 4},
+        "search": {"population": 6, "cycles": 10, "sample": 3, "max_depth": 4, "inherit": True},
         "model": {"emb_dim": 64, "width": 64, "fc": [64]},
-        # no early stop inside the 2 epochs (11 evaluations): many networks sit on the label-prior
-        # plateau (validation P@5 ~25.5) for the first 500-900 steps before P@5 rises, and a short
-        # patience stopped them there, so the search ranked them by when they took off
-        "train": {"max_epochs": 2, "max_minutes": 0.8, "eval_every": 100, "patience": 50, "max_len": 64,
-                  "eval_batch_size": 500},
+        # no early stop inside the budget: many networks sit on the label-prior plateau (validation
+        # P@5 ~25.5) for their first hundreds of steps before P@5 rises, and a short patience stopped
+        # them there, so the search ranked them by when they took off
+        # lr 4e-3: twice the P@5 gain of 2e-3 over the first few hundred steps (width 128, conv1 + conv5)
+        "train": {"max_epochs": 1, "max_minutes": 0.5, "eval_every": 100, "patience": 50, "max_len": 64,
+                  "eval_batch_size": 500, "lr": 4e-3},
         "data": {"valid": 1000, "max_len": 64},
+        "final": {"width": 128, "emb_dim": 128, "fc": [128], "max_epochs": 10, "total_minutes": 9.0},
     },
-    # the paper's setting (XMC-NAS, EURLex-4K): P=20, C=50, S=10, up to 30 epochs, width 512
+    # the paper's setting (XMC-NAS, EURLex-4K): P=20, C=50, S=10, up to 30 epochs, width 512; the
+    # discovered architecture trained again, to the end of its 30 epochs, as the paper's Table 2
     "paper": {
         "search": {"population": 20, "cycles": 50, "sample": 10, "max_depth": 6},
         "model": {"emb_dim": 300, "width": 512, "fc": [256]},
@@ -77,10 +86,11 @@ def make_config(budget: str = "demo", *, dataset: str = "debtags", overrides: Op
         "data": {"dataset": dataset, "max_len": 500, "valid": 0.1, "seed": 0, "min_count": 1,
                  "max_vocab": None, "vectors": None, **b["data"]},
         "search": {"strategy": "evolution", "seed": 0, "constraint": None, "constraint_fraction": 0.0,
-                   **b["search"]},
+                   "inherit": False, "fidelity": None, "promote": 1 / 3, **b["search"]},
         "model": {**ModelConfig().to_dict(), "genotype": None, **b["model"]},
         "train": {**TrainConfig().to_dict(), **b["train"]},
         "run": {"backend": "local", "devices": None, "candidate_timeout": None, "keep_models": 3},
+        "final": {**FINAL_DEFAULTS, **b.get("final", {})},
     }
     for section, values in (overrides or {}).items():
         for k, v in values.items():
@@ -88,6 +98,11 @@ def make_config(budget: str = "demo", *, dataset: str = "debtags", overrides: Op
                 raise ValueError(f"unknown setting {section}.{k}")
             cfg[section][k] = v
     _strategy(cfg)  # refuses settings no search can run with (a sample larger than the population) up front
+    s = cfg["search"]
+    if s.get("fidelity") is not None and s["fidelity"] < 1:
+        raise ValueError(f"--fidelity {s['fidelity']}: the short run needs at least 1 step")
+    if not 0 < s.get("promote", 1) <= 1:
+        raise ValueError(f"--promote {s['promote']}: expected a fraction of the population, in (0, 1]")
     return cfg
 
 
@@ -99,34 +114,6 @@ def load_data(data_cfg: dict):
     columns = {c: data_cfg[c] for c in ("text_column", "labels_column") if data_cfg.get(c) is not None}
     return load(data_cfg["dataset"], max_len=data_cfg["max_len"], min_count=data_cfg["min_count"],
                 max_vocab=data_cfg["max_vocab"], valid=data_cfg["valid"], seed=data_cfg["seed"], **columns)
-
-
-def _worker_init(cache_path: str, vectors_path: Optional[str]):
-    """Runs once per worker: map the tokenized dataset (and word vectors) from disk."""
-    from .data import XMCData
-
-    data = XMCData.from_cache(cache_path, mmap=True)
-    vectors = np.load(vectors_path, mmap_mode="r") if vectors_path else None
-    return {"data": data, "vectors": vectors}
-
-
-def train_candidate(payload: dict, ctx) -> dict:
-    """Train one candidate in a worker. Returns its result record; saves its bundle if it is among the best."""
-    from .bundle import save_bundle
-
-    data, vectors = ctx.shared["data"], ctx.shared["vectors"]
-    mcfg = ModelConfig.from_dict(payload["model"])
-    tcfg = TrainConfig.from_dict(payload["train"])
-    tcfg.device = str(ctx.device)
-    model = build_model(mcfg, len(data.vocab), data.num_labels,
-                        vectors=None if vectors is None else np.asarray(vectors), seed=tcfg.seed)
-    res = train_model(model, data, tcfg, report=ctx.report, should_stop=ctx.should_stop)
-    rec = res.record
-    fitness = (rec.get("valid") or {}).get("P@5")
-    if res.state is not None and fitness is not None and fitness > payload["save_above"]:
-        save_bundle(payload["model_dir"], model, mcfg, data, train_cfg=tcfg.to_dict(), record=rec)
-        rec["model_dir"] = payload["model_dir"]
-    return rec
 
 
 # ---- the loop -------------------------------------------------------------------------------------
@@ -155,60 +142,21 @@ def replay(strategy: Strategy, run: Run) -> list[Candidate]:
     reported = 0
     for p in run.proposals.records:
         while reported < min(p["after_reports"], len(order)):
-            strategy.report(order[reported], results[order[reported]]["fitness"])
+            report(strategy, results[order[reported]])
             reported += 1
         c = strategy.propose()
         if c is None or c.id != p["id"] or c.genotype.hash() != p["hash"]:
             raise RunError(f"{run.proposals.path}: replaying the search diverged at candidate {p['id']} "
                            f"(was the configuration or the code changed?)")
     for rid in order[reported:]:
-        strategy.report(rid, results[rid]["fitness"])
+        report(strategy, results[rid])
     return [strategy.candidates[p["id"]] for p in run.unfinished_proposals()]
 
 
-def _candidate_fields(c: Candidate) -> dict:
-    """Who a candidate is and where it came from, as both of a run's logs record it."""
-    return {"id": c.id, "hash": c.genotype.hash(), "genotype": c.genotype.to_dict(), "parent": c.parent,
-            "mutation": c.mutation, "constrained": c.constrained, "reused_from": c.reused_from,
-            "stands_in_for": c.stands_in_for}
-
-
-def _proposal_record(c: Candidate, after_reports: int) -> dict:
-    return {**_candidate_fields(c), "after_reports": after_reports, "time": time.time()}
-
-
-def _result_record(c: Candidate, res: Optional[TaskResult], rec: Optional[dict], prior: Optional[dict]) -> dict:
-    base = {**_candidate_fields(c), "depth": c.genotype.depth}
-    if prior is not None:  # the same network was trained before: its result, not a new training
-        keep = ("status", "error", "valid", "test", "layer_weights", "params", "epochs", "steps")
-        return {**base, **{k: prior.get(k) for k in keep}, "fitness": prior.get("fitness"),
-                "seconds": 0.0, "device": None, "attempts": 0, "finished": time.time()}
-    out = {**base, "status": res.status, "error": res.error, "device": res.device,
-           "attempts": res.attempts, "seconds": round(res.seconds, 3), "finished": time.time()}
-    if res.status == "ok" and isinstance(rec, dict):
-        out.update({k: v for k, v in rec.items() if k not in ("status", "error", "device", "seconds")})
-        out["status"], out["error"] = rec["status"], rec.get("error")
-        out["train_seconds"] = rec.get("seconds")
-    valid = out.get("valid") or {}
-    ok = out["status"] in ("ok", "stopped") and valid.get("P@5") is not None
-    out["fitness"] = valid["P@5"] if ok else None
-    return _json_safe(out)
-
-
-def _json_safe(x):
-    if isinstance(x, float):
-        return None if math.isnan(x) or math.isinf(x) else x
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x
-
-
-def _ranked(records: dict) -> list[dict]:
-    """The finished candidates with a fitness, best first."""
-    return sorted((r for r in records.values() if r.get("fitness") is not None),
-                  key=lambda r: r["fitness"], reverse=True)
+def report(strategy: Strategy, rec: dict) -> None:
+    """Tell the strategy a finished candidate's figure, with the budget it comes from."""
+    strategy.report(rec["id"], rec["fitness"], rung=rec.get("rung") or 0,
+                    short_fitness=(rec.get("short") or {}).get("P@5"))
 
 
 class _Silent:
@@ -217,7 +165,7 @@ class _Silent:
     def _drop(self, *args, **kwargs) -> None:
         return None
 
-    started = progress = finished = note = _drop
+    started = progress = finished = note = ended = _drop
 
 
 class _SearchLoop:
@@ -229,7 +177,11 @@ class _SearchLoop:
         self.reruns = deque(reruns)                  # in flight when the search last stopped
         self.records = {r["id"]: r for r in run.history.records}
         self.keep = int(self.cfg["run"]["keep_models"])
+        self.inherit = bool(self.cfg["search"].get("inherit"))
+        self.short_steps = self.cfg["search"].get("fidelity")
+        self.thresholds = {p["id"]: p.get("promote_above") for p in run.proposals.records}
         self.in_flight: dict[str, Candidate] = {}
+        self.clock = SearchClock(run)
 
     def run_to_end(self) -> None:
         while not self.strategy.done:
@@ -252,25 +204,37 @@ class _SearchLoop:
             return self.reruns.popleft()
         c = self.strategy.propose()
         if c is not None:
-            self.run.proposals.append(_proposal_record(c, len(self.strategy.history)))
+            rec = proposal_record(c, len(self.strategy.history))
+            if self.short_steps:   # the bar a short run must reach, fixed when the candidate is proposed
+                t = self.strategy.promotion_threshold(self.cfg["search"]["promote"])
+                rec["promote_above"] = self.thresholds[c.id] = None if math.isinf(t) else t
+            self.run.proposals.append(rec)
         return c
 
     def submit(self, c: Candidate) -> None:
         payload = {"model": {**self.cfg["model"], "genotype": c.genotype.to_dict()},
                    "train": {**self.cfg["train"], "seed": training_seed(self.cfg["search"]["seed"], c.id)},
                    "model_dir": self.run.model_dir(c.id), "save_above": self.save_threshold()}
+        if self.inherit and c.parent is not None:
+            parent = self.records[c.parent]
+            payload["parent"] = {"id": c.parent, "genotype": parent["genotype"], "model_dir": parent.get("model_dir")}
+        if self.short_steps:
+            payload["short"] = {"steps": self.short_steps, "promote_above": self.thresholds.get(c.id)}
         self.sched.submit(str(c.id), train_candidate, payload)
         self.in_flight[str(c.id)] = c
         self.progress.started(c.id, self.sched.running().get(str(c.id), "?"), str(c.genotype))
 
     def save_threshold(self) -> float:
-        """The fitness a new candidate must beat for its bundle to be saved (the keep-th best saved one)."""
+        """The fitness a new candidate must beat for its bundle to be saved (the keep-th best saved one);
+        with weight inheritance every candidate is saved: it may become a parent."""
         saved = self.saved()
-        return saved[self.keep - 1]["fitness"] if len(saved) >= self.keep else -math.inf
+        if self.inherit or len(saved) < self.keep:
+            return -math.inf
+        return saved[self.keep - 1]["fitness"]
 
     def saved(self) -> list[dict]:
         """The finished candidates whose bundle was saved, best first."""
-        return [r for r in _ranked(self.records) if r.get("model_dir")]
+        return [r for r in ranked(self.records) if r.get("model_dir")]
 
     def check_can_go_on(self) -> None:
         if self.in_flight or self.strategy.done:
@@ -288,21 +252,84 @@ class _SearchLoop:
 
     def finish(self, c: Candidate, res: Optional[TaskResult], rec: Optional[dict]) -> None:
         prior = self.records.get(c.reused_from) if c.reused_from is not None else None
-        out = _result_record(c, res, rec, prior)
+        out = result_record(c, res, rec, prior)
+        if c.parent is not None and prior is None:
+            parent = self.records.get(c.parent) or {}
+            out["steps_to_parent"] = steps_to_reach(out.get("curve"), parent.get("fitness"))
+        out["elapsed"] = self.clock.seconds()
         self.run.history.append(out)                 # recorded first: a crash after this loses nothing
         self.records[c.id] = out
-        self.strategy.report(c.id, out["fitness"])
+        report(self.strategy, out)
         self.keep_best_models()
         self.progress.finished(c.id, out.get("device") or "-", out["status"], out["fitness"],
                                out.get("seconds") or 0.0, str(c.genotype),
                                population=[m.fitness for m in self.strategy.population])
 
     def keep_best_models(self) -> None:
-        """Delete all bundles but the `keep` best ones; point best.json at the best if it has one."""
-        ranked = _ranked(self.records)
-        self.run.keep_models({r["id"] for r in self.saved()[: self.keep]})
-        if ranked and ranked[0].get("model_dir"):
-            self.run.set_best(ranked[0])
+        """Delete all bundles but the `keep` best ones (and, with inheritance, those of the population
+        and of the parents of candidates in flight); point best.json at the best if it has one."""
+        order = ranked(self.records)
+        keep = {r["id"] for r in self.saved()[: self.keep]}
+        if self.inherit:
+            keep |= {m.id for m in self.strategy.population}
+            keep |= {c.parent for c in [*self.in_flight.values(), *self.reruns] if c.parent is not None}
+        self.run.keep_models(keep)
+        if order and order[0].get("model_dir"):
+            self.run.set_best(order[0])
+
+
+# ---- the final phase: the best architecture trained to the end -----------------------------------
+
+def run_final(run: Run, strategy: Strategy, sched, progress, devices: str) -> Optional[dict]:
+    """Train the search's best architecture with the final settings, record it in final.json and point
+    best.json at it. Nothing to do when it is recorded already (a resumed search) or turned off."""
+    cfg = run.config
+    best, done = strategy.best(), run.final()
+    if done is not None:   # recorded before a stop: best.json may not point at it yet
+        if done["fitness"] is not None and done.get("model_dir") and (run.best() or {}).get("id") != "final":
+            run.set_best(done)
+        return done
+    if not (cfg.get("final") or {}).get("enabled") or best is None:
+        return None
+    records = {r["id"]: r for r in run.history.records}
+    elapsed = float(run.history.records[-1].get("elapsed") or 0.0)
+    model, train = final_settings(cfg, elapsed, training_seed(cfg["search"]["seed"], SEED_STRIDE - 1))
+    if "cuda" not in devices:   # one training: it may use every core the workers shared
+        from .scheduler.devices import visible_cores
+
+        train["threads"] = visible_cores()
+    source = records[best.id]
+    payload = {"model": {**model, "genotype": source["genotype"]}, "train": train,
+               "model_dir": run.final_dir(), "save_above": -math.inf}
+    label = f"(#{best.id}) {best.genotype}"
+    progress.note(f"training the best architecture (#{best.id}) to the end: width {model['width']}, "
+                  f"at most {train['max_epochs']} epochs" + (f", {train['max_minutes']} min" if train["max_minutes"] else ""))
+    sched.submit("final", train_candidate, payload)
+    progress.started("final", sched.running().get("final", "?"), label)
+    res = _wait_for(sched, "final", progress)
+    out = {**result_record(strategy.candidates[best.id], res, res.value, None), "id": "final", "of": best.id,
+           "settings": {"model": {k: model[k] for k in FINAL_MODEL_KEYS},
+                        "train": {k: train[k] for k in ("max_epochs", "max_steps", "max_minutes", "lr")}},
+           "search_seconds": elapsed}
+    run.set_final(out)
+    progress.ended("final", res.device or "-", f"final model: {out['status']}, validation P@5 {_pct(out['fitness'])} "
+                   f"(the search's best: {_pct(source['fitness'])}) in {out['seconds']:.0f}s")
+    if out["fitness"] is not None and out.get("model_dir"):
+        run.set_best(out)
+    return out
+
+
+def _pct(x: Optional[float]) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+def _wait_for(sched, task_id: str, progress) -> TaskResult:
+    while True:
+        for item in sched.poll(timeout=0.5):
+            if isinstance(item, Event):
+                progress.progress(item.task_id, item.device, item.data)
+            elif item.task_id == task_id:
+                return item
 
 
 @dataclass
@@ -311,12 +338,14 @@ class SearchOutcome:
     total: int
     interrupted: bool
     best: Optional[dict]
+    final: Optional[dict] = None
 
 
 def run_search(run: Run, *, progress=None, backend: Optional[str] = None, devices: Optional[str] = None,
                candidate_timeout: Optional[float] = None) -> SearchOutcome:
-    """Run (or resume) the search in `run` to its end. Ctrl-C stops it cleanly: in-flight candidates
-    are left unfinished in the logs and re-run on resume."""
+    """Run (or resume) the search in `run` to its end, then train its best architecture to the end
+    (the final phase). Ctrl-C stops it cleanly: in-flight candidates are left unfinished in the logs
+    and re-run on resume; an unfinished final training is run again."""
     cfg = run.config
     progress = progress or _Silent()
     timeout = candidate_timeout if candidate_timeout is not None else cfg["run"]["candidate_timeout"]
@@ -324,16 +353,19 @@ def run_search(run: Run, *, progress=None, backend: Optional[str] = None, device
     vectors_path = _prepare_vectors(run, cfg, data, progress)
     strategy = _strategy(cfg)
     reruns = replay(strategy, run)
-    sched = make_scheduler(backend or cfg["run"]["backend"], resolve_devices(cfg, devices),
-                           init_fn=_worker_init, init_args=(data.cache_path, vectors_path),
+    run.remove_stray_files()
+    devices = resolve_devices(cfg, devices)
+    sched = make_scheduler(backend or cfg["run"]["backend"], devices,
+                           init_fn=worker_init, init_args=(data.cache_path, vectors_path),
                            candidate_timeout=timeout)
     interrupted = False
     try:
         with sched:
             _SearchLoop(run, strategy, sched, progress, reruns).run_to_end()
+            run_final(run, strategy, sched, progress, devices)
     except KeyboardInterrupt:
         interrupted = True
-    return SearchOutcome(len(run.history.records), strategy.budget, interrupted, run.best())
+    return SearchOutcome(len(run.history.records), strategy.budget, interrupted, run.best(), run.final())
 
 
 def _prepare_vectors(run: Run, cfg: dict, data, progress) -> Optional[str]:

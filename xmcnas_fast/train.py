@@ -210,21 +210,30 @@ class Trainer:
         self.train_seconds = 0.0
         self.running_loss: deque = deque(maxlen=50)
         self.start = time.monotonic()
+        self._batches = None                 # the epoch in progress (a short run may stop inside one)
+        self.stage_steps: Optional[int] = None
+        self.eval_seconds_per_doc = 0.0      # of the last validation: what the evaluations still due cost
 
-    def fit(self, should_stop: Optional[Callable[[], bool]] = None) -> None:
-        """Epochs until a budget, the patience or a stop ends training; the last steps are evaluated too."""
-        while self.epoch < self.cfg.max_epochs and self.run_epoch(should_stop):
+    def fit(self, should_stop: Optional[Callable[[], bool]] = None, max_steps: Optional[int] = None) -> None:
+        """Epochs until a budget, the patience or a stop ends training; the last steps are evaluated too.
+        `max_steps` ends this call earlier (a short run); a later call goes on where it stopped, in the
+        same epoch."""
+        self.stage_steps = max_steps
+        while (self._batches is not None or self.epoch < self.cfg.max_epochs) and self.run_epoch(should_stop):
             pass
         if self.status != "nan" and self.step > 0 and not self.best.evaluated_at(self.step):
             self.validate()
 
     def run_epoch(self, should_stop) -> bool:
-        """One shuffled pass over the training split; False when training must end."""
+        """One shuffled pass over the training split (or what is left of it); False when training must end."""
         from .data import iterate_batches
 
-        self.epoch += 1
-        for batch in iterate_batches(self.data.train, self.data.num_labels, self.cfg.batch_size, shuffle=True,
-                                     seed=self.cfg.seed * 1000 + self.epoch, max_len=self.cfg.max_len):
+        if self._batches is None:
+            self.epoch += 1
+            self._batches = iterate_batches(self.data.train, self.data.num_labels, self.cfg.batch_size,
+                                            shuffle=True, seed=self.cfg.seed * 1000 + self.epoch,
+                                            max_len=self.cfg.max_len)
+        for batch in self._batches:
             if not self.train_step(batch):
                 self.status, self.error = "nan", f"non-finite training loss at step {self.step + 1}"
                 return False
@@ -232,6 +241,7 @@ class Trainer:
                 self.validate()
             if self.should_end(should_stop):
                 return False
+        self._batches = None
         return True
 
     def train_step(self, batch) -> bool:
@@ -271,7 +281,9 @@ class Trainer:
         cfg = self.cfg
         if self.best.stale >= cfg.patience or (cfg.max_steps is not None and self.step >= cfg.max_steps):
             return True
-        if time.monotonic() > self.deadline:
+        if self.stage_steps is not None and self.step >= self.stage_steps:
+            return True
+        if time.monotonic() + self.evaluations_due() > self.deadline:
             return True
         if should_stop is not None and should_stop():
             self.status = "stopped"
@@ -283,8 +295,15 @@ class Trainer:
                         batch_size=self.cfg.eval_batch_size, max_len=self.cfg.max_len, device=self.device,
                         precision=self.cfg.precision)
 
+    def evaluations_due(self) -> float:
+        """Seconds the evaluations after the last step will take (a last validation and the test split),
+        estimated from the last validation: they count inside the time budget."""
+        return self.eval_seconds_per_doc * (len(self.data.valid) + len(self.data.test))
+
     def validate(self) -> None:
+        t0 = time.monotonic()
         v = self.evaluate(self.data.valid)
+        self.eval_seconds_per_doc = (time.monotonic() - t0) / max(1, len(self.data.valid))
         self.best.update(self.model, v, self.step, self.epoch)
         if self.report:
             loss = float(np.mean(self.running_loss)) if self.running_loss else None
@@ -325,14 +344,32 @@ class Trainer:
 def train_model(model: nn.Module, data, cfg: TrainConfig, *,
                 report: Optional[Callable[..., None]] = None,
                 should_stop: Optional[Callable[[], bool]] = None,
-                evaluate_test: bool = True) -> TrainResult:
+                evaluate_test: bool = True,
+                short_steps: Optional[int] = None,
+                go_on: Optional[Callable[[float], bool]] = None) -> TrainResult:
     """Train `model` on data.train, select on data.valid, evaluate the best weights on data.test.
 
     report(**fields) is called after every evaluation (epoch, step, loss, valid P@5, ...);
     should_stop() is polled every step (a cooperative stop: the record says "stopped").
+    With `short_steps`, training stops after that many steps and goes on to its full budget only if
+    go_on(best validation P@5 so far) says so; the record's "short" holds the short run's figure and
+    "rung" says which budget its metrics come from (0 the short one, 1 the full one).
     Never raises for a diverging run: a NaN/inf loss ends it with status "nan".
     """
     device = _prepare(model, data, cfg)
     trainer = Trainer(model, data, cfg, device, report)
-    trainer.fit(should_stop)
-    return trainer.result(evaluate_test)
+    short = None
+    if short_steps:
+        trainer.fit(should_stop, max_steps=short_steps)
+        short = {"steps": trainer.step, "P@5": trainer.best.p5 if trainer.best.valid else None}
+        promoted = trainer.status == "ok" and short["P@5"] is not None and (go_on is None or go_on(short["P@5"]))
+        if promoted:
+            trainer.fit(should_stop)
+        short["promoted"] = bool(promoted)
+    else:
+        trainer.fit(should_stop)
+    result = trainer.result(evaluate_test)
+    if short is not None:
+        result.record["short"] = short
+        result.record["rung"] = int(short["promoted"])
+    return result

@@ -21,6 +21,9 @@ SETTINGS = [
     ("lr", "train", "lr"), ("warmup_steps", "train", "warmup_steps"), ("eval_every", "train", "eval_every"),
     ("patience", "train", "patience"), ("candidate_minutes", "train", "max_minutes"),
     ("precision", "train", "precision"),
+    ("inherit_weights", "search", "inherit"), ("fidelity", "search", "fidelity"), ("promote", "search", "promote"),
+    ("final", "final", "enabled"), ("final_width", "final", "width"), ("final_epochs", "final", "max_epochs"),
+    ("final_minutes", "final", "max_minutes"), ("total_minutes", "final", "total_minutes"),
 ]
 #: data settings stored beside the budget's (CSV columns)
 COLUMNS = ("text_column", "labels_column")
@@ -30,7 +33,7 @@ RUN_FLAGS = ("backend", "devices", "candidate_timeout")
 
 def overrides(args) -> dict:
     """make_config's overrides {section: {key: value}} from the flags given."""
-    o: dict = {"data": {}, "search": {}, "model": {}, "train": {}}
+    o: dict = {"data": {}, "search": {}, "model": {}, "train": {}, "final": {}}
     for dest, section, key in SETTINGS:
         if getattr(args, dest, None) is not None:
             o[section][key] = getattr(args, dest)
@@ -117,8 +120,23 @@ def header(run, devices: str) -> list:
             f"  {s['strategy']}: population {s['population']}, cycles {s['cycles']}, sample {s['sample']}, "
             f"depth <= {s['max_depth']}",
             f"  per candidate: width {cfg['model']['width']}, at most {t['max_epochs']} epochs"
-            + (f" and {t['max_minutes']} min" if t.get("max_minutes") else ""),
+            + (f" and {t['max_minutes']} min" if t.get("max_minutes") else "")
+            + (f", {s['fidelity']} steps first" if s.get("fidelity") else "")
+            + (", inheriting weights" if s.get("inherit") else ""),
+            *final_line(cfg),
             f"  dataset {cfg['data']['dataset']}; devices {devices}"]
+
+
+def final_line(cfg: dict) -> list:
+    """The header's line on the final model (none for a run made before it existed, or without one)."""
+    f = cfg.get("final") or {}
+    if not f.get("enabled"):
+        return []
+    width = f.get("width") or cfg["model"]["width"]
+    epochs = f.get("max_epochs") or cfg["train"]["max_epochs"]
+    limit = (f" and {f['max_minutes']} min" if f.get("max_minutes") else "") + \
+        (f", until minute {f['total_minutes']}" if f.get("total_minutes") else "")
+    return [f"  then the best to the end: width {width}, at most {epochs} epochs{limit}"]
 
 
 def cmd_search(args) -> int:
@@ -152,12 +170,9 @@ def cmd_search(args) -> int:
 
 
 def print_summary(out, run) -> None:
-    from rich.table import Table
-
-    from ..metrics import METRIC_NAMES
     from ..space import Genotype
 
-    best = run.best()
+    best, final = run.best(), run.final()
     recs = run.history.records
     ok = [r for r in recs if r.get("fitness") is not None]
     out.print(f"\n{len(recs)} candidates, {len(ok)} trained successfully, "
@@ -166,19 +181,44 @@ def print_summary(out, run) -> None:
     if not best:
         out.print("[red]no candidate finished successfully[/red]")
         return
-    rec = next(r for r in recs if r["id"] == best["id"])
+    cand_id = final["of"] if final else best["id"]
+    rec = next(r for r in recs if r["id"] == cand_id)
     out.print(f"\n[bold]best architecture[/bold] (candidate #{rec['id']}, validation P@5 "
-              f"{100 * rec['fitness']:.2f}):")
-    out.print(Genotype.from_dict(rec["genotype"]).draw(rec.get("layer_weights")))
-    if rec.get("test"):
-        t = Table(title="test split")
-        names = [n for n in METRIC_NAMES if n in rec["test"]]
-        for n in names:
-            t.add_column(n, justify="right")
-        t.add_row(*[f"{100 * rec['test'][n]:.2f}" for n in names])
-        out.print(t)
+              f"{100 * rec['fitness']:.2f}" + (" after its short run" if rec.get("short") and not rec.get("rung")
+                                               else "") + "):")
+    shown = final if final and final.get("layer_weights") else rec
+    out.print(Genotype.from_dict(rec["genotype"]).draw(shown.get("layer_weights")))
+    out.print(result_table(rec, final))
+    if final and final.get("fitness") is None:
+        out.print(f"[red]the final training ended {final['status']}[/red]: {final.get('error') or ''}; "
+                  f"the result is the best candidate")
     prog, bundle = program(), best.get("model_dir") or ""
     for line in (f"model bundle: {bundle}", "predict with:",
                  f"  {prog} predict {shlex.quote(bundle)} \"some text\"", "analysis:",
                  f"  {prog} analyze {shlex.quote(run.path)}"):
         out.print(line, soft_wrap=True)   # a path is never broken across lines: it copies as one
+
+
+SUMMARY_METRICS = ("P@1", "P@3", "P@5", "nDCG@5", "PSP@5")
+
+
+def result_table(rec: dict, final) -> object:
+    """Validation P@5 and test metrics of the best candidate (the search's proxy) and of the final
+    model (that architecture trained to the end), one row each."""
+    from rich.table import Table
+
+    rows = [(f"candidate #{rec['id']} (search)", rec)]
+    if final and final.get("fitness") is not None:
+        s = final.get("settings") or {}
+        width = (s.get("model") or {}).get("width")
+        rows.append((f"final, width {width}", final))
+    names = [n for n in SUMMARY_METRICS if any(n in (r.get("test") or {}) for _, r in rows)]
+    t = Table(title="validation P@5 and test split")
+    t.add_column("model")
+    t.add_column("valid P@5", justify="right")
+    for n in names:
+        t.add_column(n, justify="right")
+    for label, r in rows:
+        test = r.get("test") or {}
+        t.add_row(label, f"{100 * r['fitness']:.2f}", *[f"{100 * test[n]:.2f}" if n in test else "-" for n in names])
+    return t

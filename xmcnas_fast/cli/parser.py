@@ -17,8 +17,12 @@ Regularized evolution (Real et al. 2019) over text-encoding DAGs, as XMC-NAS.
 Every finished candidate is appended to runs/NAME/history.jsonl; the best models are kept
 under runs/NAME/models/. Ctrl-C stops cleanly; --resume continues to the same end.
 
-Budgets: demo (default; about 6 minutes on a 2-core CPU with debtags) and paper
-(P=20, C=50, S=10, up to 30 epochs, width 512). Every setting below overrides the budget."""
+After the evolution, the best architecture is trained to the end of the budget (wider, longer)
+and that model is the search's result (runs/NAME/models/final, best.json).
+
+Budgets: demo (default; within 10 minutes on a 2-core CPU with debtags, about half of it for the
+final model) and paper (P=20, C=50, S=10, up to 30 epochs, width 512, the final model 30 epochs).
+Every setting below overrides the budget."""
 
 TRAIN_DESCRIPTION = """\
 Train a preset (attentionxml, discovered, tfidf-mlp) or a genotype JSON
@@ -41,6 +45,24 @@ def add_search(sub) -> None:
     g.add_argument("--constraint", choices=list(OPERATIONS),
                    help="node 1 of part of the population is this operation reading the embedding")
     g.add_argument("--constraint-fraction", type=float, help="that part (0..1)")
+    g.add_argument("--inherit-weights", action=argparse.BooleanOptionalAction, default=None,
+                   help="a child starts from its parent's trained weights wherever the two agree (embedding, "
+                   "head, each node whose operation and input are unchanged); the rest starts fresh. Each "
+                   "history line says what was inherited (default: on in the demo budget, off in paper)")
+    g.add_argument("--fidelity", type=int, metavar="STEPS",
+                   help="short runs first: every new candidate trains STEPS steps, and goes on to the full "
+                   "budget only if its validation P@5 is in the top --promote part of the population's at "
+                   "STEPS steps (successive halving; figures of different budgets are never compared)")
+    g.add_argument("--promote", type=float, metavar="FRACTION", help="that top part (default 1/3)")
+    g = s.add_argument_group("the final model (the best architecture trained to the end: the search's result)")
+    g.add_argument("--no-final", dest="final", action="store_false", default=None,
+                   help="stop after the search: its best candidate is the result")
+    g.add_argument("--final-width", type=int, help="its node width (default: the budget's)")
+    g.add_argument("--final-epochs", type=int, help="at most this many epochs (default: the budget's)")
+    g.add_argument("--final-minutes", type=float, help="at most this many minutes of training")
+    g.add_argument("--total-minutes", type=float,
+                   help="wall-clock budget of the whole search: the final training gets what the candidates "
+                   "left of it (at least half a minute)")
     g = s.add_argument_group("devices (may change on --resume)")
     g.add_argument("--devices", help="cuda (one worker per GPU), cuda:0,cuda:1, cpu, or cpu:W (W CPU workers); "
                    "several workers per GPU, for candidates too small to fill one: cuda:0x4 (4 on GPU 0), "

@@ -1,0 +1,196 @@
+"""What makes a search pay: short runs first (a trainer that stops and goes on), weight inheritance
+(a child starts from its parent where the two agree), the winner trained to the end (final settings
+and its record), on real debtags examples."""
+import math
+import types
+
+import pytest
+import torch
+
+from xmcnas_fast.candidate import inherit_from
+from xmcnas_fast.evolution import RegularizedEvolution
+from xmcnas_fast.final import final_settings
+from xmcnas_fast.model import ModelConfig, build_model, inherit_weights
+from xmcnas_fast.runs import Run
+from xmcnas_fast.search import make_config, steps_to_reach
+from xmcnas_fast.space import Genotype
+from xmcnas_fast.train import TrainConfig, train_model
+
+SMALL = dict(emb_dim=16, width=16, fc=[16])
+
+
+@pytest.fixture(scope="module")
+def data(debtags_slice, tmp_path_factory):
+    from xmcnas_fast.data import load
+
+    return load(debtags_slice, max_len=48, valid=40, cache_dir=tmp_path_factory.mktemp("cache"))
+
+
+def model_of(data, nodes, merge="sum", seed=0):
+    cfg = ModelConfig(genotype=Genotype(tuple(map(tuple, nodes)), merge).to_dict(), **SMALL)
+    return build_model(cfg, len(data.vocab), data.num_labels, seed=seed)
+
+
+def tcfg(**kw):
+    return TrainConfig(**{"max_steps": 12, "eval_every": 4, "batch_size": 16, "seed": 0, **kw})
+
+
+# ---- short runs first ---------------------------------------------------------------------------
+
+def test_a_short_run_that_does_not_reach_the_bar_stops_at_its_steps(data):
+    seen = []
+    res = train_model(model_of(data, [["conv3", 0]]), data, tcfg(), short_steps=4,
+                      go_on=lambda p5: seen.append(p5) or False)
+    rec = res.record
+    assert rec["steps"] == 4 and rec["rung"] == 0
+    assert rec["short"] == {"steps": 4, "P@5": seen[0], "promoted": False}
+    assert rec["valid"]["P@5"] == seen[0] and rec["test"] is not None
+
+
+def test_a_promoted_run_goes_on_in_the_same_epoch_to_the_same_end_as_one_run(data):
+    full = train_model(model_of(data, [["conv3", 0]]), data, tcfg(max_steps=8)).record
+    staged = train_model(model_of(data, [["conv3", 0]]), data, tcfg(max_steps=8), short_steps=4,
+                         go_on=lambda p5: True).record
+    assert staged["rung"] == 1 and staged["short"]["promoted"] and staged["steps"] == full["steps"] == 8
+    assert staged["epochs"] == full["epochs"] == 1   # 8 steps of 16 of 160 documents: one epoch, not restarted
+    assert staged["curve"] == full["curve"] and staged["test"] == full["test"]
+
+
+def test_promotion_compares_short_figures_of_the_population_only():
+    evo = RegularizedEvolution(population_size=4, cycles=4, sample_size=2, seed=0)
+    assert evo.promotion_threshold(1 / 3) == -math.inf      # nothing to compare with yet: it goes on
+    for fig in (0.30, 0.20, 0.25):
+        c = evo.propose()
+        evo.report(c.id, fig, rung=0, short_fitness=fig)
+    assert evo.promotion_threshold(1 / 3) == 0.30            # top ceil(3/3) = 1 of 3
+    assert evo.promotion_threshold(2 / 3) == 0.25
+    c = evo.propose()
+    evo.report(c.id, 0.26, rung=1, short_fitness=0.31)       # promoted: its full figure is not a short one
+    assert evo.promotion_threshold(1 / 2) == 0.30
+
+
+def test_a_full_budget_figure_ranks_above_any_short_one():
+    evo = RegularizedEvolution(population_size=2, cycles=0, sample_size=2, seed=0)
+    a, b = evo.propose(), evo.propose()
+    evo.report(a.id, 0.40, rung=0, short_fitness=0.40)
+    evo.report(b.id, 0.35, rung=1, short_fitness=0.33)
+    assert evo.best() is b
+
+
+# ---- weight inheritance -------------------------------------------------------------------------
+
+def test_a_child_inherits_embedding_head_and_unchanged_nodes_only(data):
+    parent = model_of(data, [["conv3", 0], ["avgpool3", 1]], seed=1)
+    child = model_of(data, [["conv3", 0], ["conv5", 1]], seed=2)       # node 2's operation mutated
+    fresh = {k: v.clone() for k, v in child.state_dict().items()}
+    parts = inherit_weights(child, parent.state_dict(), parent.genotype)
+    assert parts == ["embedding", "node1", "head"]
+    p, c = parent.state_dict(), child.state_dict()
+    for k in c:
+        inherited = k.startswith(("embedding.", "encoder.nodes.0.", "head."))
+        assert torch.equal(c[k], p[k] if inherited else fresh[k]), k
+
+
+def test_a_changed_input_and_a_head_of_another_width_stay_fresh(data):
+    parent = model_of(data, [["conv3", 0], ["conv3", 0]], merge="concat", seed=1)
+    child = model_of(data, [["conv3", 0], ["conv3", 1], ["conv1", 2]], merge="concat", seed=2)
+    assert inherit_weights(child, parent.state_dict(), parent.genotype) == ["embedding", "node1"]
+
+
+def test_the_worker_records_what_it_inherited_and_trains_from_it(data, tmp_path):
+    from xmcnas_fast.bundle import save_bundle
+
+    parent = model_of(data, [["conv3", 0]], seed=1)
+    train_model(parent, data, tcfg())
+    save_bundle(str(tmp_path / "cand-0"), parent, parent.cfg, data)
+    child = model_of(data, [["conv3", 0], ["conv1", 1]], seed=2)
+    got = inherit_from(child, {"id": 0, "genotype": parent.genotype.to_dict(), "model_dir": str(tmp_path / "cand-0")})
+    assert got == {"from": 0, "parts": ["embedding", "node1", "head"]}
+    assert torch.equal(child.encoder.nodes[0].conv.weight, parent.encoder.nodes[0].conv.weight)
+    gone = inherit_from(child, {"id": 3, "genotype": parent.genotype.to_dict(), "model_dir": str(tmp_path / "x")})
+    assert gone == {"from": 3, "parts": []} and inherit_from(child, None) is None
+
+
+def test_steps_to_reach_a_parents_figure_are_read_off_the_curve():
+    curve = [[4, 1, 0.5, 0.20], [8, 1, 0.6, 0.31], [12, 1, 0.6, 0.35]]
+    assert steps_to_reach(curve, 0.30) == 8 and steps_to_reach(curve, 0.20) == 4
+    assert steps_to_reach(curve, 0.40) is None and steps_to_reach(curve, None) is None
+
+
+# ---- the winner trained to the end --------------------------------------------------------------
+
+def test_the_final_training_gets_what_is_left_of_the_total_time_and_its_own_sizes():
+    cfg = make_config("demo")
+    model, train = final_settings(cfg, elapsed=240.0, seed=7)
+    assert model["width"] == 128 and model["emb_dim"] == 128 and model["fc"] == [128]
+    assert train["max_minutes"] == pytest.approx(cfg["final"]["total_minutes"] - 4.0)
+    assert train["max_epochs"] == 10 and train["seed"] == 7 and train["max_len"] == cfg["train"]["max_len"]
+    _, late = final_settings(cfg, elapsed=3600.0, seed=7)
+    assert late["max_minutes"] == 0.5                          # a search that overran still gets a final model
+    paper = make_config("paper")
+    pm, pt = final_settings(paper, elapsed=1e6, seed=0)
+    assert pm["width"] == 512 and pt["max_epochs"] == 30 and pt["max_minutes"] is None
+
+
+def test_keep_models_never_deletes_the_final_model_nor_a_bundle_being_written(tmp_path):
+    run = Run.create(str(tmp_path / "r"), {"x": 1})
+    models = tmp_path / "r" / "models"
+    for name in ("final", "cand-1", "cand-2", ".tmp-bundle-x1"):
+        (models / name).mkdir()
+    run.keep_models({2})     # every candidate saves a bundle when inheriting: a worker may be writing one now
+    assert sorted(p.name for p in models.iterdir()) == [".tmp-bundle-x1", "cand-2", "final"]
+    run.remove_stray_files()     # at the start of a search, before any worker: what a kill left half-written
+    assert sorted(p.name for p in models.iterdir()) == ["cand-2", "final"]
+    assert run.final() is None
+    run.set_final({"id": "final", "of": 2})
+    assert Run.open(run.path).final() == {"id": "final", "of": 2}
+
+
+def test_an_old_run_without_a_final_section_has_no_final_phase(monkeypatch, tmp_path):
+    from xmcnas_fast import search
+
+    cfg = make_config("demo")
+    del cfg["final"]
+    run = Run.create(str(tmp_path / "old"), cfg)
+    strategy = types.SimpleNamespace(best=lambda: types.SimpleNamespace(id=0))
+    assert search.run_final(run, strategy, sched=None, progress=None, devices="cpu") is None
+
+
+def test_analysis_compares_children_that_inherited_with_those_that_did_not():
+    from xmcnas_fast.analysis import inheritance
+
+    recs = [{"id": 0, "parent": None, "fitness": 0.3},
+            {"id": 1, "parent": 0, "fitness": 0.32, "inherited": {"from": 0, "parts": ["embedding"]},
+             "steps_to_parent": 100},
+            {"id": 2, "parent": 0, "fitness": 0.34, "inherited": {"from": 0, "parts": ["head"]}, "steps_to_parent": 300},
+            {"id": 3, "parent": 1, "fitness": 0.28, "inherited": {"from": 1, "parts": []}, "steps_to_parent": None},
+            {"id": 4, "parent": 1, "fitness": 0.33, "steps_to_parent": 500}]
+    got = inheritance(recs)
+    assert got["inherited"] == {"children": 2, "reached": 2, "median_steps": 200, "mean_p5": pytest.approx(0.33)}
+    assert got["from scratch"] == {"children": 2, "reached": 1, "median_steps": 500,
+                                   "mean_p5": pytest.approx(0.305)}
+
+
+def test_short_run_settings_no_search_can_use_are_refused_up_front():
+    with pytest.raises(ValueError, match="at least 1 step"):
+        make_config("demo", overrides={"search": {"fidelity": 0}})
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        make_config("demo", overrides={"search": {"fidelity": 100, "promote": 1.5}})
+    assert make_config("demo", overrides={"search": {"fidelity": 100, "promote": 0.5}})["search"]["promote"] == 0.5
+
+
+def test_the_evaluations_still_due_count_inside_the_time_budget(data):
+    import time
+
+    from xmcnas_fast.train import Trainer
+
+    model = model_of(data, [["conv3", 0]])
+    trainer = Trainer(model, data, tcfg(), torch.device("cpu"))
+    trainer.deadline = time.monotonic() + 3600.0
+    assert not trainer.should_end(None)
+    docs = len(data.valid) + len(data.test)
+    trainer.eval_seconds_per_doc = 7200.0 / docs     # a last validation and the test split: two hours
+    assert trainer.evaluations_due() == pytest.approx(7200.0)
+    assert trainer.should_end(None)                  # an hour left is not enough: stop training now
+    trainer.validate()                                # measures what an evaluation costs here
+    assert 0 < trainer.eval_seconds_per_doc < 7200.0 / docs
