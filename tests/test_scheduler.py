@@ -282,7 +282,8 @@ def test_shutdown_with_tasks_in_flight(backend):
 # -- a search on Ray -------------------------------------------------------------------
 
 def test_search_on_ray_end_to_end(ray_cluster, debtags_slice, tmp_path, monkeypatch):
-    """`search --backend ray` on a debtags slice: four tiny candidates on two Ray workers."""
+    """`search --backend ray` on a debtags slice: four tiny candidates on two Ray workers, then the
+    best architecture's final training there too."""
     from xmcnas_fast.cli import main
     from xmcnas_fast.scheduler import ray_backend
 
@@ -308,5 +309,8 @@ def test_search_on_ray_end_to_end(ray_cluster, debtags_slice, tmp_path, monkeypa
         assert r["status"] == "ok", r
         assert 0 <= r["fitness"] <= 1
         assert r["device"] in sched.devices or r["reused_from"] is not None
+    final = json.loads((runs / "ray" / "final.json").read_text())
+    assert final["status"] == "ok" and final["device"] in sched.devices
+    assert final["of"] == max(recs, key=lambda r: r["fitness"])["id"]
     best = json.loads((runs / "ray" / "best.json").read_text())
-    assert best["fitness"] == max(r["fitness"] for r in recs) and os.path.isdir(best["model_dir"])
+    assert best["id"] == "final" and os.path.isdir(best["model_dir"])
