@@ -21,6 +21,17 @@ def require_kernel(op: str, device: str) -> None:
     pytest.skip(f"compiled {op} not in use on {device}: {ops.extension_status()}")
 
 
+def kernel_required(op: str):
+    """An autouse fixture for a test file of `op`: require_kernel on the test's `device` (cpu if it has none)."""
+
+    @pytest.fixture(autouse=True)
+    def _kernel(request):
+        callspec = getattr(request.node, "callspec", None)
+        require_kernel(op, callspec.params.get("device", "cpu") if callspec else "cpu")
+
+    return _kernel
+
+
 def close(actual, expected, tol, what=""):
     """max |actual - expected| <= tol * max(|expected|, 1), compared in float64 on the CPU."""
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from xmcnas_fast.bundle import load_bundle, save_bundle
-from xmcnas_fast.data import batching
 from xmcnas_fast.data.batching import Batch, make_batch
 from xmcnas_fast.model import ModelConfig, build_model, preset
 from xmcnas_fast.space import Genotype
@@ -111,7 +110,6 @@ def test_the_guard_refuses_what_a_gpu_refuses(data, gpu_like):
 def test_the_guard_sees_a_moved_row_index(data, gpu_like, monkeypatch):
     """Were Batch.to to move the index again (the bug that crashed every GPU evaluation), the
     evaluation would fail here."""
-    monkeypatch.setattr(batching, "Batch", Batch)
     real = Batch.to
 
     def moving_index(self, device, non_blocking=False):

@@ -19,7 +19,7 @@ import torch
 
 from xmcnas_fast import ops
 
-from _kernels import DEVICES, close, require_kernel
+from _kernels import DEVICES, close, kernel_required
 
 OP = torch.ops.xmcnas_fast.label_attention
 OP_BACKWARD = torch.ops.xmcnas_fast.label_attention_backward
@@ -30,10 +30,7 @@ FLOATS = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 TOL = {torch.float64: 1e-6, torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
-@pytest.fixture(autouse=True)
-def _kernels(request):
-    callspec = getattr(request.node, "callspec", None)
-    require_kernel("label_attention", callspec.params.get("device", "cpu") if callspec else "cpu")
+_kernels = kernel_required("label_attention")
 
 
 def make_inputs(B, N, D, L, Dv=None, dtype=torch.float32, device="cpu", padding="anywhere", empty_rows=(), seed=0):

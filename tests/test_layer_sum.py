@@ -14,7 +14,7 @@ import torch
 
 from xmcnas_fast import ops
 
-from _kernels import DEVICES, close, require_kernel
+from _kernels import DEVICES, close, kernel_required
 
 fwd = torch.ops.xmcnas_fast.layer_sum
 bwd = torch.ops.xmcnas_fast.layer_sum_backward
@@ -23,10 +23,7 @@ FLOATS = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}
 
 
-@pytest.fixture(autouse=True)
-def _kernels(request):
-    callspec = getattr(request.node, "callspec", None)
-    require_kernel("layer_sum", callspec.params.get("device", "cpu") if callspec else "cpu")
+_kernels = kernel_required("layer_sum")
 
 
 def inputs(K, shape, dtype=torch.float32, w_dtype=torch.float32, device="cpu", offset=0, seed=0):

@@ -117,9 +117,10 @@ class Bundle:
         from .train import autocast
 
         self.model.eval()
+        precision = self.precision
         for b in iterate_batches(self.encode(texts), len(self.label_names), batch_size, shuffle=False):
             b = b.to(self.device)
-            with autocast(self.device, self.precision):
+            with autocast(self.device, precision):
                 scores = self.model(b.tokens, b.mask)
             yield b.index.numpy(), torch.sigmoid(scores.float())
 
