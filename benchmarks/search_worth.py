@@ -32,7 +32,7 @@ ARMS = {
     "evolution-inherit": {"search": {"strategy": "evolution", "inherit": True}},
     "evolution-fidelity": {"search": {"strategy": "evolution", "fidelity": 200}},
 }
-FIGURES = ("best valid P@5", "best test P@5", "final valid P@5", "final test P@5", "seconds")
+FIGURES = ("best valid P@5", "best test P@5", "final valid P@5", "final test P@5", "result test P@5", "seconds")
 
 
 def parse_set(items: list) -> dict:
@@ -69,8 +69,11 @@ def figures_of(run) -> dict:
     final = run.final() or {}
     children = [r for r in records.values() if r.get("parent") is not None and r.get("reused_from") is None]
     reached = [r["steps_to_parent"] for r in children if r.get("steps_to_parent") is not None]
+    result = final if final.get("chosen") else best     # what best.json names: the search's answer
     return {"best valid P@5": best.get("fitness"), "best test P@5": (best.get("test") or {}).get("P@5"),
             "final valid P@5": final.get("fitness"), "final test P@5": (final.get("test") or {}).get("P@5"),
+            "result test P@5": (result.get("test") or {}).get("P@5"), "final chosen": final.get("chosen"),
+            "candidates": len(records),
             "best id": best.get("id"), "children": len(children), "children reaching parent": len(reached),
             "median steps to parent": statistics.median(reached) if reached else None}
 

@@ -118,7 +118,8 @@ def test_summary_hints_stay_whole_on_an_80_column_terminal(tiny_run, monkeypatch
     assert f"  xmcnas-fast predict {best['model_dir']} \"some text\"" in lines
     assert f"  xmcnas-fast analyze {run.path}" in lines
     assert "  per candidate: width 8, at most 1 epochs and 0.5 min, inheriting weights" in lines   # one line
-    assert "  then the best to the end: width 128, at most 10 epochs, until minute 9.0" in lines
+    assert "  then the best to the end: width 8, at most 10 epochs, until minute 9.0" in lines
+    assert "  (no candidate starts after minute 6.0: the final training keeps 3.0 min)" in lines
     assert all(len(x) <= 80 for x in lines if "/" not in x)                    # only paths may run longer
 
 
@@ -170,9 +171,11 @@ def test_help_explains_the_flags_that_make_the_search_pay(capsys):
         main(["search", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     for f in ("--inherit-weights, --no-inherit-weights", "--fidelity STEPS", "--promote FRACTION", "--no-final",
-              "--final-width", "--final-epochs", "--final-minutes", "--total-minutes"):
+              "--final-width", "--final-epochs", "--final-minutes", "--total-minutes", "--final-min-minutes MINUTES",
+              "--final-from-scratch"):
         assert f in out, f
     assert "what was inherited" in out and "never compared" in out and "what the candidates left" in out
+    assert "No candidate starts once less than this is left" in out
 
 
 def test_no_final_leaves_the_best_candidate_as_the_result(tmp_path, debtags_slice, capsys):
@@ -187,3 +190,6 @@ def test_no_final_leaves_the_best_candidate_as_the_result(tmp_path, debtags_slic
     assert all("inherited" not in r for r in run.history.records)
     assert main(["search", "--resume", str(runs / "nf"), "--final-width", "32"]) == 2
     assert "drop --final-width" in capsys.readouterr().err
+    # a switch that turns a setting off is named as it is typed
+    assert main(["search", "--resume", str(runs / "nf"), "--final-from-scratch"]) == 2
+    assert "drop --final-from-scratch (or" in capsys.readouterr().err

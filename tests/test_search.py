@@ -81,7 +81,9 @@ def test_best_json_names_the_final_model_and_only_the_best_bundles_are_kept(fini
     assert os.path.isfile(os.path.join(best["model_dir"], "weights.pt"))
     promoted = [r for r in recs if r["rung"] == 1]
     assert final["of"] == max(promoted or recs, key=lambda r: r["fitness"])["id"]   # full-budget figures first
-    assert final["settings"]["model"]["width"] == 16 and final["status"] == "ok"
+    assert final["settings"]["model"]["width"] == 16 and final["status"] == "ok" and final["chosen"]
+    # it starts from the candidate's weights where the networks agree: the embedding (8 wide in both)
+    assert final["inherited"] == {"from": final["of"], "parts": ["embedding"]}
     # kept: the 3 best, the population (3: they may be parents) and the final model
     assert len(os.listdir(run_dir / "models")) <= 3 + 3 + 1
 
@@ -180,6 +182,24 @@ def test_kill_9_during_the_final_training_then_resume_trains_it_once(tmp_path, d
     assert len(candidates(run_dir)) == 7 and out.count("training the best architecture") == 1
     assert json.loads((run_dir / "final.json").read_text())["status"] == "ok"
     assert json.loads((run_dir / "best.json").read_text())["id"] == "final"
+
+
+def test_once_only_the_final_share_of_the_time_is_left_no_candidate_starts_and_resume_agrees(tmp_path, debtags_slice):
+    # the deadline is minute 0.5 - 0.5 = 0: once one candidate is recorded (one at a time inline), none starts
+    p = search_cli(tmp_path, debtags_slice, "late", "--total-minutes", "0.5", "--final-min-minutes", "0.5",
+                   "--final-epochs", "1")
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+    run_dir = tmp_path / "runs" / "late"
+    recs = candidates(run_dir)
+    final = json.loads((run_dir / "final.json").read_text())
+    assert len(recs) == 1 and final["candidates"] == 1 and final["of"] == recs[0]["id"] and final["status"] == "ok"
+    assert final["settings"]["train"]["max_minutes"] == 0.5               # its guaranteed share
+    assert "the search's time is up" in out and "time was up after 1 of 7 candidates" in out
+    r = search_cli(tmp_path, debtags_slice, None, "--resume", str(run_dir), "--plain")
+    again, _ = r.communicate(timeout=600)
+    assert r.returncode == 0, again
+    assert len(candidates(run_dir)) == 1 and "training the best architecture" not in again
 
 
 def test_resume_refuses_new_settings_and_a_second_search_in_one_directory(tmp_path):

@@ -2,6 +2,7 @@
 (a child starts from its parent where the two agree), the winner trained to the end (final settings
 and its record), on real debtags examples."""
 import math
+import os
 import types
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 from xmcnas_fast.candidate import inherit_from
 from xmcnas_fast.evolution import RegularizedEvolution
-from xmcnas_fast.final import final_settings
+from xmcnas_fast.final import final_settings, final_wins, search_deadline
 from xmcnas_fast.model import ModelConfig, build_model, inherit_weights
 from xmcnas_fast.runs import Run
 from xmcnas_fast.search import make_config, steps_to_reach
@@ -122,14 +123,81 @@ def test_steps_to_reach_a_parents_figure_are_read_off_the_curve():
 def test_the_final_training_gets_what_is_left_of_the_total_time_and_its_own_sizes():
     cfg = make_config("demo")
     model, train = final_settings(cfg, elapsed=240.0, seed=7)
-    assert model["width"] == 128 and model["emb_dim"] == 128 and model["fc"] == [128]
+    assert model["width"] == 64 and model["emb_dim"] == 64 and model["fc"] == [64]   # the search's: it goes on
     assert train["max_minutes"] == pytest.approx(cfg["final"]["total_minutes"] - 4.0)
     assert train["max_epochs"] == 10 and train["seed"] == 7 and train["max_len"] == cfg["train"]["max_len"]
     _, late = final_settings(cfg, elapsed=3600.0, seed=7)
-    assert late["max_minutes"] == 0.5                          # a search that overran still gets a final model
+    assert late["max_minutes"] == cfg["final"]["min_minutes"] == 3.0   # a search that overran keeps its share
+    del cfg["final"]["min_minutes"]
+    _, late = final_settings(cfg, elapsed=3600.0, seed=7)
+    assert late["max_minutes"] == 0.5                          # without a share: half a minute
     paper = make_config("paper")
     pm, pt = final_settings(paper, elapsed=1e6, seed=0)
     assert pm["width"] == 512 and pt["max_epochs"] == 30 and pt["max_minutes"] is None
+
+
+def test_no_candidate_starts_once_only_the_final_trainings_share_is_left():
+    assert search_deadline(make_config("demo")) == 60 * (9.0 - 3.0)
+    assert search_deadline(make_config("paper")) is None                     # no total time: no deadline
+    assert search_deadline(make_config("demo", overrides={"final": {"enabled": False}})) is None
+    assert search_deadline(make_config("demo", overrides={"final": {"min_minutes": 12.0}})) == 0.0
+
+
+def test_the_final_model_is_the_result_only_when_it_does_at_least_as_well_as_its_candidate():
+    cand = {"id": 4, "fitness": 0.40}
+    assert final_wins({"fitness": 0.41, "model_dir": "m"}, cand)
+    assert final_wins({"fitness": 0.40, "model_dir": "m"}, cand)             # a tie: the model trained longer
+    assert not final_wins({"fitness": 0.39, "model_dir": "m"}, cand)
+    assert not final_wins({"fitness": None, "model_dir": "m"}, cand)         # it failed
+    assert not final_wins({"fitness": 0.50, "model_dir": None}, cand)        # nothing saved to serve
+
+
+class _OneTask:
+    """A scheduler that runs nothing: the final training's result is the one given."""
+
+    def __init__(self, value):
+        self.value, self.payload = value, None
+
+    def submit(self, task_id, fn, payload):
+        self.payload = payload
+
+    def running(self):
+        return {"final": "cpu#0"}
+
+    def poll(self, timeout):
+        from xmcnas_fast.scheduler import TaskResult
+
+        return [TaskResult("final", "ok", value=self.value, device="cpu#0", seconds=1.0)]
+
+
+def _search_with_one_candidate(tmp_path, fitness):
+    from xmcnas_fast import search
+
+    run = Run.create(str(tmp_path / "r"), make_config("demo"))
+    strategy = RegularizedEvolution(population_size=2, cycles=0, sample_size=2, seed=0)
+    c = strategy.propose()
+    strategy.report(c.id, fitness)
+    os.makedirs(run.model_dir(c.id))
+    rec = {"id": c.id, "genotype": c.genotype.to_dict(), "fitness": fitness, "model_dir": run.model_dir(c.id),
+           "valid": {"P@5": fitness}, "elapsed": 200.0}
+    run.history.append(rec)
+    run.set_best(rec)
+    return search, run, strategy, c
+
+
+@pytest.mark.parametrize("final_p5, result", [(0.30, "candidate"), (0.36, "final")])
+def test_a_final_model_below_its_candidate_is_recorded_but_not_made_the_result(tmp_path, final_p5, result):
+    search, run, strategy, c = _search_with_one_candidate(tmp_path, 0.35)
+    sched = _OneTask({"status": "ok", "valid": {"P@5": final_p5}, "test": {"P@5": final_p5}, "steps": 9})
+    sched.value["model_dir"] = run.final_dir()
+    out = search.run_final(run, strategy, sched, search._Silent(), devices="cpu")
+    assert sched.payload["parent"] == {"id": c.id, "genotype": c.genotype.to_dict(), "model_dir": run.model_dir(c.id)}
+    assert out["chosen"] == (result == "final") and run.final()["chosen"] == out["chosen"]
+    assert out["of"] == c.id and out["candidates"] == 1 and out["fitness"] == final_p5
+    assert run.best()["id"] == ("final" if result == "final" else c.id)
+    # on resume the recorded final training is not run again, and the result stays what it was
+    again = search.run_final(run, strategy, None, search._Silent(), devices="cpu")
+    assert again == out and run.best()["id"] == ("final" if result == "final" else c.id)
 
 
 def test_keep_models_never_deletes_the_final_model_nor_a_bundle_being_written(tmp_path):

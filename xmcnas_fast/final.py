@@ -1,31 +1,62 @@
 """The settings of the final phase: after the evolution, the best architecture is trained to the end
-of the budget (as XMC-NAS trained its discovered architecture), and that model is the search's result.
+of the budget (as XMC-NAS trained its discovered architecture), and that model is the search's result
+when it does better than the candidate it retrains.
 
 A run's config has a "final" section; a value of None there means the search's own. Its time is
 either fixed (max_minutes) or what is left of the whole search's wall-clock budget (total_minutes),
-so that a demo ends on time whatever the machine.
+so that a demo ends on time whatever the machine. The final training starts from the candidate's
+weights wherever the two networks agree (all of them at the search's own sizes: it goes on training
+the candidate) unless inherit is false (the paper's protocol: trained again from scratch). With total_minutes, min_minutes is the final
+training's guaranteed share: no candidate starts once less than that is left, so a search on a slow
+machine trains fewer candidates instead of starving the final model.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 FINAL_DEFAULTS = {"enabled": True, "width": None, "emb_dim": None, "fc": None, "max_epochs": None,
-                  "max_steps": None, "lr": None, "max_minutes": None, "total_minutes": None}
+                  "max_steps": None, "lr": None, "max_minutes": None, "total_minutes": None,
+                  "min_minutes": None, "inherit": True}
 FINAL_MODEL_KEYS = ("width", "emb_dim", "fc")
 FINAL_TRAIN_KEYS = ("max_epochs", "max_steps", "lr")
-#: the least time the final training gets, however long the search took
+#: the least time the final training gets, however long the search took, when min_minutes is not set
 MIN_FINAL_MINUTES = 0.5
+
+
+def _section(cfg: dict) -> dict:
+    return {**FINAL_DEFAULTS, **(cfg.get("final") or {})}
 
 
 def final_settings(cfg: dict, elapsed: float, seed: int) -> tuple[dict, dict]:
     """The model and training settings of the final training, `elapsed` seconds into the search:
-    the search's, with the final section's values (but no candidate's step or time limit); its time is what is left of total_minutes
-    (at least MIN_FINAL_MINUTES), or max_minutes, whichever is less."""
-    f = {**FINAL_DEFAULTS, **(cfg.get("final") or {})}
+    the search's, with the final section's values (but no candidate's step or time limit); its time
+    is what is left of total_minutes (at least min_minutes), or max_minutes, whichever is less."""
+    f = _section(cfg)
     model = {**cfg["model"], **{k: f[k] for k in FINAL_MODEL_KEYS if f[k] is not None}}
     train = {**cfg["train"], **{k: f[k] for k in FINAL_TRAIN_KEYS if f[k] is not None}}
     train["max_steps"] = f["max_steps"]          # the candidates' step limit is the proxy's, not the final's
     limits = [m for m in (f["max_minutes"],) if m is not None]
     if f["total_minutes"] is not None:
-        limits.append(max(MIN_FINAL_MINUTES, f["total_minutes"] - elapsed / 60))
+        least = f["min_minutes"] if f["min_minutes"] is not None else MIN_FINAL_MINUTES
+        limits.append(max(least, f["total_minutes"] - elapsed / 60))
     train["max_minutes"] = round(min(limits), 3) if limits else None
     train["seed"] = seed
     return model, train
+
+
+def search_deadline(cfg: dict) -> Optional[float]:
+    """Seconds into the search after which no new candidate starts (those running finish): the
+    total time less the final training's guaranteed share. None when the search has no such limit."""
+    f = _section(cfg)
+    if not f["enabled"] or f["total_minutes"] is None or f["min_minutes"] is None:
+        return None
+    return 60.0 * max(0.0, f["total_minutes"] - f["min_minutes"])
+
+
+def final_wins(final: dict, candidate: dict) -> bool:
+    """Is the final model the search's result? Only when it trained and its validation P@5 is at least
+    that of the candidate it retrains (the same validation documents): a final training cut short
+    must not replace a better network the search already has."""
+    if final.get("fitness") is None or not final.get("model_dir"):
+        return False
+    return candidate.get("fitness") is None or final["fitness"] >= candidate["fitness"]

@@ -6,6 +6,7 @@ import os
 import shlex
 import time
 
+from ..final import search_deadline
 from .common import CLIError, console, flag, load_data, program
 
 #: (flag dest, config section, config key) of every setting of a search
@@ -24,6 +25,7 @@ SETTINGS = [
     ("inherit_weights", "search", "inherit"), ("fidelity", "search", "fidelity"), ("promote", "search", "promote"),
     ("final", "final", "enabled"), ("final_width", "final", "width"), ("final_epochs", "final", "max_epochs"),
     ("final_minutes", "final", "max_minutes"), ("total_minutes", "final", "total_minutes"),
+    ("final_min_minutes", "final", "min_minutes"), ("final_inherit", "final", "inherit"),
 ]
 #: data settings stored beside the budget's (CSV columns)
 COLUMNS = ("text_column", "labels_column")
@@ -136,7 +138,13 @@ def final_line(cfg: dict) -> list:
     epochs = f.get("max_epochs") or cfg["train"]["max_epochs"]
     limit = (f" and {f['max_minutes']} min" if f.get("max_minutes") else "") + \
         (f", until minute {f['total_minutes']}" if f.get("total_minutes") else "")
-    return [f"  then the best to the end: width {width}, at most {epochs} epochs{limit}"]
+    start = "" if f.get("inherit", True) else ", from scratch"
+    lines = [f"  then the best to the end: width {width}, at most {epochs} epochs{limit}{start}"]
+    deadline = search_deadline(cfg)
+    if deadline is not None:
+        lines.append(f"  (no candidate starts after minute {deadline / 60:.1f}: the final training keeps "
+                     f"{f['min_minutes']} min)")
+    return lines
 
 
 def cmd_search(args) -> int:
@@ -170,6 +178,7 @@ def cmd_search(args) -> int:
 
 
 def print_summary(out, run) -> None:
+    from ..search import candidate_total
     from ..space import Genotype
 
     best, final = run.best(), run.final()
@@ -192,6 +201,12 @@ def print_summary(out, run) -> None:
     if final and final.get("fitness") is None:
         out.print(f"[red]the final training ended {final['status']}[/red]: {final.get('error') or ''}; "
                   f"the result is the best candidate")
+    elif final and best.get("id") != "final":
+        out.print(f"[yellow]the final model's validation P@5 {100 * final['fitness']:.2f} is below the "
+                  f"candidate's {100 * rec['fitness']:.2f}[/yellow]: the result is the candidate")
+    if final and final.get("candidates") is not None and final["candidates"] < candidate_total(run.config):
+        out.print(f"the search's time was up after {final['candidates']} of {candidate_total(run.config)} "
+                  f"candidates (the final training's share of --total-minutes was kept for it)")
     prog, bundle = program(), best.get("model_dir") or ""
     for line in (f"model bundle: {bundle}", "predict with:",
                  f"  {prog} predict {shlex.quote(bundle)} \"some text\"", "analysis:",
@@ -212,6 +227,8 @@ def result_table(rec: dict, final) -> object:
         s = final.get("settings") or {}
         width = (s.get("model") or {}).get("width")
         rows.append((f"final, width {width}", final))
+    result = 1 if len(rows) == 2 and final.get("chosen", True) else 0
+    rows[result] = (rows[result][0] + " [bold](the result)[/bold]", rows[result][1])
     names = [n for n in SUMMARY_METRICS if any(n in (r.get("test") or {}) for _, r in rows)]
     t = Table(title="validation P@5 and test split")
     t.add_column("model")

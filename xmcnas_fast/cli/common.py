@@ -57,9 +57,13 @@ def int_list(s: str) -> list:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
 
 
+#: the options not named after their dest (switches that turn a setting off)
+OFF_SWITCHES = {"final": "--no-final", "final_inherit": "--final-from-scratch"}
+
+
 def flag(dest: str) -> str:
-    """The option that sets `dest` (every option here is named after its dest)."""
-    return "--" + dest.replace("_", "-")
+    """The option that sets `dest` (named after it, but for the switches that turn a setting off)."""
+    return OFF_SWITCHES.get(dest) or "--" + dest.replace("_", "-")
 
 
 def pick(args, names) -> dict:

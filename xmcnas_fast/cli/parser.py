@@ -17,8 +17,9 @@ Regularized evolution (Real et al. 2019) over text-encoding DAGs, as XMC-NAS.
 Every finished candidate is appended to runs/NAME/history.jsonl; the best models are kept
 under runs/NAME/models/. Ctrl-C stops cleanly; --resume continues to the same end.
 
-After the evolution, the best architecture is trained to the end of the budget (wider, longer)
-and that model is the search's result (runs/NAME/models/final, best.json).
+After the evolution, the best architecture is trained to the end of the budget (wider, longer,
+from the candidate's weights wherever the two networks agree); that model is the search's result
+(runs/NAME/models/final, best.json) when its validation P@5 is at least the candidate's.
 
 Budgets: demo (default; within 10 minutes on a 2-core CPU with debtags, about half of it for the
 final model) and paper (P=20, C=50, S=10, up to 30 epochs, width 512, the final model 30 epochs).
@@ -58,11 +59,18 @@ def add_search(sub) -> None:
     g.add_argument("--no-final", dest="final", action="store_false", default=None,
                    help="stop after the search: its best candidate is the result")
     g.add_argument("--final-width", type=int, help="its node width (default: the budget's)")
+    g.add_argument("--final-from-scratch", dest="final_inherit", action="store_false", default=None,
+                   help="train it from fresh weights, as the paper did (default: from the candidate's weights "
+                   "wherever the two networks agree; all of them when the final sizes are the search's)")
     g.add_argument("--final-epochs", type=int, help="at most this many epochs (default: the budget's)")
     g.add_argument("--final-minutes", type=float, help="at most this many minutes of training")
     g.add_argument("--total-minutes", type=float,
                    help="wall-clock budget of the whole search: the final training gets what the candidates "
-                   "left of it (at least half a minute)")
+                   "left of it (at least --final-min-minutes, else half a minute)")
+    g.add_argument("--final-min-minutes", type=float, metavar="MINUTES",
+                   help="with --total-minutes: the final training's guaranteed share. No candidate starts once "
+                   "less than this is left (those running finish), so a slow machine trains fewer candidates "
+                   "rather than starving the final model (demo: 3)")
     g = s.add_argument_group("devices (may change on --resume)")
     g.add_argument("--devices", help="cuda (one worker per GPU), cuda:0,cuda:1, cpu, or cpu:W (W CPU workers); "
                    "several workers per GPU, for candidates too small to fill one: cuda:0x4 (4 on GPU 0), "
