@@ -78,7 +78,7 @@ def _extension():
     cxx = opt + ["-fopenmp", "-fvisibility=hidden", "-Wno-unused-parameter"]
     if os.environ.get("XMCNAS_NATIVE", "0") == "1":
         cxx.append("-march=native")
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     kwargs = dict(
         name="xmcnas_fast._C",
         sources=sources,

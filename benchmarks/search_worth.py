@@ -160,7 +160,7 @@ def main(argv=None) -> int:
             print(json.dumps(results[-1]), flush=True)
     print(table(results))
     for other in arms[1:]:
-        for f in ("best valid P@5", "best test P@5", "final test P@5"):
+        for f in ("best valid P@5", "best test P@5", "final test P@5", "result test P@5"):
             print(verdict(results, arms[0], other, f))
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:

@@ -24,6 +24,15 @@ TORCH_LIBRARY(xmcnas_fast, m) {
   m.def(
       "label_attention_backward(Tensor grad_ctx, Tensor h, Tensor mask, Tensor W, Tensor? v, "
       "Tensor ctx, Tensor lse) -> (Tensor, Tensor, Tensor)");
+  // The same two through the device's matrix products, a block of labels at a
+  // time (csrc/label_attention_gemm.h: what CUDA runs for float32), for any
+  // device and float32 / float64: private, for the tests, which set the labels
+  // per block (0: as the kernel chooses).
+  m.def(
+      "_label_attention_gemm(Tensor h, Tensor mask, Tensor W, Tensor? v=None, int block=0) -> (Tensor, Tensor)");
+  m.def(
+      "_label_attention_gemm_backward(Tensor grad_ctx, Tensor h, Tensor mask, Tensor W, Tensor? v, "
+      "Tensor ctx, Tensor lse, int block=0) -> (Tensor, Tensor, Tensor)");
   // Ranking metrics of the top k scores against a CSR truth. Returns
   // (sums float64 [4,k], topk int64 [R,k]); sums rows, each summed over the R
   // rows, at ranks 1..k: hits in the top j, nDCG@j, propensity-scored hits in

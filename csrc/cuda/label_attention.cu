@@ -1,6 +1,9 @@
 // Label-wise attention on CUDA: entry points and the simple kernels that
-// serve every dtype and shape (float32 and float64 always; float16/bfloat16
-// when the tensor-core kernels of label_attention_mma.cu do not apply).
+// serve float64 always and float16/bfloat16 when the tensor-core kernels of
+// label_attention_mma.cu do not apply. float32 goes to cuBLAS, a block of
+// labels at a time (../label_attention_gemm.h): TF32 tensor cores when PyTorch
+// allows them for matrix products, exact SGEMM otherwise, either well above
+// what a SIMT kernel of ours reaches.
 //
 // The values u_n are v[b,n] (width Dv), or h[b,n] itself (Dv = D):
 //   ctx[b,l] = sum_n softmax_n(W[l] . h[b,n] over real tokens) u_n
@@ -24,6 +27,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../label_attention_gemm.h"
 #include "label_attention.cuh"
 #include "ops.cuh"
 
@@ -466,8 +470,9 @@ using namespace la;
 std::tuple<at::Tensor, at::Tensor> label_attention_cuda(const at::Tensor& h_, const at::Tensor& mask_,
                                                         const at::Tensor& W_, const std::optional<at::Tensor>& v_) {
   checks::label_attention_inputs(h_, mask_, W_, v_);
+  const c10::cuda::CUDAGuard guard(h_.device());
+  if (h_.scalar_type() == at::kFloat) return gemm::label_attention_gemm(h_, mask_, W_, v_);
   const Inputs in = prepare(h_, mask_, W_, v_);
-  const c10::cuda::CUDAGuard guard(in.h.device());
   at::Tensor ctx = in.h.new_empty({in.B, in.L, in.Dv});
   at::Tensor lse = in.h.new_empty({in.B, in.L}, in.h.options().dtype(at::kFloat));
   if (in.B == 0 || in.L == 0) return {ctx, lse};
@@ -503,8 +508,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> label_attention_backward_cuda(
     const std::optional<at::Tensor>& v_, const at::Tensor& ctx_, const at::Tensor& lse_) {
   checks::label_attention_inputs(h_, mask_, W_, v_);
   checks::label_attention_saved(h_, W_, v_, grad_ctx_, ctx_, lse_);
+  const c10::cuda::CUDAGuard guard(h_.device());
+  if (h_.scalar_type() == at::kFloat) {
+    return gemm::label_attention_gemm_backward(grad_ctx_, h_, mask_, W_, v_, ctx_, lse_);
+  }
   const Inputs in = prepare(h_, mask_, W_, v_);
-  const c10::cuda::CUDAGuard guard(in.h.device());
   const auto st = in.h.scalar_type();
   const at::Tensor dO = grad_ctx_.contiguous(), ctx = ctx_.contiguous(), lse = lse_.contiguous();
 
