@@ -172,7 +172,7 @@ def test_help_explains_the_flags_that_make_the_search_pay(capsys):
     out = " ".join(capsys.readouterr().out.split())
     for f in ("--inherit-weights, --no-inherit-weights", "--fidelity STEPS", "--promote FRACTION", "--no-final",
               "--final-width", "--final-epochs", "--final-minutes", "--total-minutes", "--final-min-minutes MINUTES",
-              "--final-from-scratch"):
+              "--final-inherit, --no-final-inherit"):
         assert f in out, f
     assert "what was inherited" in out and "never compared" in out and "what the candidates left" in out
     assert "No candidate starts once less than this is left" in out
@@ -190,6 +190,10 @@ def test_no_final_leaves_the_best_candidate_as_the_result(tmp_path, debtags_slic
     assert all("inherited" not in r for r in run.history.records)
     assert main(["search", "--resume", str(runs / "nf"), "--final-width", "32"]) == 2
     assert "drop --final-width" in capsys.readouterr().err
-    # a switch that turns a setting off is named as it is typed
-    assert main(["search", "--resume", str(runs / "nf"), "--final-from-scratch"]) == 2
-    assert "drop --final-from-scratch (or" in capsys.readouterr().err
+    assert main(["search", "--resume", str(runs / "nf"), "--no-final-inherit"]) == 2   # the saved run's: on
+    assert "drop --no-final-inherit (or" in capsys.readouterr().err
+
+
+def test_resume_names_a_switch_that_turns_a_setting_off_as_it_is_typed(tiny_run, capsys):
+    assert main(["search", "--resume", tiny_run, "--no-final"]) == 2
+    assert "drop --no-final (or" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """The trainer on real debtags examples: repeatable by seed, learns, keeps its best weights, honours budgets."""
 import dataclasses
 import math
+import time
 from itertools import islice
 
 import pytest
@@ -137,6 +138,34 @@ def test_warm_up_ramps_the_learning_rate_linearly(data):
         lrs.append(trainer.opts[0].param_groups[0]["lr"])
     assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
     assert trainer.step == 6 and trainer.docs == 96 and len(trainer.running_loss) == 6
+
+
+def test_the_cosine_schedule_goes_down_to_zero_at_the_end_of_the_step_budget(data):
+    from xmcnas_fast.data import iterate_batches
+
+    model = build_model(cfg_of([["conv1", 0]]), len(data.vocab), data.num_labels, seed=0)
+    cfg = TrainConfig(lr=1e-3, warmup_steps=2, max_steps=8, lr_schedule="cosine", batch_size=16)
+    trainer = Trainer(model, data, cfg, torch.device("cpu"))
+    lrs = []
+    for batch in islice(iterate_batches(data.train, data.num_labels, 16, shuffle=False), 8):
+        assert trainer.train_step(batch)
+        lrs.append(trainer.opts[0].param_groups[0]["lr"])
+    cosine = [1e-3 * 0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(2, 8)]
+    assert lrs == pytest.approx([5e-4, 1e-3] + cosine)      # the warm-up, then from step 3 the cosine
+    assert all(sparse["lr"] == lrs[-1] for opt in trainer.opts for sparse in opt.param_groups)
+
+
+def test_the_cosine_schedule_follows_the_time_budget_when_it_is_further_along(data):
+    model = build_model(cfg_of([["conv1", 0]]), len(data.vocab), data.num_labels, seed=0)
+    trainer = Trainer(model, data, TrainConfig(lr=1e-3, max_epochs=1000, max_minutes=1.0, lr_schedule="cosine"),
+                      torch.device("cpu"))
+    now = time.monotonic()
+    trainer.start, trainer.deadline = now - 30.0, now + 30.0   # half the minute gone, no step taken
+    assert trainer.budget_used() == pytest.approx(0.5, abs=0.01)
+    trainer.set_lr()
+    assert trainer.opts[0].param_groups[0]["lr"] == pytest.approx(5e-4, rel=0.05)
+    with pytest.raises(ValueError, match="unknown lr_schedule 'linear'"):
+        TrainConfig.from_dict({"lr_schedule": "linear"})
 
 
 def test_best_weights_are_a_copy_and_only_a_strictly_better_p5_replaces_them():

@@ -4,11 +4,13 @@ when it does better than the candidate it retrains.
 
 A run's config has a "final" section; a value of None there means the search's own. Its time is
 either fixed (max_minutes) or what is left of the whole search's wall-clock budget (total_minutes),
-so that a demo ends on time whatever the machine. The final training starts from the candidate's
-weights wherever the two networks agree (all of them at the search's own sizes: it goes on training
-the candidate) unless inherit is false (the paper's protocol: trained again from scratch). With total_minutes, min_minutes is the final
+so that a demo ends on time whatever the machine. With total_minutes, min_minutes is the final
 training's guaranteed share: no candidate starts once less than that is left, so a search on a slow
 machine trains fewer candidates instead of starving the final model.
+
+The final training starts from the candidate's weights wherever the two networks agree (all of them
+at the search's own sizes: it goes on training the candidate) unless inherit is false (the paper's
+protocol: trained again from scratch).
 """
 from __future__ import annotations
 
@@ -16,9 +18,9 @@ from typing import Optional
 
 FINAL_DEFAULTS = {"enabled": True, "width": None, "emb_dim": None, "fc": None, "max_epochs": None,
                   "max_steps": None, "lr": None, "max_minutes": None, "total_minutes": None,
-                  "min_minutes": None, "inherit": True}
+                  "min_minutes": None, "inherit": True, "lr_schedule": None}
 FINAL_MODEL_KEYS = ("width", "emb_dim", "fc")
-FINAL_TRAIN_KEYS = ("max_epochs", "max_steps", "lr")
+FINAL_TRAIN_KEYS = ("max_epochs", "max_steps", "lr", "lr_schedule")
 #: the least time the final training gets, however long the search took, when min_minutes is not set
 MIN_FINAL_MINUTES = 0.5
 

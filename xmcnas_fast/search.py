@@ -20,7 +20,7 @@ import torch
 
 from .candidate import train_candidate, worker_init
 from .evolution import Candidate, Strategy, make_strategy
-from .final import FINAL_DEFAULTS, FINAL_MODEL_KEYS, final_settings, final_wins, search_deadline
+from .final import FINAL_DEFAULTS, FINAL_MODEL_KEYS, FINAL_TRAIN_KEYS, final_settings, final_wins, search_deadline
 from .model import ModelConfig
 from .records import SearchClock, proposal_record, ranked, result_record, steps_to_reach
 from .runs import Run, RunError, write_json_atomic
@@ -337,7 +337,7 @@ def run_final(run: Run, strategy: Strategy, sched, progress, devices: str) -> Op
     res = _wait_for(sched, "final", progress)
     out = {**result_record(strategy.candidates[best.id], res, res.value, None), "id": "final", "of": best.id,
            "settings": {"model": {k: model[k] for k in FINAL_MODEL_KEYS},
-                        "train": {k: train[k] for k in ("max_epochs", "max_steps", "max_minutes", "lr")}},
+                        "train": {k: train.get(k) for k in ("max_minutes", *FINAL_TRAIN_KEYS)}},
            "search_seconds": elapsed, "candidates": len(records)}
     out["chosen"] = final_wins(out, source)
     run.set_final(out)

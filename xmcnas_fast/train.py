@@ -35,6 +35,7 @@ class TrainConfig:
     eval_every: int = 100                # steps between validation evaluations
     patience: int = 50                   # evaluations without a better validation P@5 before stopping
     warmup_steps: int = 0                # linear learning-rate warm-up
+    lr_schedule: str = "constant"        # "constant", or "cosine": down to 0 at the end of the budget
     clip: Optional[float] = 5.0          # AttentionXML's adaptive gradient clipping factor (None: off)
     seed: int = 0
     device: str = "cpu"
@@ -52,7 +53,12 @@ class TrainConfig:
             d["precision"] = "fp32"
         cfg = cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
         autocast_dtype(cfg.precision, "cpu")                  # refuses an unknown precision
+        if cfg.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r}; expected one of {', '.join(LR_SCHEDULES)}")
         return cfg
+
+
+LR_SCHEDULES = ("constant", "cosine")
 
 
 class GradientClipper:
@@ -248,7 +254,7 @@ class Trainer:
         """Forward, loss, backward, clip, update; False (and no update) when the loss is not finite."""
         t0 = time.perf_counter()
         batch = batch.to(self.device, non_blocking=True)
-        self.warm_up()
+        self.set_lr()
         with autocast(self.device, self.cfg.precision):
             logits = self.model(batch.tokens, batch.mask)
         loss = F.binary_cross_entropy_with_logits(logits.float(), batch.labels)
@@ -261,12 +267,32 @@ class Trainer:
         self.train_seconds += time.perf_counter() - t0
         return True
 
-    def warm_up(self) -> None:
-        """The linear learning-rate warm-up over the first `warmup_steps` steps."""
-        if self.cfg.warmup_steps and self.step < self.cfg.warmup_steps:
-            for opt in self.opts:
-                for g in opt.param_groups:
-                    g["lr"] = self.cfg.lr * (self.step + 1) / self.cfg.warmup_steps
+    def set_lr(self) -> None:
+        """The learning rate of the next step: a linear warm-up over the first `warmup_steps` steps;
+        with the cosine schedule, then half a cosine down to 0 at the end of the budget."""
+        cfg, factor = self.cfg, 1.0
+        if cfg.warmup_steps and self.step < cfg.warmup_steps:
+            factor = (self.step + 1) / cfg.warmup_steps
+        elif cfg.lr_schedule == "cosine":
+            factor = 0.5 * (1.0 + math.cos(math.pi * self.budget_used()))
+        elif not cfg.warmup_steps:
+            return                               # constant: the optimizers' own rate, untouched
+        for opt in self.opts:
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * factor
+
+    def budget_used(self) -> float:
+        """How far training is through its budget, in [0, 1]: the steps (of max_steps, or of max_epochs
+        whole epochs) or the time (of max_minutes, less the evaluations still due), whichever is
+        further along."""
+        cfg = self.cfg
+        per_epoch = math.ceil(len(self.data.train) / cfg.batch_size)
+        steps = [n for n in (cfg.max_steps, cfg.max_epochs * per_epoch) if n]
+        used = self.step / min(steps) if steps else 0.0
+        if math.isfinite(self.deadline):
+            span = self.deadline - self.start
+            used = max(used, (time.monotonic() + self.evaluations_due() - self.start) / span if span > 0 else 1.0)
+        return min(1.0, max(0.0, used))
 
     def update(self, loss: torch.Tensor) -> None:
         for opt in self.opts:

@@ -51,7 +51,7 @@ def settings_changed(args, cfg: dict) -> list:
     saved = [("budget", cfg.get("budget")), ("dataset", saved_value("data", "dataset")),
              *[(d, saved_value(section, key)) for d, section, key in SETTINGS],
              *[(c, saved_value("data", c)) for c in COLUMNS]]
-    return list(dict.fromkeys(flag(d) for d, was in saved
+    return list(dict.fromkeys(flag(d, getattr(args, d)) for d, was in saved
                               if getattr(args, d, None) is not None and getattr(args, d) != was))
 
 

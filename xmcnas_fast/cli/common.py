@@ -58,12 +58,15 @@ def int_list(s: str) -> list:
 
 
 #: the options not named after their dest (switches that turn a setting off)
-OFF_SWITCHES = {"final": "--no-final", "final_inherit": "--final-from-scratch"}
+OFF_SWITCHES = {"final": "--no-final"}
 
 
-def flag(dest: str) -> str:
-    """The option that sets `dest` (named after it, but for the switches that turn a setting off)."""
-    return OFF_SWITCHES.get(dest) or "--" + dest.replace("_", "-")
+def flag(dest: str, value=None) -> str:
+    """The option that sets `dest` (to `value`), as it is typed: named after the dest, --no-NAME for a
+    switch given False, and the switches that only turn a setting off under their own names."""
+    if dest in OFF_SWITCHES:
+        return OFF_SWITCHES[dest]
+    return ("--no-" if value is False else "--") + dest.replace("_", "-")
 
 
 def pick(args, names) -> dict:

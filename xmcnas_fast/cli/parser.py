@@ -17,9 +17,9 @@ Regularized evolution (Real et al. 2019) over text-encoding DAGs, as XMC-NAS.
 Every finished candidate is appended to runs/NAME/history.jsonl; the best models are kept
 under runs/NAME/models/. Ctrl-C stops cleanly; --resume continues to the same end.
 
-After the evolution, the best architecture is trained to the end of the budget (wider, longer,
-from the candidate's weights wherever the two networks agree); that model is the search's result
-(runs/NAME/models/final, best.json) when its validation P@5 is at least the candidate's.
+After the evolution, the best architecture is trained to the end of the budget (the demo goes on
+from the candidate's weights; paper trains it again from scratch); that model is the search's
+result (runs/NAME/models/final, best.json) when its validation P@5 is at least the candidate's.
 
 Budgets: demo (default; within 10 minutes on a 2-core CPU with debtags, about half of it for the
 final model) and paper (P=20, C=50, S=10, up to 30 epochs, width 512, the final model 30 epochs).
@@ -59,9 +59,10 @@ def add_search(sub) -> None:
     g.add_argument("--no-final", dest="final", action="store_false", default=None,
                    help="stop after the search: its best candidate is the result")
     g.add_argument("--final-width", type=int, help="its node width (default: the budget's)")
-    g.add_argument("--final-from-scratch", dest="final_inherit", action="store_false", default=None,
-                   help="train it from fresh weights, as the paper did (default: from the candidate's weights "
-                   "wherever the two networks agree; all of them when the final sizes are the search's)")
+    g.add_argument("--final-inherit", action=argparse.BooleanOptionalAction, default=None,
+                   help="start it from the candidate's weights wherever the two networks agree (all of them at "
+                   "the search's sizes: it goes on training the candidate), or from scratch as the paper did "
+                   "(default: on in the demo budget, off in paper)")
     g.add_argument("--final-epochs", type=int, help="at most this many epochs (default: the budget's)")
     g.add_argument("--final-minutes", type=float, help="at most this many minutes of training")
     g.add_argument("--total-minutes", type=float,
