@@ -15,7 +15,7 @@ def bundle(tmp_path_factory, debtags_slice):
     genotype.write_text(json.dumps({"nodes": [["conv3", 0], ["bigru", 1]], "merge": "sum"}))
     rc = main(["train", "--arch", str(genotype), "--dataset", debtags_slice, "--out", str(out),
                "--width", "16", "--emb-dim", "16", "--fc", "16", "--max-steps", "30", "--eval-every", "10",
-               "--valid", "40", "--max-len", "32", "--device", "cpu", "--quiet"])
+               "--valid", "40", "--max-len", "32", "--device", "cpu", "--lr-schedule", "cosine", "--quiet"])
     assert rc == 0
     return str(out)
 
@@ -26,6 +26,7 @@ def test_train_writes_a_complete_bundle(bundle):
     assert metrics["status"] == "ok" and metrics["steps"] == 30
     assert set(metrics["test"]) >= {"P@1", "nDCG@5", "PSP@5"}
     assert len(metrics["layer_weights"]) == 2
+    assert json.load(open(os.path.join(bundle, "config.json")))["train"]["lr_schedule"] == "cosine"
 
 
 @pytest.mark.parametrize("named", [True, False])

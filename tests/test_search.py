@@ -196,6 +196,7 @@ def test_once_only_the_final_share_of_the_time_is_left_no_candidate_starts_and_r
     assert len(recs) == 1 and final["candidates"] == 1 and final["of"] == recs[0]["id"] and final["status"] == "ok"
     assert final["settings"]["train"]["max_minutes"] == 0.5               # its guaranteed share
     assert "the search's time is up" in out and "time was up after 1 of 7 candidates" in out
+    assert json.loads((run_dir / "closed.json").read_text())["candidates"] == 1
     r = search_cli(tmp_path, debtags_slice, None, "--resume", str(run_dir), "--plain")
     again, _ = r.communicate(timeout=600)
     assert r.returncode == 0, again

@@ -10,7 +10,7 @@ import torch
 
 from xmcnas_fast.candidate import inherit_from
 from xmcnas_fast.evolution import RegularizedEvolution
-from xmcnas_fast.final import final_settings, final_wins, search_deadline
+from xmcnas_fast.final import final_settings, final_wins, search_deadline, stretch
 from xmcnas_fast.model import ModelConfig, build_model, inherit_weights
 from xmcnas_fast.runs import Run
 from xmcnas_fast.search import make_config, steps_to_reach
@@ -141,6 +141,21 @@ def test_no_candidate_starts_once_only_the_final_trainings_share_is_left():
     assert search_deadline(make_config("paper")) is None                     # no total time: no deadline
     assert search_deadline(make_config("demo", overrides={"final": {"enabled": False}})) is None
     assert search_deadline(make_config("demo", overrides={"final": {"min_minutes": 12.0}})) == 0.0
+
+
+def test_the_total_time_stretches_as_the_candidates_step_floor_outlasts_their_time_limit():
+    cfg = make_config("demo")                        # 0.5 minutes, at least 800 steps a candidate
+    slow = [{"seconds": s, "fitness": 0.3, "reused_from": None} for s in (80.0, 90.0, 100.0)]
+    assert stretch(cfg, slow) == 3.0                 # the median candidate took 3 of its half minutes
+    assert stretch(cfg, [{"seconds": 20.0, "fitness": 0.3}]) == 1.0         # within the limit: no stretch
+    assert stretch(cfg, [{"seconds": 0.0, "fitness": 0.3, "reused_from": 2}]) == 1.0 and stretch(cfg) == 1.0
+    assert search_deadline(cfg, slow) == 3 * 60 * 6.0
+    _, train = final_settings(cfg, elapsed=60 * 10.0, seed=0, records=slow)
+    assert train["max_minutes"] == pytest.approx(3 * 9.0 - 10.0) and train["min_steps"] is None
+    _, late = final_settings(cfg, elapsed=60 * 40.0, seed=0, records=slow)
+    assert late["max_minutes"] == 3 * 3.0
+    cfg["train"]["min_steps"] = None                 # without a step floor the limit is the limit
+    assert stretch(cfg, slow) == 1.0
 
 
 def test_the_final_model_is_the_result_only_when_it_does_at_least_as_well_as_its_candidate():

@@ -168,6 +168,14 @@ def test_the_cosine_schedule_follows_the_time_budget_when_it_is_further_along(da
         TrainConfig.from_dict({"lr_schedule": "linear"})
 
 
+@pytest.mark.parametrize("min_steps, steps", [(None, 1), (6, 6)])
+def test_the_time_limit_ends_no_training_before_min_steps(data, min_steps, steps):
+    model = build_model(cfg_of([["conv1", 0]]), len(data.vocab), data.num_labels, seed=0)
+    cfg = TrainConfig(max_minutes=1e-6, min_steps=min_steps, max_steps=20, eval_every=3, batch_size=16)
+    rec = train_model(model, data, cfg, evaluate_test=False).record
+    assert rec["steps"] == steps and rec["status"] == "ok"     # the time was up from the first step
+
+
 def test_best_weights_are_a_copy_and_only_a_strictly_better_p5_replaces_them():
     model = nn.Linear(3, 1)
     best = BestWeights()

@@ -14,7 +14,8 @@ protocol: trained again from scratch).
 """
 from __future__ import annotations
 
-from typing import Optional
+import statistics
+from typing import Iterable, Optional
 
 FINAL_DEFAULTS = {"enabled": True, "width": None, "emb_dim": None, "fc": None, "max_epochs": None,
                   "max_steps": None, "lr": None, "max_minutes": None, "total_minutes": None,
@@ -29,30 +30,47 @@ def _section(cfg: dict) -> dict:
     return {**FINAL_DEFAULTS, **(cfg.get("final") or {})}
 
 
-def final_settings(cfg: dict, elapsed: float, seed: int) -> tuple[dict, dict]:
+def stretch(cfg: dict, records: Iterable[dict] = ()) -> float:
+    """How many times their time limit the candidates took (the median of those trained, at least 1).
+    Above 1 when a step floor (train.min_steps) outlasts the limit: on data larger than the budget was
+    set for, every candidate trains its min_steps, and total_minutes and min_minutes stretch by as much,
+    so the search still trains its candidates and leaves its final model the same share."""
+    limit, floor = cfg["train"].get("max_minutes"), cfg["train"].get("min_steps")
+    seconds = [r["seconds"] for r in records
+               if r.get("reused_from") is None and r.get("fitness") is not None and r.get("seconds")]
+    if not limit or not floor or not seconds:
+        return 1.0
+    return max(1.0, statistics.median(seconds) / (60.0 * limit))
+
+
+def final_settings(cfg: dict, elapsed: float, seed: int, records: Iterable[dict] = ()) -> tuple[dict, dict]:
     """The model and training settings of the final training, `elapsed` seconds into the search:
     the search's, with the final section's values (but no candidate's step or time limit); its time
-    is what is left of total_minutes (at least min_minutes), or max_minutes, whichever is less."""
+    is what is left of total_minutes (at least min_minutes), or max_minutes, whichever is less, the
+    first two stretched as the candidates were (`records`: the search's history)."""
     f = _section(cfg)
+    k = stretch(cfg, records)
     model = {**cfg["model"], **{k: f[k] for k in FINAL_MODEL_KEYS if f[k] is not None}}
     train = {**cfg["train"], **{k: f[k] for k in FINAL_TRAIN_KEYS if f[k] is not None}}
-    train["max_steps"] = f["max_steps"]          # the candidates' step limit is the proxy's, not the final's
+    train["max_steps"] = f["max_steps"]          # the candidates' step limits are the proxy's, not the final's
+    train["min_steps"] = None
     limits = [m for m in (f["max_minutes"],) if m is not None]
     if f["total_minutes"] is not None:
-        least = f["min_minutes"] if f["min_minutes"] is not None else MIN_FINAL_MINUTES
-        limits.append(max(least, f["total_minutes"] - elapsed / 60))
+        least = k * f["min_minutes"] if f["min_minutes"] is not None else MIN_FINAL_MINUTES
+        limits.append(max(least, k * f["total_minutes"] - elapsed / 60))
     train["max_minutes"] = round(min(limits), 3) if limits else None
     train["seed"] = seed
     return model, train
 
 
-def search_deadline(cfg: dict) -> Optional[float]:
+def search_deadline(cfg: dict, records: Iterable[dict] = ()) -> Optional[float]:
     """Seconds into the search after which no new candidate starts (those running finish): the
-    total time less the final training's guaranteed share. None when the search has no such limit."""
+    total time less the final training's guaranteed share, stretched as the candidates were
+    (`records`: the finished ones). None when the search has no such limit."""
     f = _section(cfg)
     if not f["enabled"] or f["total_minutes"] is None or f["min_minutes"] is None:
         return None
-    return 60.0 * max(0.0, f["total_minutes"] - f["min_minutes"])
+    return 60.0 * max(0.0, f["total_minutes"] - f["min_minutes"]) * stretch(cfg, records)
 
 
 def final_wins(final: dict, candidate: dict) -> bool:

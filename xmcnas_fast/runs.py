@@ -9,7 +9,8 @@
                         inheritance, those of the population too: they may become parents)
       models/final/     the best architecture trained to the end (the search's result)
       final.json        its record: which candidate it trains, its settings and metrics
-      best.json         the search's result: the final model once trained, else the best candidate
+      closed.json       when the search's time ran out before its budget of candidates (if it did)
+      best.json         the search's result: the final model if it beat the best candidate, else that one
       .lock             exists while a search runs in the directory
 
 Lines are appended, flushed and fsynced one at a time, so a kill -9 at any
@@ -212,6 +213,14 @@ class Run:
             return None
         with open(p, encoding="utf-8") as f:
             return json.load(f)
+
+    def search_closed(self) -> Optional[dict]:
+        """When the search's time ran out before its budget of candidates ({"at": seconds, "candidates":
+        n}), or None: kept so that a resumed search stays closed whatever finished after."""
+        return self._read("closed.json")
+
+    def close_search(self, record: dict) -> None:
+        write_json_atomic(os.path.join(self.path, "closed.json"), record)
 
     def final(self) -> Optional[dict]:
         """The record of the final training (None until it has finished)."""

@@ -45,8 +45,12 @@ BUDGETS = {
         # P@5 ~25.5) for their first hundreds of steps before P@5 rises, and a short patience stopped
         # them there, so the search ranked them by when they took off
         # lr 4e-3: twice the P@5 gain of 2e-3 over the first few hundred steps (width 128, conv1 + conv5)
-        "train": {"max_epochs": 1, "max_minutes": 0.5, "eval_every": 100, "patience": 50, "max_len": 64,
-                  "eval_batch_size": 500, "lr": 4e-3},
+        # at least 800 steps, whatever the time: on a 68k-text, 4,190-label set (5x debtags's steps per
+        # epoch, 4x its cost per step) networks sat on the label-prior plateau for 600 steps, so half
+        # a minute (100-200 steps there) left every candidate on it; the 9 minutes stretch as the
+        # candidates do (final.stretch). On debtags the epoch (581 steps) ends a candidate first.
+        "train": {"max_epochs": 1, "max_minutes": 0.5, "min_steps": 800, "eval_every": 100, "patience": 50,
+                  "max_len": 64, "eval_batch_size": 500, "lr": 4e-3},
         "data": {"valid": 1000, "max_len": 64},
         "final": {"max_epochs": 10, "total_minutes": 9.0, "min_minutes": 3.0},
     },
@@ -185,8 +189,7 @@ class _SearchLoop:
         self.thresholds = {p["id"]: p.get("promote_above") for p in run.proposals.records}
         self.in_flight: dict[str, Candidate] = {}
         self.clock = SearchClock(run)
-        self.deadline = search_deadline(self.cfg)
-        self.closed = False
+        self.closed = run.search_closed() is not None
 
     def run_to_end(self) -> None:
         while not self.ended():
@@ -200,15 +203,17 @@ class _SearchLoop:
 
     def time_is_up(self) -> bool:
         """Past the deadline (the final training's share of the total time is all that is left), with a
-        candidate recorded: from then on none starts. Decided again on resume from the search's clock,
-        which is kept in the history, so a resumed search closes where it did."""
-        if self.deadline is None or not self.run.history.records or self.clock.seconds() < self.deadline:
+        candidate recorded: from then on none starts, on resume too (closed.json)."""
+        if self.closed:
+            return True
+        deadline = search_deadline(self.cfg, self.records.values())
+        if deadline is None or not self.run.history.records or self.clock.seconds() < deadline:
             return False
-        if not self.closed:
-            self.closed = True
-            self.progress.note(f"the search's time is up at minute {self.clock.seconds() / 60:.1f}: "
-                               f"{len(self.run.history.records) + len(self.in_flight)} of {self.strategy.budget} "
-                               f"candidates; the rest of the time trains the best to the end")
+        self.closed = True
+        n = len(self.run.history.records) + len(self.in_flight)
+        self.run.close_search({"at": self.clock.seconds(), "candidates": n})
+        self.progress.note(f"the search's time is up at minute {self.clock.seconds() / 60:.1f}: {n} of "
+                           f"{self.strategy.budget} candidates; the rest of the time trains the best to the end")
         return True
 
     def fill_slots(self) -> None:
@@ -319,7 +324,8 @@ def run_final(run: Run, strategy: Strategy, sched, progress, devices: str) -> Op
     if not (cfg.get("final") or {}).get("enabled") or best is None:
         return None
     elapsed = float(run.history.records[-1].get("elapsed") or 0.0)
-    model, train = final_settings(cfg, elapsed, training_seed(cfg["search"]["seed"], SEED_STRIDE - 1))
+    model, train = final_settings(cfg, elapsed, training_seed(cfg["search"]["seed"], SEED_STRIDE - 1),
+                                  records.values())
     if "cuda" not in devices:   # one training: it may use every core the workers shared
         from .scheduler.devices import visible_cores
 

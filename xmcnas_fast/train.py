@@ -31,6 +31,7 @@ class TrainConfig:
     max_epochs: int = 30
     max_steps: Optional[int] = None
     max_minutes: Optional[float] = None
+    min_steps: Optional[int] = None      # the time limit ends no training before this many steps
     max_len: Optional[int] = None        # tokens per text while training and evaluating (None: the data's)
     eval_every: int = 100                # steps between validation evaluations
     patience: int = 50                   # evaluations without a better validation P@5 before stopping
@@ -291,7 +292,10 @@ class Trainer:
         used = self.step / min(steps) if steps else 0.0
         if math.isfinite(self.deadline):
             span = self.deadline - self.start
-            used = max(used, (time.monotonic() + self.evaluations_due() - self.start) / span if span > 0 else 1.0)
+            by_time = (time.monotonic() + self.evaluations_due() - self.start) / span if span > 0 else 1.0
+            if cfg.min_steps:          # the time limit ends nothing before min_steps: nor does the schedule
+                by_time = min(by_time, self.step / cfg.min_steps)
+            used = max(used, by_time)
         return min(1.0, max(0.0, used))
 
     def update(self, loss: torch.Tensor) -> None:
@@ -309,7 +313,7 @@ class Trainer:
             return True
         if self.stage_steps is not None and self.step >= self.stage_steps:
             return True
-        if time.monotonic() + self.evaluations_due() > self.deadline:
+        if time.monotonic() + self.evaluations_due() > self.deadline and self.step >= (cfg.min_steps or 0):
             return True
         if should_stop is not None and should_stop():
             self.status = "stopped"

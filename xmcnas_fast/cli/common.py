@@ -104,9 +104,15 @@ def add_train_args(p):
     g = p.add_argument_group("training (one candidate)")
     g.add_argument("--epochs", type=int, help="at most this many epochs")
     g.add_argument("--max-steps", type=int, help="at most this many optimizer steps")
+    g.add_argument("--min-steps", type=int,
+                   help="the time limit ends no training before this many steps (epochs and --max-steps still "
+                   "do): a budget that grows with the data where a step takes longer")
     g.add_argument("--batch-size", type=int, help="documents per step (default 40)")
     g.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
     g.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up steps")
+    g.add_argument("--lr-schedule", choices=["constant", "cosine"],
+                   help="constant (default), or cosine: half a cosine down to 0 at the end of the budget (its "
+                   "steps, epochs or minutes, whichever comes first)")
     g.add_argument("--eval-every", type=int, help="steps between validation evaluations")
     g.add_argument("--patience", type=int, help="evaluations without a better validation P@5 before stopping")
     g.add_argument("--seed", type=int, help="random seed")
@@ -117,9 +123,10 @@ def add_train_args(p):
 
 MODEL_FLAGS = ("width", "emb_dim", "fc", "dropout", "freeze_emb")
 #: training flags and the TrainConfig field each sets
-TRAIN_FLAGS = {"epochs": "max_epochs", "max_steps": "max_steps", "batch_size": "batch_size", "lr": "lr",
+TRAIN_FLAGS = {"epochs": "max_epochs", "max_steps": "max_steps", "min_steps": "min_steps", "batch_size": "batch_size",
+               "lr": "lr",
                "warmup_steps": "warmup_steps", "eval_every": "eval_every", "patience": "patience",
-               "precision": "precision"}
+               "precision": "precision", "lr_schedule": "lr_schedule"}
 
 
 # ---- data and bundles ---------------------------------------------------------------------------
