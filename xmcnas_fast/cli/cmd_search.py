@@ -229,7 +229,7 @@ def result_table(rec: dict, final) -> object:
         width = (s.get("model") or {}).get("width")
         rows.append((f"final, width {width}", final))
     result = 1 if len(rows) == 2 and final.get("chosen", True) else 0
-    rows[result] = (rows[result][0] + " [bold](the result)[/bold]", rows[result][1])
+    rows[result] = (rows[result][0] + " [bold](result)[/bold]", rows[result][1])
     names = [n for n in SUMMARY_METRICS if any(n in (r.get("test") or {}) for _, r in rows)]
     t = Table(title="validation P@5 and test split")
     t.add_column("model")
