@@ -60,3 +60,32 @@ def test_train_step(benchmark, debtags, batch, name, impl):
     benchmark.extra_info["tokens"] = int(batch.mask.sum())
     loss = benchmark.pedantic(step, args=(batch,), rounds=15, iterations=1, warmup_rounds=2)
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("impl", ["ours", "two steps"])
+def test_train_step_thousands_of_labels(benchmark, impl, monkeypatch):
+    """The demo's width-64 candidate `1:conv5<0 2:conv5<0` with 4,190 labels and 15-word texts (the shape
+    of benchmarks/make_synthetic.py's set), one thread: the head's tail fused (relu_dropout_dot) against
+    the two steps it replaces (the fused ReLU-dropout kernel, then the 64 -> 1 product)."""
+    from xmcnas_fast import ops
+    from xmcnas_fast.data.batching import Batch
+    from xmcnas_fast.model import ModelConfig
+
+    if impl == "two steps":
+        monkeypatch.setitem(ops._KERNELS, ("relu_dropout_dot", "cpu"), False)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = ModelConfig(genotype={"nodes": [["conv5", 0], ["conv5", 0]], "merge": "sum"}, emb_dim=64, width=64, fc=[64])
+    model = build_model(cfg, 26_000, 4_190)
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(8, 23, (40,), generator=g)
+    mask = torch.arange(22).unsqueeze(0) < lengths.unsqueeze(1)
+    labels = torch.zeros(40, 4_190)
+    labels[torch.arange(40).repeat_interleave(7), torch.randint(0, 4_190, (280,), generator=g)] = 1.0
+    batch = Batch(tokens=torch.randint(1, 26_000, (40, 22), generator=g) * mask, mask=mask, labels=labels,
+                  index=torch.arange(40))
+    step = make_step(model)
+    benchmark.group = "train step: width-64 candidate, B=40, T=22, L=4190, 1 thread"
+    benchmark.extra_info["role"] = "ours" if impl == "ours" else "peer"
+    loss = benchmark.pedantic(step, args=(batch,), rounds=15, iterations=1, warmup_rounds=2)
+    assert torch.isfinite(loss)

@@ -202,4 +202,23 @@ inline void dropout_output(const at::Tensor& grad, const at::Tensor& y) {
   check_device(op, y, "output", grad, "grad");
 }
 
+// `op` is relu_dropout_dot or relu_dropout_dot_backward.
+inline void relu_dropout_dot_inputs(const char* op, const at::Tensor& x, const at::Tensor& w, double p,
+                                    const at::Tensor& seed) {
+  dropout_inputs(op, x, p, seed);
+  TORCH_CHECK_VALUE(x.dim() >= 1 && w.dim() == 1 && w.size(0) == x.size(-1), op,
+                    ": w must be [H] with H = x's last size (", x.dim() >= 1 ? x.size(-1) : 0, "), got ", w.sizes());
+  TORCH_CHECK_VALUE(w.scalar_type() == at::kFloat || w.scalar_type() == x.scalar_type(), op,
+                    ": w must be float32 or x's dtype (", dtype_name(x.scalar_type()), "), got ",
+                    dtype_name(w.scalar_type()));
+  check_device(op, w, "w", x, "x");
+}
+
+inline void relu_dropout_dot_grad(const at::Tensor& grad, const at::Tensor& x) {
+  const char* op = "relu_dropout_dot_backward";
+  TORCH_CHECK_VALUE(grad.sizes() == x.sizes().slice(0, x.dim() - 1), op, ": grad must be x's shape without its last "
+                    "size (", x.sizes().slice(0, x.dim() - 1), "), got ", grad.sizes());
+  check_device(op, grad, "grad", x, "x");
+}
+
 }  // namespace xmcnas_fast::checks

@@ -47,6 +47,13 @@ TORCH_LIBRARY(xmcnas_fast, m) {
   // backward takes the output y (used when relu=True: the gradient flows where y > 0).
   m.def("dropout(Tensor x, float p, Tensor seed, bool relu) -> Tensor");
   m.def("dropout_backward(Tensor grad, Tensor y, float p, Tensor seed, bool relu) -> Tensor");
+  // The tail of the attention head in one pass: out[...] = sum_h w[h] * y[..., h]
+  // with y = dropout(relu(x), p, seed), the mask of dropout's stream at x's
+  // element indices; y is never written. x [..., H]; w [H] float32 or x's dtype;
+  // out x.shape[:-1] in x's dtype. The backward returns (grad_x, grad_w), grad_w
+  // in w's dtype, summed over rows in a fixed order.
+  m.def("relu_dropout_dot(Tensor x, Tensor w, float p, Tensor seed) -> Tensor");
+  m.def("relu_dropout_dot_backward(Tensor grad, Tensor x, Tensor w, float p, Tensor seed) -> (Tensor, Tensor)");
   // Weighted layer-sum: out = sum_i w[i] * xs[i] (w float32 or the inputs' dtype).
   // The backward returns (grad_xs, grad_w), grad_w in w's dtype.
   m.def("layer_sum(Tensor[] xs, Tensor w) -> Tensor");

@@ -7,7 +7,8 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["check_label_attention_inputs", "check_layer_sum_inputs", "check_topk_metrics_inputs"]
+__all__ = ["check_label_attention_inputs", "check_layer_sum_inputs", "check_topk_metrics_inputs",
+           "check_relu_dropout_dot_inputs"]
 
 _KERNEL_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -108,3 +109,18 @@ def check_topk_metrics_inputs(scores: torch.Tensor, indptr: torch.Tensor, indice
         if inv_prop.numel() < L:
             raise ValueError(f"{op}: inv_prop must have at least L = {L} entries, has {inv_prop.numel()}")
         truth_device(inv_prop, "inv_prop")
+
+
+def check_relu_dropout_dot_inputs(x: torch.Tensor, w: torch.Tensor, p: float, op: str = "relu_dropout_dot") -> None:
+    """Raise ValueError, as the compiled op does, unless (x, w, p) is a valid relu_dropout_dot input (the
+    seed, drawn by ops.relu_dropout_dot itself, is always valid)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{op}: p must be in [0, 1), got {p:g}")
+    if x.dtype not in _KERNEL_FLOATS:
+        raise ValueError(f"{op}: x must be float32, float64, bfloat16 or float16, got {_dtype(x)}")
+    if x.dim() < 1 or w.dim() != 1 or w.shape[0] != x.shape[-1]:
+        raise ValueError(f"{op}: w must be [H] with H = x's last size ({x.shape[-1] if x.dim() else 0}), "
+                         f"got {_shape(w)}")
+    if w.dtype not in (torch.float32, x.dtype):
+        raise ValueError(f"{op}: w must be float32 or x's dtype ({_dtype(x)}), got {_dtype(w)}")
+    _check_device(op, w, "w", x, "x")

@@ -24,11 +24,13 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .op_contracts import check_label_attention_inputs, check_layer_sum_inputs, check_topk_metrics_inputs
+from .op_contracts import (check_label_attention_inputs, check_layer_sum_inputs, check_relu_dropout_dot_inputs,
+                           check_topk_metrics_inputs)
 
 __all__ = [
-    "label_attention", "topk_metrics", "layer_sum", "dropout",
+    "label_attention", "topk_metrics", "layer_sum", "dropout", "relu_dropout_dot",
     "label_attention_reference", "topk_metrics_reference", "layer_sum_reference", "dropout_reference",
+    "relu_dropout_dot_reference",
     "EXTENSION_LOADED", "extension_status", "has_kernel",
 ]
 
@@ -74,7 +76,7 @@ def extension_status() -> str:
 
 
 _OPS = ("label_attention", "label_attention_backward", "topk_metrics", "layer_sum", "layer_sum_backward",
-        "dropout", "dropout_backward")
+        "dropout", "dropout_backward", "relu_dropout_dot", "relu_dropout_dot_backward")
 # which compiled op has a kernel for which device: asked once, so that choosing traces under torch.compile
 _KERNELS = {(op, dev): EXTENSION_LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(f"xmcnas_fast::{op}", key)
             for op in _OPS for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
@@ -164,6 +166,12 @@ def dropout_reference(x: torch.Tensor, p: float, training: bool = True, relu: bo
     return F.dropout(F.relu(x) if relu else x, p, training)
 
 
+def relu_dropout_dot_reference(x: torch.Tensor, w: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """dropout(relu(x)) @ w in x's dtype, through torch's own dropout (another random stream)."""
+    check_relu_dropout_dot_inputs(x, w, p)
+    return F.dropout(F.relu(x), p, training) @ w.to(x.dtype)
+
+
 # --------------------------------------------------------------------------------------------
 # Fake (meta) implementations and autograd for the compiled ops.
 # --------------------------------------------------------------------------------------------
@@ -240,6 +248,28 @@ if EXTENSION_LOADED:
         return torch.ops.xmcnas_fast.dropout_backward(grad, y, ctx.p, seed, ctx.relu), None, None, None
 
     torch.library.register_autograd("xmcnas_fast::dropout", _dropout_backward, setup_context=_dropout_setup)
+
+    @torch.library.register_fake("xmcnas_fast::relu_dropout_dot")
+    def _relu_dropout_dot_fake(x, w, p, seed):
+        check_relu_dropout_dot_inputs(x, w, p)
+        return x.new_empty(x.shape[:-1])
+
+    @torch.library.register_fake("xmcnas_fast::relu_dropout_dot_backward")
+    def _relu_dropout_dot_backward_fake(grad, x, w, p, seed):
+        check_relu_dropout_dot_inputs(x, w, p, "relu_dropout_dot_backward")
+        return torch.empty_like(x), torch.empty_like(w)
+
+    def _relu_dropout_dot_setup(ctx, inputs, output):
+        x, w, ctx.p, seed = inputs
+        ctx.save_for_backward(x, w, seed)     # x: the attention's output, which its own backward keeps
+
+    def _relu_dropout_dot_backward(ctx, grad):
+        x, w, seed = ctx.saved_tensors
+        gx, gw = torch.ops.xmcnas_fast.relu_dropout_dot_backward(grad, x, w, ctx.p, seed)
+        return gx, gw, None, None
+
+    torch.library.register_autograd("xmcnas_fast::relu_dropout_dot", _relu_dropout_dot_backward,
+                                    setup_context=_relu_dropout_dot_setup)
 
 
 def _compiled(op: str, device: torch.device) -> bool:
@@ -323,3 +353,18 @@ def dropout(x: torch.Tensor, p: float, training: bool = True, relu: bool = False
         seed = torch.randint(0, 2**62, (), dtype=torch.int64)   # torch's default generator
         return torch.ops.xmcnas_fast.dropout(x, float(p), seed, bool(relu))
     return dropout_reference(x, p, training, relu)
+
+
+def relu_dropout_dot(x: torch.Tensor, w: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """sum_h w[h] * dropout(relu(x))[..., h]: the attention head's tail (ReLU, dropout, the last
+    product) in one pass that never writes dropout(relu(x)), whose [B, L, H] size dominates a CPU
+    step with thousands of labels. The mask is dropout's (the same seed gives dropout(x, relu=True)
+    @ w); out of training (or p == 0) nothing is dropped. A CPU kernel; on other devices the two
+    steps: dropout (fused with the ReLU there too), then the product."""
+    check_relu_dropout_dot_inputs(x, w, p)
+    if not training:
+        p = 0.0
+    if _compiled("relu_dropout_dot", x.device):
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64) if p > 0 else torch.zeros((), dtype=torch.int64)
+        return torch.ops.xmcnas_fast.relu_dropout_dot(x, w, float(p), seed)
+    return dropout(x, p, training, relu=True) @ w.to(x.dtype)
