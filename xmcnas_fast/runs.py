@@ -10,7 +10,8 @@
       models/final/     the best architecture trained to the end (the search's result)
       final.json        its record: which candidate it trains, its settings and metrics
       closed.json       when the search's time ran out before its budget of candidates (if it did)
-      best.json         the search's result: the final model if it beat the best candidate, else that one
+      best.json         the search's result: the final model if it did at least as well as the best
+                        candidate, else that one
       .lock             exists while a search runs in the directory
 
 Lines are appended, flushed and fsynced one at a time, so a kill -9 at any
