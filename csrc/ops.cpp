@@ -26,8 +26,8 @@ TORCH_LIBRARY(xmcnas_fast, m) {
       "Tensor ctx, Tensor lse) -> (Tensor, Tensor, Tensor)");
   // The same two through the device's matrix products, a block of labels at a
   // time (csrc/label_attention_gemm.h: what CUDA runs for float32), for any
-  // device and float32 / float64: private, for the tests, which set the labels
-  // per block (0: as the kernel chooses).
+  // device and dtype: private, for the tests, which set the labels per block
+  // (0: as the kernel chooses), and for bench_cuda.py's 16-bit rows.
   m.def(
       "_label_attention_gemm(Tensor h, Tensor mask, Tensor W, Tensor? v=None, int block=0) -> (Tensor, Tensor)");
   m.def(

@@ -7,9 +7,10 @@ code path of both devices: on the CPU its label blocks (128) and token tiles
 (256, rows padded to 16); on CUDA the tensor-core kernels (float16/bfloat16,
 D and Dv multiples of 8 up to 1024: D = 136 is two 128-wide warp slices, the
 second mostly padding; D = 520 five; D = 1024 eight; Dv = 264 three slices,
-more than D = 136 has) and the simple kernels (float32, float64, D = 100,
+more than D = 136 has), the simple kernels (float64; 16-bit inputs at D = 100,
 Dv = 5, a misaligned view, or D = Dv = 1024, whose tiles do not fit in shared
-memory). The input contract (what is refused, with which message) is
+memory) and, for float32, cuBLAS a block of labels at a time (that path at every
+block size: tests/test_label_attention_gemm.py). The input contract (what is refused, with which message) is
 tests/test_op_contract.py's.
 """
 import math

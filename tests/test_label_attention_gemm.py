@@ -1,5 +1,6 @@
 """label_attention through the matrix-product library, a block of labels at a time (what CUDA runs
-for float32; csrc/label_attention_gemm.h), on every device against the float64 reference.
+for float32, and the rival of the tensor-core kernels for 16-bit inputs; csrc/label_attention_gemm.h),
+on every device against the float64 reference.
 
 The path is built for every device and reached through the private operators
 _label_attention_gemm(_backward), which take the labels per block (0: chosen by size), so that
@@ -36,7 +37,7 @@ def check(h, mask, W, v, block, seed=1):
     return ours, lse
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("block", [0, 1, 7, 64])
 @pytest.mark.parametrize("Dv", [None, 5, 24])
 @pytest.mark.parametrize("device", DEVICES)
@@ -48,11 +49,12 @@ def test_values_and_gradients_for_any_block_of_labels(device, Dv, block, dtype):
 
 @pytest.mark.parametrize("shape", [(3, 65, 520, 40), (3, 33, 1024, 19), (2, 1, 64, 130), (4, 300, 16, 9)],
                          ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("device", DEVICES)
-def test_wide_and_long_shapes(device, shape):
+def test_wide_and_long_shapes(device, dtype, shape):
     B, N, D, L = shape
     for Dv in (None, 264):
-        check(*make_inputs(B, N, D, L, Dv=Dv, device=device, padding="end"), block=0)
+        check(*make_inputs(B, N, D, L, Dv=Dv, dtype=dtype, device=device, padding="end"), block=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -92,14 +94,40 @@ def test_empty_sizes(device, B, N, L):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_it_refuses_what_it_does_not_compute(device):
-    h, mask, W, _ = make_inputs(2, 4, 8, 3, dtype=torch.bfloat16, device=device)
-    with pytest.raises(ValueError, match="matrix-product path.*float32 or float64, got bfloat16"):
-        GEMM(h, mask, W)
     h, mask, W, _ = make_inputs(2, 4, 8, 3, device=device)
     with pytest.raises(ValueError, match="block must be >= 0"):
         GEMM(h, mask, W, None, -1)
     with pytest.raises(ValueError, match="W must have h's dtype"):     # the operator's own contract
         GEMM(h, mask, W.double())
+    with pytest.raises(ValueError, match="h must be float32, bfloat16, float16 or float64, got int64"):
+        GEMM(h.long(), mask, W.long())
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("device", DEVICES)
+def test_16bit_gradients_are_summed_over_blocks_in_float32(device, seed):
+    """grad_h sums one product per block. In float32, 40 blocks of one label stay within a bfloat16
+    unit in the last place (of the largest value) of the float64 truth, as one block does; summed in
+    bfloat16, each block would add a rounding of the running sum (3-5 units, measured)."""
+    h, mask, W, _ = make_inputs(3, 24, 16, 40, dtype=torch.bfloat16, device=device, padding="none", seed=seed)
+    grad = torch.randn(3, 40, 16, generator=torch.Generator().manual_seed(seed)).bfloat16().to(device)
+    truth = reference64(h, mask, W, None, grad)[1]
+    (_, gh, *_), _ = gemm_run(h, mask, W, None, grad, 1)
+    units = (gh.double().cpu() - truth).abs().max() / truth.abs().max() * 256
+    assert units <= 2.0, units
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_does_not_reach_the_products(device, dtype):
+    """Under torch.autocast the products inside would run in autocast's dtype; the path turns it off."""
+    h, mask, W, v = make_inputs(3, 30, 64, 20, Dv=16, dtype=dtype, device=device)
+    grad = torch.randn(3, 20, 16, device=device).to(dtype)
+    plain, _ = gemm_run(h, mask, W, v, grad, 7)
+    with torch.autocast(device, dtype=torch.bfloat16 if dtype == torch.float32 else torch.float16):
+        under, _ = gemm_run(h, mask, W, v, grad, 7)
+    for a, b in zip(under, plain):
+        assert a.dtype == b.dtype and torch.equal(a, b)
 
 
 @pytest.mark.cuda
