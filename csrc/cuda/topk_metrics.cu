@@ -1,9 +1,9 @@
 // Top-k ranking metrics on CUDA: the scores stay on the device; only the
 // [4, k] sums and a handful of error flags come back.
 //
-// k <= 32: one warp per row. Each lane scans every 32nd label and keeps its
-// own best KMAX (8 or 32) in registers (insertion by compare-and-swap, static
-// indices only); k rounds of a warp arg-max over the lanes' heads then give
+// k <= 32: one warp per row. Each lane scans every 32nd 16-byte piece of the
+// row (4 float32 scores, 8 bfloat16) and keeps its own best KMAX (8 or 32) in
+// registers (insertion by compare-and-swap, static indices only); k rounds of a warp arg-max over the lanes' heads then give
 // the row's top k, in order, lane r holding rank r. Nothing sorts L. Order:
 // higher score first, lower label id on ties (the reference's stable sort).
 // k > 32: a stable device sort of the rows (slower, [R, L] temporaries), then
@@ -101,6 +101,24 @@ __device__ __forceinline__ double scan_incl(double v, int lane) {
   return v;
 }
 
+// disc[r] = 1 / log2(r + 2) for r < k, disc[k] = 0; idcg[m] = sum_{r < m} disc[r] for m <= k. One warp.
+__global__ void __launch_bounds__(32) rank_tables_kernel(double* __restrict__ disc, double* __restrict__ idcg, int k) {
+  const int lane = threadIdx.x;
+  double carry = 0.0;
+  if (lane == 0) idcg[0] = 0.0;
+  for (int c0 = 0; c0 < k; c0 += 32) {
+    const int r = c0 + lane;
+    const double d = r < k ? 1.0 / log2(static_cast<double>(r) + 2.0) : 0.0;
+    const double sum = carry + scan_incl(d, lane);
+    if (r < k) {
+      disc[r] = d;
+      idcg[r + 1] = sum;
+    }
+    carry = __shfl_sync(kFullMask, sum, 31);
+  }
+  if (lane == 0) disc[k] = 0.0;
+}
+
 // label: the label ranked c0 + lane (ignored past k). best_buf: 32 doubles of
 // shared memory owned by the warp. out: the row's four metrics at that rank.
 __device__ void rank_metrics(const Truth& tr, int64_t row, int c0, int label, Carry& carry, double* best_buf,
@@ -181,11 +199,27 @@ __device__ __forceinline__ void offer(K (&s)[KMAX], int (&id)[KMAX], K x, int l)
   }
 }
 
+// Offers the scores of one 16-byte piece, labels l0, l0 + 1, ...; whether one was NaN.
+template <typename T, typename K, int KMAX>
+__device__ __forceinline__ bool offer_piece(K (&s)[KMAX], int (&id)[KMAX], const uint4& raw, int l0) {
+  constexpr int V = 16 / sizeof(T);
+  const T* e = reinterpret_cast<const T*>(&raw);
+  bool nan = false;
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    const K x = key_of(e[i]);
+    nan |= x != x;
+    offer(s, id, x, l0 + i);
+  }
+  return nan;
+}
+
 template <typename T, int KMAX>
 __global__ void __launch_bounds__(kWarps * 32)
     topk_fast_kernel(const T* __restrict__ scores, int64_t R, int L, Truth tr, int64_t* __restrict__ topk,
                      double* __restrict__ ws, int* __restrict__ flags) {
   using K = decltype(key_of(T{}));
+  constexpr int V = 16 / sizeof(T);  // scores a 16-byte load
   __shared__ double red[kWarps][4][32];
   __shared__ double best_buf[kWarps][32];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -203,16 +237,26 @@ __global__ void __launch_bounds__(kWarps * 32)
       s[j] = -std::numeric_limits<K>::infinity();
       id[j] = kNoLabel;
     }
-    int l = lane;
-    for (; l + 96 < L; l += 128) {  // four loads in flight
-      const K x0 = key_of(sr[l]), x1 = key_of(sr[l + 32]), x2 = key_of(sr[l + 64]), x3 = key_of(sr[l + 96]);
-      nan |= (x0 != x0) | (x1 != x1) | (x2 != x2) | (x3 != x3);
-      offer(s, id, x0, l);
-      offer(s, id, x1, l + 32);
-      offer(s, id, x2, l + 64);
-      offer(s, id, x3, l + 96);
+    // The labels before the row's first 16-byte boundary, then 16-byte loads (two in flight a lane,
+    // lane j holding labels head + V j ..), then the rest. Which lane offers a label changes nothing:
+    // each keeps its best KMAX in the strict order of `better`.
+    const int head = static_cast<int>(min(static_cast<int64_t>(L), static_cast<int64_t>(
+        ((16 - (reinterpret_cast<std::uintptr_t>(sr) & 15)) & 15) / sizeof(T))));
+    if (lane < head) {
+      const K x = key_of(sr[lane]);
+      nan |= x != x;
+      offer(s, id, x, lane);
     }
-    for (; l < L; l += 32) {
+    const int nvec = (L - head) / V;
+    const uint4* sv = reinterpret_cast<const uint4*>(sr + head);
+    int j = lane;
+    for (; j + 32 < nvec; j += 64) {
+      const uint4 a = __ldg(sv + j), b = __ldg(sv + j + 32);
+      nan |= offer_piece<T>(s, id, a, head + j * V);
+      nan |= offer_piece<T>(s, id, b, head + (j + 32) * V);
+    }
+    for (; j < nvec; j += 32) nan |= offer_piece<T>(s, id, __ldg(sv + j), head + j * V);
+    for (int l = head + nvec * V + lane; l < L; l += 32) {
       const K x = key_of(sr[l]);
       nan |= x != x;
       offer(s, id, x, l);
@@ -327,17 +371,11 @@ std::tuple<at::Tensor, at::Tensor> topk_metrics_cuda(const at::Tensor& scores_, 
     n_total = std::max(L, ip.numel());
   }
 
-  // Rank discounts, computed on the host in float64 like the reference.
-  at::Tensor tables_cpu = scores.new_empty({2, k + 1}, at::TensorOptions().dtype(at::kDouble).device(at::kCPU));
-  double* disc = tables_cpu.mutable_data_ptr<double>();
-  double* idcg = disc + (k + 1);
-  idcg[0] = 0.0;
-  for (int64_t r = 0; r < k; ++r) {
-    disc[r] = 1.0 / std::log2(static_cast<double>(r) + 2.0);
-    idcg[r + 1] = idcg[r] + disc[r];
-  }
-  disc[k] = 0.0;
-  const at::Tensor tables = tables_cpu.to(dev);
+  // Rank discounts, computed on the device in float64: a copy from the host would wait for the stream.
+  const at::Tensor tables = scores.new_empty({2, k + 1}, scores.options().dtype(at::kDouble));
+  rank_tables_kernel<<<1, 32, 0, stream>>>(tables.mutable_data_ptr<double>(),
+                                           tables.mutable_data_ptr<double>() + (k + 1), static_cast<int>(k));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 
   at::Tensor flags = scores.new_zeros({kFlags}, scores.options().dtype(at::kInt));
   at::Tensor dup = scores.new_zeros({std::max<int64_t>(nnz, 1)}, scores.options().dtype(at::kByte));
