@@ -11,11 +11,17 @@ and the peak memory of one call above what its inputs hold
 
 label_attention, forward and forward+backward, float32 and bfloat16, at
 B=40 N=500 D=512 (30% padding at the ends of rows of random lengths) and
-L=3993 (EURLex-4K) and L=30938 (Wiki10-31K): ours; the eager composition
+L=3993 (EURLex-4K) and L=30938 (Wiki10-31K): ours (what ops.label_attention
+runs: cuBLAS a block of labels at a time for float32, the fused tensor-core
+kernels for bfloat16); for bfloat16 also ours-gemm, the cuBLAS path that
+float32 takes (the private operators _label_attention_gemm(_backward)), to
+choose between the two on figures; the eager composition
 (ops.label_attention_reference, AttentionXML's MLAttention); and
 F.scaled_dot_product_attention with Q = W expanded, K = V = h, scale 1 and a
 boolean mask, under each backend it may pick (torch.nn.attention.sdpa_kernel:
 a backend that refuses the case is reported as skipped, with its reason).
+extra_info["TFLOP/s"] counts 4 L (real tokens) D per forward, 3.5 times that
+per forward+backward, whatever the implementation computes over padding.
 
 label_attention + the model head's first layer Linear(D, 256), forward+backward,
 float32 and bfloat16, same shapes: eager = Linear(ops.label_attention_reference);
@@ -118,22 +124,43 @@ def sdpa(backend):
     return fn
 
 
+class _GemmPath(torch.autograd.Function):
+    """label_attention through the private cuBLAS-path operators, differentiable."""
+
+    @staticmethod
+    def forward(ctx, h, mask, W):
+        out, lse = torch.ops.xmcnas_fast._label_attention_gemm(h, mask, W)
+        ctx.save_for_backward(h, mask, W, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        h, mask, W, out, lse = ctx.saved_tensors
+        gh, gW, _ = torch.ops.xmcnas_fast._label_attention_gemm_backward(grad.contiguous(), h, mask, W, None,
+                                                                         out, lse)
+        return gh, None, gW
+
+
 def attention_impl(impl):
     if impl == "ours":
         return ops.label_attention
+    if impl == "ours-gemm":
+        return _GemmPath.apply
     if impl == "eager":
         return ops.label_attention_reference
     return sdpa(impl.removeprefix("sdpa-"))
 
 
-@pytest.mark.parametrize("impl", ["ours", "eager"] + [f"sdpa-{b}" for b in SDPA_BACKENDS])
+@pytest.mark.parametrize("impl", ["ours", "ours-gemm", "eager"] + [f"sdpa-{b}" for b in SDPA_BACKENDS])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("mode", ["forward", "forward+backward"])
 @pytest.mark.parametrize("labels", list(LABELS))
 def test_label_attention(benchmark, labels, mode, dtype, impl):
     benchmark.group = f"label_attention {labels} {mode} {dtype}"
     L = LABELS[labels]
-    if impl == "ours" and not ops.has_kernel("label_attention", "cuda"):
+    if impl == "ours-gemm" and dtype == "float32":
+        pytest.skip("float32: ours is this path")
+    if impl.startswith("ours") and not ops.has_kernel("label_attention", "cuda"):
         pytest.fail("the extension has no CUDA kernels: rebuild with FORCE_CUDA=1")
     h, mask, W, grad = attention_inputs(L, getattr(torch, dtype), mode != "forward")
     fn = attention_impl(impl)
@@ -152,6 +179,8 @@ def test_label_attention(benchmark, labels, mode, dtype, impl):
         torch.cuda.empty_cache()
         pytest.skip(f"{impl}: {str(e).splitlines()[0][:200]}")
     timed(benchmark, step, rounds=5 if L > 10000 else 10, B=B, N=N, D=D, L=L)
+    flops = 4 * L * int(mask.sum()) * D * (1.0 if mode == "forward" else 3.5)
+    benchmark.extra_info["TFLOP/s"] = flops / (benchmark.extra_info["cuda_event_ms"] * 1e-3) / 1e12
 
 
 FC = 256

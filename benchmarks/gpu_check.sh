@@ -82,16 +82,17 @@ step host_paths 420 "$PY" -m pytest -q -p no:cacheprovider tests/test_build.py t
   tests/test_precision.py
 
 # ---- 3. memory and shared-memory hazards in the kernels: compute-sanitizer on subsets -------------
-KERNEL_TESTS=(tests/test_label_attention.py tests/test_layer_sum.py tests/test_dropout.py tests/test_cuda_ops.py)
+KERNEL_TESTS=(tests/test_label_attention.py tests/test_label_attention_gemm.py tests/test_layer_sum.py tests/test_dropout.py tests/test_cuda_ops.py)
 if cuda_only sanitizer; then
   step sanitizer 240 compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 20 \
     "$PY" -m pytest -q -x -p no:cacheprovider -m cuda "${KERNEL_TESTS[@]}" \
     -k "not float64 and not eurlex and not many_rows and not large and not gradcheck and not opcheck"
 fi
-if cuda_only racecheck; then   # the tensor-core kernels' shared-memory tiles, bf16 with and without values
+if cuda_only racecheck; then   # the tensor-core kernels' shared-memory tiles, bf16 with and without values;
+  # the cuBLAS path's softmax, whose token groups meet in shared memory
   step racecheck 180 compute-sanitizer --tool racecheck --error-exitcode 3 --print-limit 20 \
-    "$PY" -m pytest -q -x -p no:cacheprovider -m cuda tests/test_label_attention.py \
-    -k "values_and_gradients and bfloat16 and (5x37x24x50 or 3x65x520x40)"
+    "$PY" -m pytest -q -x -p no:cacheprovider -m cuda tests/test_label_attention.py tests/test_label_attention_gemm.py \
+    -k "(values_and_gradients and bfloat16 and (5x37x24x50 or 3x65x520x40)) or (any_block and float32)"
 fi
 
 # ---- 4. the CUDA benchmarks, few rounds ----------------------------------------------------------
