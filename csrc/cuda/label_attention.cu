@@ -1,6 +1,6 @@
 // Label-wise attention on CUDA: entry points and the simple kernels that
 // serve float64 always and float16/bfloat16 when the tensor-core kernels of
-// label_attention_mma.cu do not apply. float32 goes to cuBLAS, a block of
+// label_attention_mma.cu do not apply (they are built for these three only). float32 goes to cuBLAS, a block of
 // labels at a time (../label_attention_gemm.h): TF32 tensor cores when PyTorch
 // allows them for matrix products, exact SGEMM otherwise, either well above
 // what a SIMT kernel of ours reaches.
@@ -35,6 +35,25 @@ namespace xmcnas_fast::cuda::la {
 namespace {
 
 constexpr int kWarps = 8;  // warps per block of the simple kernels
+
+// The dtypes the simple kernels are built for: float64 and the 16-bit types (float32 goes to the
+// matrix-product path before any of them is chosen).
+template <typename Fn>
+void dispatch_simple_types(at::ScalarType st, Fn&& fn) {
+  switch (st) {
+    case at::kDouble:
+      fn(TypeTag<double>{});
+      break;
+    case at::kHalf:
+      fn(TypeTag<__half>{});
+      break;
+    case at::kBFloat16:
+      fn(TypeTag<__nv_bfloat16>{});
+      break;
+    default:
+      TORCH_CHECK(false, "label_attention: no simple kernel for ", st, " (float32 takes the matrix-product path)");
+  }
+}
 
 // ---------------------------------------------------------------------------
 // Real-token lists: idx[b, 0 .. cnt[b]) = positions n with mask[b, n].
@@ -492,7 +511,7 @@ std::tuple<at::Tensor, at::Tensor> label_attention_cuda(const at::Tensor& h_, co
                 lse.mutable_data_ptr<float>(), B, N, D, Dv, L, stream);
     return {ctx, lse};
   }
-  dispatch_float_types_and_double(in.h.scalar_type(), "label_attention", [&](auto tag) {
+  dispatch_simple_types(in.h.scalar_type(), [&](auto tag) {
     using T = typename decltype(tag)::type;
     const int tiles = static_cast<int>(ceil_div(L, kWarps * kRows));
     fwd_simple_kernel<T, kRows, kNV<T>><<<grid_of(static_cast<int64_t>(tiles) * B), kWarps * 32, 0, stream>>>(
@@ -526,7 +545,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> label_attention_backward_cuda(
   const auto acc_opts = in.h.options().dtype(acc_scalar_type(st));
 
   at::Tensor delta = in.h.new_empty({in.B, in.L}, acc_opts);
-  dispatch_float_types_and_double(st, "label_attention", [&](auto tag) {
+  dispatch_simple_types(st, [&](auto tag) {
     using T = typename decltype(tag)::type;
     const int64_t rows = in.B * in.L;
     row_dot_kernel<T><<<grid_of(std::min<int64_t>(ceil_div(rows, kWarps), 65535)), kWarps * 32, 0, stream>>>(
@@ -556,7 +575,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> label_attention_backward_cuda(
                       grad_v.mutable_data_ptr(), B, N, D, Dv, L, stream);
     }
   } else {
-    dispatch_float_types_and_double(st, "label_attention", [&](auto tag) {
+    dispatch_simple_types(st, [&](auto tag) {
       using T = typename decltype(tag)::type;
       using A = acc_t<T>;
       constexpr int NV = kNV<T>;
