@@ -27,22 +27,28 @@ struct TypeTag {
   using type = T;
 };
 
+// Calls fn(TypeTag<T>{}) with T = __half or __nv_bfloat16 and returns true for
+// the 16-bit dtypes; false for any other.
+template <typename Fn>
+bool dispatch_16bit_types(at::ScalarType st, Fn&& fn) {
+  if (st == at::kHalf) {
+    fn(TypeTag<__half>{});
+  } else if (st == at::kBFloat16) {
+    fn(TypeTag<__nv_bfloat16>{});
+  } else {
+    return false;
+  }
+  return true;
+}
+
 // Calls fn(TypeTag<T>{}) with T = float, __half or __nv_bfloat16; anything else
 // is a ValueError naming `op`.
 template <typename Fn>
 void dispatch_float_types(at::ScalarType st, const char* op, Fn&& fn) {
-  switch (st) {
-    case at::kFloat:
-      fn(TypeTag<float>{});
-      break;
-    case at::kHalf:
-      fn(TypeTag<__half>{});
-      break;
-    case at::kBFloat16:
-      fn(TypeTag<__nv_bfloat16>{});
-      break;
-    default:
-      TORCH_CHECK_VALUE(false, op, ": unsupported dtype ", st, " on CUDA (float32, float16 or bfloat16)");
+  if (st == at::kFloat) {
+    fn(TypeTag<float>{});
+  } else if (!dispatch_16bit_types(st, fn)) {
+    TORCH_CHECK_VALUE(false, op, ": unsupported dtype ", st, " on CUDA (float32, float16 or bfloat16)");
   }
 }
 

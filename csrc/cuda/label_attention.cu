@@ -40,18 +40,10 @@ constexpr int kWarps = 8;  // warps per block of the simple kernels
 // matrix-product path before any of them is chosen).
 template <typename Fn>
 void dispatch_simple_types(at::ScalarType st, Fn&& fn) {
-  switch (st) {
-    case at::kDouble:
-      fn(TypeTag<double>{});
-      break;
-    case at::kHalf:
-      fn(TypeTag<__half>{});
-      break;
-    case at::kBFloat16:
-      fn(TypeTag<__nv_bfloat16>{});
-      break;
-    default:
-      TORCH_CHECK(false, "label_attention: no simple kernel for ", st, " (float32 takes the matrix-product path)");
+  if (st == at::kDouble) {
+    fn(TypeTag<double>{});
+  } else if (!dispatch_16bit_types(st, fn)) {
+    TORCH_CHECK(false, "label_attention: no simple kernel for ", st, " (float32 takes the matrix-product path)");
   }
 }
 
