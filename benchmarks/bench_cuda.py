@@ -11,12 +11,12 @@ and the peak memory of one call above what its inputs hold
 
 label_attention, forward and forward+backward, float32 and bfloat16, at
 B=40 N=500 D=512 (30% padding at the ends of rows of random lengths) and
-L=3993 (EURLex-4K) and L=30938 (Wiki10-31K): ours (what ops.label_attention
-runs: cuBLAS a block of labels at a time for float32, the fused tensor-core
-kernels for bfloat16); for bfloat16 also ours-gemm, the cuBLAS path that
-float32 takes (the private operators _label_attention_gemm(_backward)), to
-choose between the two on figures; the eager composition
-(ops.label_attention_reference, AttentionXML's MLAttention); and
+L=3993 (EURLex-4K) and L=30938 (Wiki10-31K), and D=1024 at L=3993: ours
+(what ops.label_attention runs: cuBLAS a block of labels at a time for
+float32, the fused tensor-core kernels for bfloat16); for bfloat16 also
+ours-gemm, the cuBLAS path that float32 takes (the private operators
+_label_attention_gemm(_backward)), to choose between the two on figures; the
+eager composition (ops.label_attention_reference, AttentionXML's MLAttention); and
 F.scaled_dot_product_attention with Q = W expanded, K = V = h, scale 1 and a
 boolean mask, under each backend it may pick (torch.nn.attention.sdpa_kernel:
 a backend that refuses the case is reported as skipped, with its reason).
@@ -94,10 +94,12 @@ def timed(benchmark, fn, rounds=10, warmup=2, **info):
 
 B, N, D = 40, 500, 512
 LABELS = {"eurlex-4k": 3993, "wiki10-31k": 30938}
+# label_attention alone, also at D = 1024 (a discovered network's width after the concat)
+ATTENTION_SHAPES = {name: (L, D) for name, L in LABELS.items()} | {"eurlex-4k-d1024": (LABELS["eurlex-4k"], 1024)}
 SDPA_BACKENDS = ["flash", "efficient", "cudnn", "math"]
 
 
-def attention_inputs(L, dtype, requires_grad):
+def attention_inputs(L, dtype, requires_grad, D=D):
     g = torch.Generator().manual_seed(0)
     h = torch.randn(B, N, D, generator=g)
     W = torch.randn(L, D, generator=g) / D ** 0.5
@@ -154,15 +156,15 @@ def attention_impl(impl):
 @pytest.mark.parametrize("impl", ["ours", "ours-gemm", "eager"] + [f"sdpa-{b}" for b in SDPA_BACKENDS])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("mode", ["forward", "forward+backward"])
-@pytest.mark.parametrize("labels", list(LABELS))
+@pytest.mark.parametrize("labels", list(ATTENTION_SHAPES))
 def test_label_attention(benchmark, labels, mode, dtype, impl):
     benchmark.group = f"label_attention {labels} {mode} {dtype}"
-    L = LABELS[labels]
+    L, D = ATTENTION_SHAPES[labels]
     if impl == "ours-gemm" and dtype == "float32":
         pytest.skip("float32: ours is this path")
     if impl.startswith("ours") and not ops.has_kernel("label_attention", "cuda"):
         pytest.fail("the extension has no CUDA kernels: rebuild with FORCE_CUDA=1")
-    h, mask, W, grad = attention_inputs(L, getattr(torch, dtype), mode != "forward")
+    h, mask, W, grad = attention_inputs(L, getattr(torch, dtype), mode != "forward", D)
     fn = attention_impl(impl)
     if mode == "forward":
         def step():
