@@ -3,9 +3,10 @@
 //
 // k <= 32: one warp per row. Each lane scans every 32nd 16-byte piece of the
 // row (4 float32 scores, 8 bfloat16) and keeps its own best KMAX (8 or 32) in
-// registers (insertion by compare-and-swap, static indices only); k rounds of a warp arg-max over the lanes' heads then give
-// the row's top k, in order, lane r holding rank r. Nothing sorts L. Order:
-// higher score first, lower label id on ties (the reference's stable sort).
+// registers (insertion by compare-and-swap, static indices only); k rounds of
+// a warp arg-max over the lanes' heads then give the row's top k, in order,
+// lane r holding rank r. Nothing sorts L. Order: higher score first, lower
+// label id on ties (the reference's stable sort).
 // k > 32: a stable device sort of the rows (slower, [R, L] temporaries), then
 // the same metric code over chunks of 32 ranks.
 //
