@@ -1,6 +1,6 @@
 """The settings of the final phase: after the evolution, the best architecture is trained to the end
 of the budget (as XMC-NAS trained its discovered architecture), and that model is the search's result
-when it does better than the candidate it retrains.
+when it does at least as well as the candidate it retrains.
 
 A run's config has a "final" section; a value of None there means the search's own. Its time is
 either fixed (max_minutes) or what is left of the whole search's wall-clock budget (total_minutes),
@@ -49,15 +49,15 @@ def final_settings(cfg: dict, elapsed: float, seed: int, records: Iterable[dict]
     is what is left of total_minutes (at least min_minutes), or max_minutes, whichever is less, the
     first two stretched as the candidates were (`records`: the search's history)."""
     f = _section(cfg)
-    k = stretch(cfg, records)
+    factor = stretch(cfg, records)
     model = {**cfg["model"], **{k: f[k] for k in FINAL_MODEL_KEYS if f[k] is not None}}
     train = {**cfg["train"], **{k: f[k] for k in FINAL_TRAIN_KEYS if f[k] is not None}}
     train["max_steps"] = f["max_steps"]          # the candidates' step limits are the proxy's, not the final's
     train["min_steps"] = None
     limits = [m for m in (f["max_minutes"],) if m is not None]
     if f["total_minutes"] is not None:
-        least = k * f["min_minutes"] if f["min_minutes"] is not None else MIN_FINAL_MINUTES
-        limits.append(max(least, k * f["total_minutes"] - elapsed / 60))
+        least = factor * f["min_minutes"] if f["min_minutes"] is not None else MIN_FINAL_MINUTES
+        limits.append(max(least, factor * f["total_minutes"] - elapsed / 60))
     train["max_minutes"] = round(min(limits), 3) if limits else None
     train["seed"] = seed
     return model, train

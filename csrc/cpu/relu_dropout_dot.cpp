@@ -51,7 +51,8 @@ Tail prepare(const char* op, const at::Tensor& x, const at::Tensor& w, double p,
 template <typename opmath_t, typename scalar_t, typename F>
 inline void for_row(const Tail& t, const scalar_t* xp, int64_t r, opmath_t sc, F&& f) {
   const uint64_t i0 = static_cast<uint64_t>(r * t.H);
-  uint64_t bits = xmcnas_fast::dropout_bits(t.seed, i0 >> 2);
+  // A row starting inside a group of 4 lanes takes that group's bits; any other, the loop's.
+  uint64_t bits = (i0 & 3) ? xmcnas_fast::dropout_bits(t.seed, i0 >> 2) : 0;
   for (int64_t h = 0; h < t.H; ++h) {
     const uint64_t i = i0 + static_cast<uint64_t>(h);
     if ((i & 3) == 0) bits = xmcnas_fast::dropout_bits(t.seed, i >> 2);
