@@ -232,7 +232,7 @@ def result_table(rec: dict, final) -> object:
     rows[result] = (rows[result][0] + " [bold](result)[/bold]", rows[result][1])
     names = [n for n in SUMMARY_METRICS if any(n in (r.get("test") or {}) for _, r in rows)]
     t = Table(title="validation P@5 and test split")
-    t.add_column("model")
+    t.add_column("model", no_wrap=True)
     t.add_column("valid P@5", justify="right")
     for n in names:
         t.add_column(n, justify="right")
