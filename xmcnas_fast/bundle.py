@@ -5,6 +5,9 @@
     vocab.json    the vocabulary
     labels.json   label names, in score order
     metrics.json  the result record of its training (validation and test metrics, ...)
+    lexical/      optional: the lexical stage (lexical.json lists its files with their SHA-256), fused
+                  with the network as config.json's "lexical" "fusion" says; a bundle of the lexical
+                  stage alone has no network ("model": null, no weights.pt)
 
 Written to a temporary sibling directory and renamed into place, so a crash
 never leaves a half-written bundle under the final name.
@@ -39,10 +42,11 @@ def _write_json(path, obj):
         f.write("\n")
 
 
-def save_bundle(out_dir: str, model: torch.nn.Module, model_cfg: ModelConfig, data, *,
+def save_bundle(out_dir: str, model: Optional[torch.nn.Module], model_cfg: Optional[ModelConfig], data, *,
                 train_cfg: Optional[dict] = None, record: Optional[dict] = None,
-                state: Optional[dict] = None) -> str:
-    """Save `model` (or `state`, a state_dict) with what predicting from raw text needs."""
+                state: Optional[dict] = None, lexical: Optional[str] = None, fusion=None) -> str:
+    """Save `model` (or `state`, a state_dict) with what predicting from raw text needs; with `lexical`
+    (a lexical stage folder), a copy of the stage and the `fusion` of the two (model None: the stage alone)."""
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
@@ -51,16 +55,20 @@ def save_bundle(out_dir: str, model: torch.nn.Module, model_cfg: ModelConfig, da
         public_mode(tmp, directory=True)
         config = {
             "format": FORMAT, "xmcnas_fast": __version__,
-            "model": model_cfg.to_dict(),
+            "model": model_cfg.to_dict() if model_cfg is not None else None,
             "train": train_cfg,
             "num_labels": data.num_labels, "vocab_size": len(data.vocab),
             "data": {"name": data.name, "location": data.source.get("location"), "max_len": data.max_len,
                      "settings": {k: v for k, v in (data.source.get("settings") or {}).items()
                                   if k in DATA_SETTINGS}},
         }
+        if lexical is not None:
+            shutil.copytree(lexical, os.path.join(tmp, "lexical"))
+            config["lexical"] = {"fusion": fusion.to_dict() if fusion is not None else None}
         _write_json(os.path.join(tmp, "config.json"), config)
-        sd = state if state is not None else {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        torch.save(sd, os.path.join(tmp, "weights.pt"))
+        if model_cfg is not None:
+            sd = state if state is not None else {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            torch.save(sd, os.path.join(tmp, "weights.pt"))
         data.vocab.save(os.path.join(tmp, "vocab.json"))
         _write_json(os.path.join(tmp, "labels.json"), list(data.label_names))
         _write_json(os.path.join(tmp, "metrics.json"), record or {})
@@ -80,12 +88,25 @@ def save_bundle(out_dir: str, model: torch.nn.Module, model_cfg: ModelConfig, da
 
 @dataclass
 class Bundle:
-    model: torch.nn.Module
+    model: Optional[torch.nn.Module]     # None: the lexical stage alone
     config: dict
     vocab: object
     label_names: list
     metrics: dict
     device: torch.device
+    lexical: object = None               # a LexicalStage, on the host
+    fusion: object = None                # the Fusion of network and lexical stage
+
+    def fused(self, logits: Optional[torch.Tensor], lex_ids, lex_probs) -> torch.Tensor:
+        """Probabilities [b, L] on the bundle's device: the network's, the lexical stage's or the fused
+        model's, whichever the bundle holds (lex_ids/lex_probs: host arrays of the batch's top lists)."""
+        from .lexical import dense_lexical
+
+        if self.lexical is None:
+            return torch.sigmoid(logits.float())
+        if logits is None:
+            return dense_lexical(lex_ids, lex_probs, len(self.label_names), self.device)[0]
+        return self.fusion(logits, torch.as_tensor(lex_ids).to(self.device), torch.as_tensor(lex_probs).to(self.device))
 
     @property
     def max_len(self) -> int:
@@ -116,13 +137,20 @@ class Bundle:
         from .data import iterate_batches
         from .train import autocast
 
+        if self.model is None:
+            for s in range(0, len(texts), batch_size):
+                ids, probs = self.lexical.topk(texts[s:s + batch_size])
+                yield np.arange(s, s + len(ids)), self.fused(None, ids, probs)
+            return
         self.model.eval()
         precision = self.precision
         for b in iterate_batches(self.encode(texts), len(self.label_names), batch_size, shuffle=False):
+            rows = b.index.numpy()
             b = b.to(self.device)
             with autocast(self.device, precision):
                 scores = self.model(b.tokens, b.mask)
-            yield b.index.numpy(), torch.sigmoid(scores.float())
+            lex = self.lexical.topk([texts[i] for i in rows]) if self.lexical is not None else (None, None)
+            yield rows, self.fused(scores, *lex)
 
     def predict_scores(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         """Probabilities [len(texts), L] (sigmoid of the scores)."""
@@ -154,6 +182,16 @@ class Bundle:
         aligned_prop[col_map] = inv_prop
         aligned = TextDataset(token_ids=word_map[test.token_ids], offsets=test.offsets, labels=labels, ids=test.ids)
         return aligned, aligned_prop
+
+    def lexical_lists(self, data) -> tuple:
+        """The lexical stage's top lists of `data`'s test split, from its texts uncut, in the stage's
+        vocabulary; label ids in this bundle's order."""
+        from .lexical import stage_data
+
+        full = stage_data(data)
+        words = np.array([self.lexical.vocab.stoi.get(w, 1) for w in full.vocab.itos], dtype=np.int64)
+        words[0] = 0
+        return self.lexical.topk_tokens(words[full.test.token_ids], full.test.offsets)
 
     def predict(self, texts: Sequence[str], k: int = 5, batch_size: int = 256) -> list:
         """Top-k labels of each text: [[(label, probability), ...], ...], best first."""
@@ -212,9 +250,35 @@ def load_bundle(path: str, device: str = "cpu", use_kernels: bool = True) -> Bun
     metrics = read("metrics.json") if os.path.exists(os.path.join(path, "metrics.json")) else {}
     vocab = Vocab.load(os.path.join(path, "vocab.json"))
     dev = torch.device(device)
-    model = build_model(ModelConfig.from_dict(config["model"]), config["vocab_size"], config["num_labels"],
-                        use_kernels=use_kernels)
-    state = torch.load(os.path.join(path, "weights.pt"), map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
-    model.to(dev).eval()
-    return Bundle(model, config, vocab, labels, metrics, dev)
+    lexical, fusion = load_lexical_part(path, config, len(labels))
+    model = None
+    if config.get("model") is not None:
+        model = build_model(ModelConfig.from_dict(config["model"]), config["vocab_size"], config["num_labels"],
+                            use_kernels=use_kernels)
+        state = torch.load(os.path.join(path, "weights.pt"), map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+        model.to(dev).eval()
+    elif lexical is None:
+        raise ValueError(f"{os.path.join(path, 'config.json')}: a bundle with neither a network nor a lexical part")
+    return Bundle(model, config, vocab, labels, metrics, dev, lexical, fusion)
+
+
+def load_lexical_part(path: str, config: dict, num_labels: int) -> tuple:
+    """(LexicalStage, Fusion) of a bundle that has a lexical part, else (None, None); ValueError naming
+    the file when the part is missing or corrupt."""
+    from .lexical import Fusion, LexicalStage
+
+    part = config.get("lexical")
+    if part is None:
+        return None, None
+    folder = os.path.join(path, "lexical")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder}: missing — {os.path.join(path, 'config.json')} names a lexical part")
+    stage = LexicalStage.load(folder)
+    if stage.num_labels != num_labels:
+        raise ValueError(f"{os.path.join(folder, 'lexical.json')}: {stage.num_labels} labels, the bundle has {num_labels}")
+    try:
+        fusion = Fusion.from_dict(part["fusion"]) if part.get("fusion") else None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{os.path.join(path, 'config.json')}: lexical fusion: {e}") from None
+    return stage, fusion

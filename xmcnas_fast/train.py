@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .lexical.fusion import Fusion, LexicalLists, fused_metrics
 from .metrics import MetricAccumulator, inv_propensity
 
 
@@ -119,27 +120,46 @@ def label_inv_propensity(data, columns: Optional[int] = None) -> np.ndarray:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, ds, num_labels: int, *, inv_prop: Optional[np.ndarray] = None,
-             batch_size: int = 200, max_len: Optional[int] = None, device="cpu", precision: str = "auto") -> dict:
-    """P@k, nDCG@k, PSP@k of the model on a split; adds 'docs_per_s' (prediction throughput)."""
+             batch_size: int = 200, max_len: Optional[int] = None, device="cpu", precision: str = "auto",
+             lexical: Optional[tuple] = None, fusion=None) -> dict:
+    """P@k, nDCG@k, PSP@k of the model on a split; adds 'docs_per_s' (prediction throughput).
+
+    With `lexical` (the split's lexical top lists), 'fused' holds the metrics of the network fused with
+    them: by `fusion`, or by the fusion that does best on this split (then 'fused'['fusion'] says which)."""
     from .data import iterate_batches
 
     device = torch.device(device)
     was_training = model.training
     model.eval()
     acc = MetricAccumulator(5, inv_prop)
+    logits = None                       # the split's network scores, kept on the device when fusing
     start = time.perf_counter()
     for batch in iterate_batches(ds, num_labels, batch_size, shuffle=False, max_len=max_len):
         batch = batch.to(device)
         with autocast(device, precision):
             scores = model(batch.tokens, batch.mask)
         acc.update(scores.float(), ds.labels[batch.index.numpy()])
+        if lexical is not None:
+            if logits is None:
+                logits = scores.new_empty((len(ds), scores.shape[1]), dtype=torch.float32)
+            logits[batch.index.to(device)] = scores.float()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     model.train(was_training)
     out = acc.result()
     out["docs_per_s"] = len(ds) / seconds if seconds > 0 else float("nan")
+    if logits is not None:
+        out["fused"] = fused_metrics(logits, lexical, ds.labels, inv_prop, fusion)
     return out
+
+
+def fitness_of(metrics: Optional[dict]) -> Optional[float]:
+    """What selects weights and candidates: validation P@5 of the fused model when there is one, else
+    of the network."""
+    if not metrics:
+        return None
+    return (metrics.get("fused") or metrics)["P@5"]
 
 
 def _peak_memory_mb(device: torch.device) -> float:
@@ -162,12 +182,13 @@ class BestWeights:
     step: int = 0
     state: Optional[dict] = None          # its weights, on the CPU
     stale: int = 0                        # evaluations without a better validation P@5
-    curve: list = field(default_factory=list)   # [step, epoch, valid P@1, valid P@5] at each evaluation
+    curve: list = field(default_factory=list)   # [step, epoch, valid P@1, valid P@5 (, fused P@5)] each evaluation
 
     def update(self, model: nn.Module, v: dict, step: int, epoch: int) -> None:
-        self.curve.append([step, epoch, round(v["P@1"], 6), round(v["P@5"], 6)])
-        if v["P@5"] > self.p5:
-            self.p5, self.valid, self.step, self.stale = v["P@5"], v, step, 0
+        self.curve.append([step, epoch, round(v["P@1"], 6), round(v["P@5"], 6)]
+                          + ([round(v["fused"]["P@5"], 6)] if "fused" in v else []))
+        if fitness_of(v) > self.p5:
+            self.p5, self.valid, self.step, self.stale = fitness_of(v), v, step, 0
             self.state = {k: t.detach().to("cpu", copy=True) for k, t in model.state_dict().items()}
         else:
             self.stale += 1
@@ -205,8 +226,9 @@ class Trainer:
     """One training run of a model: its optimizers, clipper, best-weights tracker and counters."""
 
     def __init__(self, model: nn.Module, data, cfg: TrainConfig, device: torch.device,
-                 report: Optional[Callable[..., None]] = None):
+                 report: Optional[Callable[..., None]] = None, lexical: Optional[LexicalLists] = None):
         self.model, self.data, self.cfg, self.device, self.report = model, data, cfg, device, report
+        self.lexical = lexical
         self.dense, self.opts = _optimizers(model, cfg.lr)
         self.clipper = GradientClipper(cfg.clip)
         self.inv_prop = label_inv_propensity(data)
@@ -320,10 +342,10 @@ class Trainer:
             return True
         return False
 
-    def evaluate(self, ds) -> dict:
+    def evaluate(self, ds, lexical: Optional[tuple] = None, fusion=None) -> dict:
         return evaluate(self.model, ds, self.data.num_labels, inv_prop=self.inv_prop,
                         batch_size=self.cfg.eval_batch_size, max_len=self.cfg.max_len, device=self.device,
-                        precision=self.cfg.precision)
+                        precision=self.cfg.precision, lexical=lexical, fusion=fusion)
 
     def evaluations_due(self) -> float:
         """Seconds the evaluations after the last step will take (a last validation and the test split),
@@ -332,12 +354,12 @@ class Trainer:
 
     def validate(self) -> None:
         t0 = time.monotonic()
-        v = self.evaluate(self.data.valid)
+        v = self.evaluate(self.data.valid, self.lexical.valid if self.lexical else None)
         self.eval_seconds_per_doc = (time.monotonic() - t0) / max(1, len(self.data.valid))
         self.best.update(self.model, v, self.step, self.epoch)
         if self.report:
             loss = float(np.mean(self.running_loss)) if self.running_loss else None
-            self.report(epoch=self.epoch, step=self.step, loss=loss, valid_p1=v["P@1"], valid_p5=v["P@5"],
+            self.report(epoch=self.epoch, step=self.step, loss=loss, valid_p1=v["P@1"], valid_p5=fitness_of(v),
                         best_p5=self.best.p5)
 
     def result(self, evaluate_test: bool = True) -> TrainResult:
@@ -362,11 +384,17 @@ class Trainer:
         """Load the best weights back: their validation metrics, layer weights and (if asked) test metrics."""
         self.model.load_state_dict(self.best.state)
         lw = getattr(self.model, "layer_weights", None)
-        out = {"valid": {k: v for k, v in self.best.valid.items() if k != "docs_per_s"},
-               "layer_weights": lw() if callable(lw) else None}
+        valid = {k: v for k, v in self.best.valid.items() if k not in ("docs_per_s", "fused")}
+        out = {"valid": valid, "layer_weights": lw() if callable(lw) else None}
+        fused = self.best.valid.get("fused")
+        if fused is not None:
+            out["fused"] = {"valid": {k: v for k, v in fused.items() if k != "fusion"}, "fusion": fused["fusion"]}
         if evaluate_test and self.status in ("ok", "stopped"):
-            test = self.evaluate(self.data.test)
+            test = self.evaluate(self.data.test, self.lexical.test if fused is not None else None,
+                                 Fusion.from_dict(fused["fusion"]) if fused is not None else None)
             out["predict_docs_per_s"] = test.pop("docs_per_s")
+            if fused is not None:
+                out["fused"]["test"] = {k: v for k, v in test.pop("fused").items() if k != "fusion"}
             out["test"] = test
         return out
 
@@ -376,7 +404,8 @@ def train_model(model: nn.Module, data, cfg: TrainConfig, *,
                 should_stop: Optional[Callable[[], bool]] = None,
                 evaluate_test: bool = True,
                 short_steps: Optional[int] = None,
-                go_on: Optional[Callable[[float], bool]] = None) -> TrainResult:
+                go_on: Optional[Callable[[float], bool]] = None,
+                lexical: Optional[LexicalLists] = None) -> TrainResult:
     """Train `model` on data.train, select on data.valid, evaluate the best weights on data.test.
 
     report(**fields) is called after every evaluation (epoch, step, loss, valid P@5, ...);
@@ -384,10 +413,12 @@ def train_model(model: nn.Module, data, cfg: TrainConfig, *,
     With `short_steps`, training stops after that many steps and goes on to its full budget only if
     go_on(best validation P@5 so far) says so; the record's "short" holds the short run's figure and
     "rung" says which budget its metrics come from (0 the short one, 1 the full one).
+    With `lexical`, weights and the short run's figure are chosen by the fused model's validation P@5
+    (`fitness_of`), and the record's "fused" holds its validation and test metrics and the fusion.
     Never raises for a diverging run: a NaN/inf loss ends it with status "nan".
     """
     device = _prepare(model, data, cfg)
-    trainer = Trainer(model, data, cfg, device, report)
+    trainer = Trainer(model, data, cfg, device, report, lexical)
     short = None
     if short_steps:
         trainer.fit(should_stop, max_steps=short_steps)

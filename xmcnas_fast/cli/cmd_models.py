@@ -69,25 +69,79 @@ def word_vectors(args, data, seed: int, out):
     return vectors
 
 
+def lexical_stage(data, out, threads):
+    from ..lexical import cached_stage
+
+    return cached_stage(data, threads=threads or 0, log=out.print)
+
+
+def cmd_train_lexical(args, out) -> int:
+    """--arch plt: the lexical stage alone, as a bundle."""
+    from ..bundle import save_bundle
+
+    data = load_data(args.dataset, out, **data_kwargs(args))
+    stage = lexical_stage(data, out, args.threads)
+    inv_prop = label_inv_propensity(data)
+    rec = {"status": "ok", "model": "plt", **{split: lexical_metrics(stage.split_topk(split), getattr(data, split),
+                                                                         data.num_labels, inv_prop)
+                                             for split in ("valid", "test")}}
+    path = args.out or os.path.join("models", "plt")
+    save_bundle(path, None, None, data, record=rec, lexical=stage.folder)
+    from ..metrics import format_metrics
+
+    out.print(f"validation: {format_metrics(rec['valid'])}")
+    out.print(f"test:       {format_metrics(rec['test'])}")
+    out.print(f"saved: {path}", soft_wrap=True)
+    return 0
+
+
+def lexical_metrics(lists, ds, num_labels: int, inv_prop) -> dict:
+    """Metrics of lexical top lists on a split (ds: its labels in the same order)."""
+    from ..lexical import dense_lexical
+    from ..metrics import compute_metrics
+
+    return compute_metrics(dense_lexical(lists[0], lists[1], num_labels, "cpu")[0], ds.labels, inv_prop)
+
+
+def label_inv_propensity(data):
+    from ..train import label_inv_propensity as lip
+
+    return lip(data)
+
+
 def cmd_train(args) -> int:
     from ..bundle import save_bundle
     from ..model import build_model, count_parameters
 
     out = console(args.quiet)
+    if args.arch == "plt":
+        return cmd_train_lexical(args, out)
     mcfg, name = model_config(args)
     tcfg = train_config(args)
     data = load_data(args.dataset, out, **data_kwargs(args))
+    lexical = lists = None
+    if args.lexical:
+        from ..train import LexicalLists
+
+        lexical = lexical_stage(data, out, args.threads)
+        lists = LexicalLists(lexical.split_topk("valid"), lexical.split_topk("test"))
     vectors = word_vectors(args, data, tcfg.seed, out)
     model = build_model(mcfg, len(data.vocab), data.num_labels, vectors=vectors, seed=tcfg.seed)
     if mcfg.kind == "tfidf-mlp":
         model.fit(data.train.token_ids, data.train.offsets)
     out.print(f"[bold]{name}[/bold]: {count_parameters(model):,} parameters, "
               f"{len(data.train)} training documents, {data.num_labels} labels, device {tcfg.device}")
-    rec = train_with_progress(model, data, tcfg, out, args.quiet).record
+    rec = train_with_progress(model, data, tcfg, out, args.quiet, lists).record
     if rec["status"] not in ("ok", "stopped"):
         raise CLIError(f"training failed: {rec['status']}: {rec.get('error')}")
-    path = args.out or os.path.join("models", name)
-    save_bundle(path, model, mcfg, data, train_cfg=tcfg.to_dict(), record=rec)
+    path = args.out or os.path.join("models", name + ("+plt" if lexical else ""))
+    fusion = None
+    if lexical is not None:
+        from ..lexical import Fusion
+
+        fusion = Fusion.from_dict(rec["fused"]["fusion"])
+    save_bundle(path, model, mcfg, data, train_cfg=tcfg.to_dict(), record=rec,
+                lexical=lexical.folder if lexical else None, fusion=fusion)
     print_training(out, rec, path)
     return 0
 
@@ -98,13 +152,20 @@ def print_training(out, rec: dict, path: str) -> None:
     out.print(f"validation: {format_metrics(rec['valid'])}")
     if rec.get("test"):
         out.print(f"test:       {format_metrics(rec['test'])}")
+    if rec.get("fused"):
+        from ..lexical import Fusion
+
+        out.print(f"fused with the lexical stage ({Fusion.from_dict(rec['fused']['fusion']).describe()}):")
+        out.print(f"validation: {format_metrics(rec['fused']['valid'])}")
+        if rec["fused"].get("test"):
+            out.print(f"test:       {format_metrics(rec['fused']['test'])}")
     out.print(f"{rec['epochs']} epochs, {rec['steps']} steps, {rec['seconds']:.0f} s, "
               f"{rec['train_docs_per_s'] or 0:.0f} training docs/s, "
               f"{rec.get('predict_docs_per_s') or 0:.0f} predict docs/s")
     out.print(f"saved: {path}", soft_wrap=True)
 
 
-def train_with_progress(model, data, tcfg, out, quiet: bool):
+def train_with_progress(model, data, tcfg, out, quiet: bool, lexical=None):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..train import train_model
@@ -118,12 +179,12 @@ def train_with_progress(model, data, tcfg, out, quiet: bool):
 
         def report(epoch, step, loss, valid_p1, valid_p5, best_p5):
             info = (f"epoch {epoch}  loss {loss:.4f}  valid P@1 {100 * valid_p1:.2f}  "
-                    f"P@5 {100 * valid_p5:.2f} (best {100 * best_p5:.2f})")
+                    f"{'fused ' if lexical else ''}P@5 {100 * valid_p5:.2f} (best {100 * best_p5:.2f})")
             bar.update(task, completed=step, info=info)
             if not out.is_terminal and not quiet:
                 out.print(f"step {step}: {info}")
 
-        return train_model(model, data, tcfg, report=report)
+        return train_model(model, data, tcfg, report=report, lexical=lexical)
 
 
 # ---- evaluate / predict -----------------------------------------------------------------------------
@@ -141,16 +202,31 @@ def cmd_evaluate(args) -> int:
     data = load_data(name, out, **data_kwargs(args, {"max_len": bundle.max_len,
                                                      **bundle.config["data"].get("settings", {})}))
     test, inv_prop = bundle.aligned_test(data)
-    m = evaluate(bundle.model, test, len(bundle.label_names), inv_prop=inv_prop, device=bundle.device,
-                 max_len=bundle.max_len, precision=bundle.precision)
+    rows, lists = {}, None
+    if bundle.lexical is not None:
+        lists = bundle.lexical_lists(data)
+        rows["lexical"] = lexical_metrics(lists, test, len(bundle.label_names), inv_prop)
+    if bundle.model is not None:
+        m = evaluate(bundle.model, test, len(bundle.label_names), inv_prop=inv_prop, device=bundle.device,
+                     max_len=bundle.max_len, precision=bundle.precision, lexical=lists, fusion=bundle.fusion)
+        rows = {"network": m, **rows}
+        if "fused" in m:
+            rows["fused"] = m.pop("fused")
     t = Table(title=f"{args.bundle} on {name} (test, {len(test)} documents)")
+    t.add_column("model", no_wrap=True)
     for n in METRIC_NAMES:
         t.add_column(n, justify="right")
-    t.add_row(*[f"{100 * m[n]:.2f}" for n in METRIC_NAMES])
+    for label, m in rows.items():
+        t.add_row(label + (" (served)" if len(rows) > 1 and label == list(rows)[-1] else ""),
+                  *[f"{100 * m[n]:.2f}" for n in METRIC_NAMES])
     out.print(t)
-    out.print(f"{m['docs_per_s']:.0f} documents/s")
+    if "network" in rows:
+        out.print(f"{rows['network']['docs_per_s']:.0f} documents/s (network)")
     if args.json:
-        print(json.dumps({k: m[k] for k in METRIC_NAMES}))
+        served = list(rows.values())[-1]
+        print(json.dumps({**{k: served[k] for k in METRIC_NAMES},
+                          **({"parts": {r: {k: m[k] for k in METRIC_NAMES} for r, m in rows.items()}}
+                             if len(rows) > 1 else {})}))
     return 0
 
 

@@ -94,7 +94,8 @@ def add_search(sub) -> None:
 def add_train(sub) -> None:
     t = sub.add_parser("train", help="train one architecture and save a model bundle", formatter_class=FMT,
                        description=TRAIN_DESCRIPTION)
-    t.add_argument("--arch", required=True, help="preset name or genotype JSON file")
+    t.add_argument("--arch", required=True, help="preset name (attentionxml, discovered, tfidf-mlp, or plt: the "
+                   "lexical stage alone) or genotype JSON file")
     t.add_argument("--out", help="bundle directory (default: models/ARCH)")
     t.add_argument("--max-minutes", type=float, help="training time budget")
     t.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -105,6 +106,10 @@ def add_train(sub) -> None:
     g = t.add_argument_group("tfidf-mlp")
     g.add_argument("--hidden", type=int_list, help="hidden layer sizes (default 512,256)")
     g.add_argument("--max-features", type=int, help="unigrams and bigrams kept, by document frequency (default 60000)")
+    g = t.add_argument_group("lexical stage (TF-IDF uni+bigrams and napkinXC's label tree; cached per dataset)")
+    g.add_argument("--lexical", action="store_true",
+                   help="fuse the network with the lexical stage: weights are chosen by the fused model's "
+                   "validation P@5, and the bundle serves the fused model (--arch plt: the stage alone)")
     add_train_args(t)
     t.set_defaults(func=cmd_train)
 

@@ -1,0 +1,234 @@
+"""The lexical stage: n-gram TF-IDF features, napkinXC's label tree, the stage's cache, fusion with a
+network, and bundles that carry a lexical part (moved, corrupt, missing)."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from xmcnas_fast.bundle import load_bundle, save_bundle
+from xmcnas_fast.lexical import (FeatureSettings, Fusion, LexicalSettings, NgramTfidf, TreeSettings, cached_stage,
+                                 choose_fusion, dense_lexical, fit_stage, stage_data)
+from xmcnas_fast.lexical.tree import LabelTree, label_lists
+from xmcnas_fast.metrics import compute_metrics
+from xmcnas_fast.model import ModelConfig, build_model
+from xmcnas_fast.space import Genotype
+from xmcnas_fast.train import LexicalLists, TrainConfig, train_model
+
+SMALL_TREE = LexicalSettings(tree=TreeSettings(max_leaves=20), top_k=10)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def data(debtags_slice, cache):
+    from xmcnas_fast.data import load
+
+    return load(debtags_slice, max_len=24, valid=40, cache_dir=cache)
+
+
+@pytest.fixture(scope="module")
+def stage(data, cache):
+    return cached_stage(data, SMALL_TREE, cache_dir=cache, threads=1)
+
+
+# ---- features --------------------------------------------------------------------------------------
+
+def tokens(*docs):
+    offsets = np.cumsum([0] + [len(d) for d in docs])
+    return np.concatenate([np.asarray(d, dtype=np.int32) for d in docs]), offsets
+
+
+def test_features_count_unigrams_and_bigrams_seen_in_min_df_documents():
+    ids, off = tokens([2, 3, 4], [2, 3, 5], [6, 1])          # 1 is <unk>: never a feature alone
+    f = NgramTfidf(7, FeatureSettings(min_df=2)).fit(ids, off)
+    assert f.keys.tolist() == [2, 3, 7 + 2 * 7 + 3]            # 2, 3 and the bigram (2, 3): in two documents
+    np.testing.assert_allclose(f.idf, np.log(4 / 3) + 1)
+    X = f.transform(ids, off)
+    assert X.dtype == np.float64 and X.shape == (3, 3) and X.has_sorted_indices
+    np.testing.assert_allclose(np.sqrt(X.multiply(X).sum(1)).A.ravel(), [1, 1, 0])   # an empty row stays 0
+    assert np.isfinite(X.data).all()
+
+
+def test_sublinear_tf_weighs_a_repeated_word_by_one_plus_its_log():
+    ids, off = tokens([2, 2, 2, 3], [2, 3])
+    f = NgramTfidf(4, FeatureSettings(min_df=1, bigrams=False)).fit(ids, off)
+    row = f.transform(*tokens([2, 2, 2, 3])).toarray()[0]
+    assert row[0] / row[1] == pytest.approx(1 + np.log(3))
+
+
+def test_features_round_trip(tmp_path):
+    ids, off = tokens([2, 3, 4, 2, 3], [4, 2, 3])
+    f = NgramTfidf(5, FeatureSettings(min_df=1, max_features=4)).fit(ids, off)
+    f.save(str(tmp_path))
+    g = NgramTfidf.load(str(tmp_path))
+    assert len(g.keys) == 4 and (g.transform(ids, off) != f.transform(ids, off)).nnz == 0
+
+
+# ---- the label tree ----------------------------------------------------------------------------------
+
+def test_label_lists_are_sorted_whatever_the_csr_order():
+    Y = sp.csr_matrix((np.ones(3), np.array([5, 1, 3]), np.array([0, 3])), shape=(1, 6))
+    assert label_lists(Y) == [[1, 3, 5]]
+
+
+def test_the_stage_ranks_test_labels_far_above_the_label_prior(stage, data):
+    ids, probs = stage.split_topk("test")
+    assert ids.shape == probs.shape == (len(data.test), 10)
+    assert (np.diff(probs, axis=1) <= 1e-6).all()              # best first
+    m = compute_metrics(dense_lexical(ids, probs, data.num_labels, "cpu")[0], data.test.labels)
+    prior = compute_metrics(np.tile(data.label_counts().astype(np.float32), (len(data.test), 1)), data.test.labels)
+    assert m["P@3"] > prior["P@3"] + 0.05 and m["P@5"] > prior["P@5"] + 0.03
+
+
+def test_the_stage_reads_uncut_texts_in_its_own_vocabulary(stage, data):
+    assert data.max_len == 24
+    full = stage_data(data)
+    assert full.max_len is None and len(stage.vocab) == len(full.vocab) > len(data.vocab) - 1
+    ids, _ = stage.topk([" ".join(full.vocab.itos[t] for t in full.test.tokens(0))])
+    np.testing.assert_array_equal(ids[0], stage.split_topk("test")[0][0])
+
+
+def test_topk_pads_short_lists():
+    X = sp.csr_matrix(np.eye(3))
+    tree = LabelTree("/nonexistent")
+    tree._plt = type("P", (), {"predict_proba": lambda self, X, top_k: [[(2, 0.9)], [], [(0, 0.5), (1, 0.4)]]})()
+    ids, probs = tree.topk(X, 3)
+    assert ids.tolist() == [[2, -1, -1], [-1, -1, -1], [0, 1, -1]]
+    assert probs[0].tolist() == pytest.approx([0.9, 0, 0])
+
+
+# ---- the cache -------------------------------------------------------------------------------------
+
+def test_the_cache_fits_once_per_data_and_settings(stage, data, cache):
+    said = []
+    again = cached_stage(data, SMALL_TREE, cache_dir=cache, log=said.append)
+    assert again.folder == stage.folder and said == [f"lexical stage: cached ({stage.folder})"]
+    other = LexicalSettings(tree=TreeSettings(max_leaves=20), top_k=5)
+    assert cached_stage(data, other, cache_dir=cache).folder != stage.folder
+    assert not [p for p in os.listdir(cache) if p.startswith(".tmp-")]
+
+
+def test_a_corrupt_cache_entry_is_fitted_again(data, tmp_path):
+    first = cached_stage(data, SMALL_TREE, cache_dir=tmp_path)
+    weights = os.path.join(first.folder, "tree", "weights.bin")
+    with open(weights, "r+b") as f:
+        f.truncate(100)
+    said = []
+    again = cached_stage(data, SMALL_TREE, cache_dir=tmp_path, log=said.append)
+    assert not any("cached" in s for s in said)
+    assert again.folder == first.folder and os.path.getsize(weights) > 100
+
+
+def test_a_crash_while_fitting_leaves_nothing(data, tmp_path, monkeypatch):
+    def boom(self, X, Y):
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(LabelTree, "fit", boom)
+    with pytest.raises(RuntimeError, match="killed"):
+        fit_stage(stage_data(data), str(tmp_path / "stage"), SMALL_TREE)
+    assert os.listdir(tmp_path) == []
+
+
+# ---- fusion ----------------------------------------------------------------------------------------
+
+def test_the_fusion_grid_ends_are_each_model_alone(stage, data):
+    ids, probs = stage.split_topk("valid")
+    logits = torch.randn(len(data.valid), data.num_labels)
+    np.testing.assert_allclose(Fusion("weighted", w=0.0)(logits, ids, probs), torch.sigmoid(logits))
+    np.testing.assert_allclose(Fusion("weighted", w=1.0)(logits, ids, probs),
+                               dense_lexical(ids, probs, data.num_labels, "cpu")[0])
+
+
+def test_the_chosen_fusion_does_at_least_as_well_as_either_model(stage, data):
+    ids, probs = stage.split_topk("valid")
+    torch.manual_seed(0)
+    truth = torch.as_tensor(data.valid.labels[:, : data.num_labels].toarray())
+    logits = 3 * truth + torch.randn_like(truth) * 2.5           # a network that knows something
+    best, m, table = choose_fusion(logits, ids, probs, data.valid.labels)
+    assert len(table) == 12 and all(np.isfinite(list(table.values())))
+    assert m["P@5"] >= max(table["weighted, lexical share 0.0"], table["weighted, lexical share 1.0"])
+    assert m["P@5"] == max(table.values())
+    assert Fusion.from_dict(json.loads(json.dumps(best.to_dict()))) == best
+
+
+def test_an_unknown_fusion_method_is_refused():
+    with pytest.raises(ValueError, match="fusion method 'max'"):
+        Fusion("max")
+
+
+# ---- training with the stage, and bundles ----------------------------------------------------------
+
+def small_model(data):
+    mcfg = ModelConfig(genotype=Genotype((("conv3", 0),), "sum").to_dict(), emb_dim=16, width=16, fc=[16])
+    return mcfg, build_model(mcfg, len(data.vocab), data.num_labels, seed=0)
+
+
+@pytest.fixture(scope="module")
+def fused(stage, data, tmp_path_factory):
+    mcfg, model = small_model(data)
+    lists = LexicalLists(stage.split_topk("valid"), stage.split_topk("test"))
+    rec = train_model(model, data, TrainConfig(max_steps=6, eval_every=3, batch_size=16), lexical=lists).record
+    path = str(tmp_path_factory.mktemp("bundles") / "fused")
+    save_bundle(path, model, mcfg, data, record=rec, lexical=stage.folder,
+                fusion=Fusion.from_dict(rec["fused"]["fusion"]))
+    return path, rec
+
+
+def test_training_with_the_stage_selects_by_the_fused_figure(fused):
+    _, rec = fused
+    assert rec["status"] == "ok"
+    assert set(rec["fused"]) == {"valid", "test", "fusion"}
+    assert [len(c) for c in rec["curve"]] == [5, 5]                # step, epoch, P@1, P@5, fused P@5
+    assert max(c[4] for c in rec["curve"]) == pytest.approx(rec["fused"]["valid"]["P@5"], abs=1e-6)
+
+
+def test_a_fused_bundle_serves_the_fused_scores_and_moves(fused, stage, tmp_path):
+    path, rec = fused
+    moved = str(tmp_path / "elsewhere")
+    shutil.copytree(path, moved)
+    shutil.rmtree(path + "-gone", ignore_errors=True)
+    b = load_bundle(moved)
+    assert b.lexical is not None and b.fusion == Fusion.from_dict(rec["fused"]["fusion"])
+    texts = ["a text editor for the terminal", "python library for xml parsing"]
+    got = b.predict_scores(texts)
+    logits = torch.logit(torch.as_tensor(load_bundle(moved).predict_scores(texts)))  # fused again: same
+    np.testing.assert_allclose(got, torch.sigmoid(logits).numpy(), rtol=1e-5, atol=1e-6)
+    ids, probs = stage.topk(texts)
+    b.fusion = Fusion("weighted", w=1.0)
+    np.testing.assert_allclose(b.predict_scores(texts), dense_lexical(ids, probs, len(b.label_names), "cpu")[0])
+
+
+def test_a_lexical_only_bundle_predicts_the_tree_ranking(stage, data, tmp_path):
+    path = save_bundle(str(tmp_path / "plt"), None, None, data, lexical=stage.folder)
+    assert not os.path.exists(os.path.join(path, "weights.pt"))
+    b = load_bundle(path)
+    assert b.model is None
+    ids, probs = stage.topk(["a text editor for the terminal"], k=3)
+    top = b.predict(["a text editor for the terminal"], k=3)[0]
+    assert [n for n, _ in top] == [b.label_names[i] for i in ids[0]]
+    assert [p for _, p in top] == pytest.approx(probs[0].tolist())
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "missing-file", "missing-part"])
+def test_a_damaged_lexical_part_is_refused_naming_the_file(fused, tmp_path, damage):
+    path = str(tmp_path / "b")
+    shutil.copytree(fused[0], path)
+    target = os.path.join(path, "lexical", "tree", "weights.bin")
+    if damage == "corrupt":
+        with open(target, "r+b") as f:
+            f.seek(10)
+            f.write(b"\xff\xff\xff\xff")
+    elif damage == "missing-file":
+        os.remove(target)
+    else:
+        shutil.rmtree(os.path.join(path, "lexical"))
+        target = os.path.join(path, "lexical")
+    with pytest.raises(ValueError, match=f"^{target}: (corrupt|missing)"):
+        load_bundle(path)

@@ -1,0 +1,148 @@
+"""One score per label from the network's and the lexical model's, chosen on the validation split.
+
+The lexical model scores only its top-k labels of a document (a probability each); every other
+label has lexical probability 0 and is "not listed". Fused scores are computed on the network's
+device from its logits [B, L] and the lexical top lists [B, k] (small host arrays moved there), so
+ranking and metrics never bring a [B, L] tensor back to the host.
+
+- "weighted": (1 - w) sigmoid(z) + w p_lex, w on a grid;
+- "learned": sigmoid(a z + b logit(p_lex) + c [listed] + d), a logistic regression over the
+  (document, label) pairs of the validation split, fitted by L-BFGS;
+- "network" / "lexical": one of the two alone (w = 0 / 1).
+The method and its parameters are those of the best validation P@5.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))
+METHODS = ("weighted", "learned")
+EPS = 1e-4
+
+
+@dataclass
+class Fusion:
+    method: str = "weighted"                  # "weighted" or "learned"
+    w: float = 0.0                            # weighted: the lexical model's share
+    coef: list = field(default_factory=lambda: [1.0, 0.0, 0.0, 0.0])   # learned: a, b, c, d
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"fusion method {self.method!r}: expected one of {', '.join(METHODS)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Fusion":
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+    def describe(self) -> str:
+        if self.method == "weighted":
+            return f"weighted, lexical share {self.w:.1f}"
+        return "learned (" + ", ".join(f"{c:+.2f}" for c in self.coef) + ")"
+
+    def __call__(self, logits: torch.Tensor, lex_ids: torch.Tensor, lex_probs: torch.Tensor) -> torch.Tensor:
+        """Fused probabilities [B, L] (float32, on the logits' device)."""
+        z = logits.float()
+        p_lex, listed = dense_lexical(lex_ids, lex_probs, z.shape[1], z.device)
+        if self.method == "weighted":
+            return (1.0 - self.w) * torch.sigmoid(z) + self.w * p_lex
+        return torch.sigmoid(_features(z, p_lex, listed) @ torch.tensor(self.coef, device=z.device))
+
+
+def dense_lexical(lex_ids: torch.Tensor, lex_probs: torch.Tensor, num_labels: int, device) -> tuple:
+    """The top lists as dense [B, L] probabilities and a listed mask, on `device`."""
+    ids = torch.as_tensor(lex_ids, device=device).long()
+    probs = torch.as_tensor(lex_probs, device=device).float()
+    ok = (ids >= 0) & (ids < num_labels)
+    safe = torch.where(ok, ids, torch.zeros_like(ids))
+    p = torch.zeros(ids.shape[0], num_labels, device=device)
+    listed = torch.zeros(ids.shape[0], num_labels, device=device)
+    p.scatter_add_(1, safe, torch.where(ok, probs, torch.zeros_like(probs)))
+    listed.scatter_add_(1, safe, ok.float())
+    return p, listed.clamp_(max=1.0)
+
+
+def _features(z, p_lex, listed):
+    lex_logit = torch.logit(p_lex.clamp(EPS, 1 - EPS)) * listed
+    return torch.stack([z, lex_logit, listed, torch.ones_like(z)], dim=-1)
+
+
+def fit_learned(logits: torch.Tensor, p_lex: torch.Tensor, listed: torch.Tensor, truth: torch.Tensor,
+                steps: int = 50) -> list:
+    """The learned fusion's coefficients: logistic regression of truth [n, L] on the pairs' features."""
+    x = _features(logits.float(), p_lex, listed).reshape(-1, 4).double()
+    y = truth.reshape(-1).double()
+    coef = torch.tensor([1.0, 0.0, 0.0, 0.0], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([coef], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(x @ coef, y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    out = coef.detach().tolist()
+    return out if all(math.isfinite(c) for c in out) else [1.0, 0.0, 0.0, 0.0]
+
+
+def choose_fusion(logits: torch.Tensor, lex_ids, lex_probs, truth_csr, *, inv_prop: Optional[np.ndarray] = None,
+                  methods=METHODS) -> tuple:
+    """(best Fusion, its metrics, {candidate description: validation P@5}) over the weight grid and
+    the learned combination, on one split's network logits [n, L] and lexical top lists."""
+    from ..metrics import compute_metrics
+
+    L = logits.shape[1]
+    p_lex, listed = dense_lexical(lex_ids, lex_probs, L, logits.device)
+    candidates = [Fusion("weighted", w=w) for w in WEIGHTS] if "weighted" in methods else []
+    if "learned" in methods:
+        truth = torch.zeros(logits.shape[0], L, device=logits.device)
+        coo = truth_csr.tocoo()
+        keep = coo.col < L
+        truth[torch.as_tensor(coo.row[keep]).long(), torch.as_tensor(coo.col[keep]).long()] = 1.0
+        candidates.append(Fusion("learned", coef=fit_learned(logits, p_lex, listed, truth)))
+    best, best_m, table = None, None, {}
+    for f in candidates:
+        m = compute_metrics(f(logits, lex_ids, lex_probs), truth_csr, inv_prop)
+        table[f.describe()] = m["P@5"]
+        if best_m is None or m["P@5"] > best_m["P@5"] + 1e-12:
+            best, best_m = f, m
+    return best, best_m, table
+
+
+@dataclass
+class LexicalLists:
+    """The lexical stage's top lists (label ids, probabilities [n, k]) of the validation and test splits:
+    with them, evaluations also score the fused model (docs/design.md, "The lexical stage and fusion")."""
+    valid: tuple
+    test: tuple
+
+    @classmethod
+    def from_stage(cls, folder: str) -> "LexicalLists":
+        from .stage import LexicalStage
+
+        stage = LexicalStage.load(folder)
+        return cls(stage.split_topk("valid"), stage.split_topk("test"))
+
+
+def fused_metrics(logits: torch.Tensor, lexical: tuple, truth, inv_prop, fusion=None,
+                  methods=("weighted",)) -> dict:
+    """Metrics of the logits fused with the lexical top lists, and the fusion used (chosen here among
+    `methods` when None: while training, the weight grid alone, which costs a few metric passes)."""
+    from ..metrics import compute_metrics
+
+    ids, probs = lexical
+    if len(ids) != logits.shape[0]:
+        raise ValueError(f"lexical top lists for {len(ids)} documents, the split has {logits.shape[0]}")
+    if fusion is None:
+        fusion, m, _ = choose_fusion(logits, ids, probs, truth, inv_prop=inv_prop, methods=methods)
+    else:
+        m = compute_metrics(fusion(logits, ids, probs), truth, inv_prop)
+    return {**m, "fusion": fusion.to_dict()}

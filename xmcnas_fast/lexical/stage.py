@@ -1,0 +1,211 @@
+"""The lexical stage: its own vocabulary (texts are never cut for it), TF-IDF n-gram features and a
+label tree, trained once per dataset and settings and cached, with its top lists for the validation
+and test splits.
+
+A stage folder holds vocab.json, the feature tables, napkinXC's files under tree/, the top lists of
+the splits (`<split>.ids.npy`, `<split>.probs.npy`) and lexical.json last, which lists every other
+file with its size and SHA-256: a folder whose files do not match is refused, naming the file,
+before napkinXC reads anything. Folders are written to a temporary sibling and renamed into place.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..data.sources import file_digest
+from .features import FeatureSettings, NgramTfidf
+from .tree import LabelTree, TreeSettings
+
+STAGE_FORMAT = 1
+SPLITS = ("valid", "test")
+
+
+@dataclass
+class LexicalSettings:
+    features: FeatureSettings = field(default_factory=FeatureSettings)
+    tree: TreeSettings = field(default_factory=TreeSettings)
+    top_k: int = 50                 # labels a document kept from the tree for fusion
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LexicalSettings":
+        d = d or {}
+        return cls(features=FeatureSettings(**d.get("features", {})), tree=TreeSettings(**d.get("tree", {})),
+                   top_k=int(d.get("top_k", 50)))
+
+
+class LexicalStage:
+    """A fitted stage: vocab + features + tree. `topk(texts)` for raw texts, `topk_tokens` for token ids."""
+
+    def __init__(self, folder: str, vocab, features: NgramTfidf, tree: LabelTree, settings: LexicalSettings,
+                 num_labels: int):
+        self.folder, self.vocab, self.features, self.tree = folder, vocab, features, tree
+        self.settings, self.num_labels = settings, num_labels
+
+    def topk_tokens(self, token_ids, offsets, k: Optional[int] = None):
+        X = self.features.transform(token_ids, offsets)
+        return self.tree.topk(X, k or self.settings.top_k)
+
+    def topk(self, texts: Sequence[str], k: Optional[int] = None):
+        from ..data import tokenize
+
+        ids = [self.vocab.encode(tokenize(t)) for t in texts]
+        offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+        np.cumsum([len(a) for a in ids], out=offsets[1:])
+        flat = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+        return self.topk_tokens(flat, offsets, k)
+
+    def split_topk(self, split: str):
+        """The cached top lists (ids, probs) of the validation or test split of the data it was fit on."""
+        return tuple(np.load(os.path.join(self.folder, f"{split}.{a}.npy"), allow_pickle=False)
+                     for a in ("ids", "probs"))
+
+    @classmethod
+    def load(cls, folder: str, threads: int = 0) -> "LexicalStage":
+        """Load a stage folder; ValueError naming the file when a part is missing or corrupt."""
+        from ..data import Vocab
+
+        meta = verify(folder)
+        settings = LexicalSettings.from_dict(meta["settings"])
+        tree = LabelTree(os.path.join(folder, "tree"), settings.tree, threads=threads)
+        return cls(folder, Vocab.load(os.path.join(folder, "vocab.json")), NgramTfidf.load(folder), tree,
+                   settings, meta["num_labels"])
+
+
+def verify(folder: str) -> dict:
+    """lexical.json of a stage folder, once every file it lists has its recorded size and SHA-256."""
+    meta_path = os.path.join(folder, "lexical.json")
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{meta_path}: missing — the lexical part is incomplete") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{meta_path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(meta, dict) or meta.get("format") != STAGE_FORMAT or not isinstance(meta.get("files"), dict):
+        raise ValueError(f"{meta_path}: not a lexical stage of format {STAGE_FORMAT}")
+    for name, (size, digest) in meta["files"].items():
+        p = os.path.join(folder, name)
+        if not os.path.isfile(p):
+            raise ValueError(f"{p}: missing — the lexical part is incomplete")
+        if os.path.getsize(p) != size or file_digest(p) != digest:
+            raise ValueError(f"{p}: corrupt (its size or SHA-256 differs from {meta_path})")
+    return meta
+
+
+def _manifest(folder: str) -> dict:
+    files = {}
+    for root, _, names in os.walk(folder):
+        for n in sorted(names):
+            p = os.path.join(root, n)
+            rel = os.path.relpath(p, folder)
+            if rel != "lexical.json":
+                files[rel] = [os.path.getsize(p), file_digest(p)]
+    return files
+
+
+def fit_stage(data, folder: str, settings: Optional[LexicalSettings] = None, *, threads: int = 0,
+              splits: Sequence[str] = SPLITS, log=None) -> LexicalStage:
+    """Fit a stage on `data` (an XMCData, texts not cut: max_len None) into `folder`, atomically, with the
+    top lists of `splits`. `log(str)` hears what it does and how long each part took."""
+    settings = settings or LexicalSettings()
+    say = log or (lambda s: None)
+    folder = os.path.abspath(folder)
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-lexical-", dir=os.path.dirname(folder))
+    try:
+        t0 = time.monotonic()
+        feats = NgramTfidf(len(data.vocab), settings.features).fit(data.train.token_ids, data.train.offsets)
+        X = feats.transform(data.train.token_ids, data.train.offsets)
+        say(f"lexical features: {feats.num_features:,} uni+bigrams ({time.monotonic() - t0:.0f} s)")
+        t0 = time.monotonic()
+        tree = LabelTree(os.path.join(tmp, "tree"), settings.tree, threads=threads).fit(X, data.train.labels)
+        say(f"label tree: {data.num_labels:,} labels, {X.shape[0]:,} documents ({time.monotonic() - t0:.0f} s)")
+        data.vocab.save(os.path.join(tmp, "vocab.json"))
+        feats.save(tmp)
+        stage = LexicalStage(tmp, data.vocab, feats, tree, settings, data.num_labels)
+        for split in splits:
+            ds = getattr(data, split)
+            ids, probs = stage.topk_tokens(ds.token_ids, ds.offsets)
+            np.save(os.path.join(tmp, f"{split}.ids.npy"), ids)
+            np.save(os.path.join(tmp, f"{split}.probs.npy"), probs)
+        tree._plt = None                                      # napkinXC reads its files again from the final folder
+        meta = {"format": STAGE_FORMAT, "settings": settings.to_dict(), "num_labels": data.num_labels,
+                "label_names": list(data.label_names), "splits": {s: len(getattr(data, s)) for s in splits},
+                "files": _manifest(tmp)}
+        with open(os.path.join(tmp, "lexical.json"), "w", encoding="utf-8") as f:
+            json.dump(meta, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _install(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return LexicalStage.load(folder, threads=threads)
+
+
+def _install(tmp: str, folder: str) -> None:
+    if os.path.exists(folder):
+        aside = f"{folder}.old-{os.getpid()}"
+        os.replace(folder, aside)
+        os.replace(tmp, folder)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(tmp, folder)
+
+
+def stage_data(data):
+    """The data the stage fits on: `data` itself when its texts are not cut, else the same source and split
+    loaded again with max_len None (its own cache entry); the rows are the same documents."""
+    from ..data import load
+
+    if data.max_len is None:
+        return data
+    settings = dict(data.source.get("settings") or {})
+    kw = {k: settings[k] for k in ("min_count", "max_vocab", "valid", "seed", "strict", "text_column",
+                                   "labels_column") if k in settings}
+    full = load(data.source["location"], max_len=None, **kw)
+    for split in ("train", "valid", "test"):
+        a, b = getattr(data, split).labels, getattr(full, split).labels
+        if a.shape != b.shape or (a != b).nnz:
+            raise RuntimeError(f"the uncut texts of {data.name} do not line up with its {split} split")
+    return full
+
+
+def cache_key(data, settings: LexicalSettings) -> str:
+    src = data.source
+    payload = {"files": [f["sha256"] for f in src.get("files", [])],
+               "data": {k: v for k, v in (src.get("settings") or {}).items() if k != "max_len"},
+               "lexical": settings.to_dict(), "format": STAGE_FORMAT}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def cached_stage(data, settings: Optional[LexicalSettings] = None, *, cache_dir=None, threads: int = 0,
+                 log=None) -> LexicalStage:
+    """The stage of `data` and `settings` from the cache (keyed by the data's source files and settings
+    and the stage's settings), fitted and stored there first when missing or broken."""
+    from ..data import default_cache_dir
+
+    settings = settings or LexicalSettings()
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in data.name)
+    folder = str(root / f"lexical-{stem}-{cache_key(data, settings)}")
+    try:
+        stage = LexicalStage.load(folder, threads=threads)
+        if log:
+            log(f"lexical stage: cached ({folder})")
+        return stage
+    except ValueError:
+        pass
+    return fit_stage(stage_data(data), folder, settings, threads=threads, log=log)

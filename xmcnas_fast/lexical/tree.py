@@ -1,0 +1,94 @@
+"""The label-tree linear model of the lexical stage: napkinXC's probabilistic label tree (PLT).
+
+A balanced hierarchical k-means tree over the labels, a linear classifier at each node (liblinear,
+squared hinge loss, C = 1: the setting of omikuji's Parabel, which measured 0.7 P@1 above napkinXC's
+own defaults on debtags), pruned weights. napkinXC keeps the model in its own files in a folder;
+nothing is pickled.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+import scipy.sparse as sp
+
+
+@dataclass
+class TreeSettings:
+    arity: int = 2
+    max_leaves: int = 100
+    loss: str = "l2"             # napkinXC's "l2": squared hinge; "log": logistic
+    c: float = 1.0               # liblinear's inverse regularisation strength
+    ensemble: int = 1            # trees; their probabilities are averaged
+    weights_threshold: float = 0.1
+    seed: int = 0
+
+
+def _napkinxc():
+    try:
+        from napkinxc.models import PLT
+    except ImportError as e:          # pragma: no cover - napkinxc is a dependency
+        raise RuntimeError(f"the lexical stage needs napkinXC (pip install napkinxc): {e}") from None
+    return PLT
+
+
+def label_lists(Y: sp.csr_matrix) -> list:
+    """Each row's label ids, sorted (napkinXC crashes on unsorted ids)."""
+    Y = Y.tocsr()
+    Y.sort_indices()
+    return [Y.indices[a:b].tolist() for a, b in zip(Y.indptr[:-1], Y.indptr[1:])]
+
+
+class LabelTree:
+    """fit(X, Y) and topk(X, k) over a folder that holds napkinXC's files."""
+
+    def __init__(self, folder: str, settings: Optional[TreeSettings] = None, threads: int = 0):
+        self.folder, self.settings, self.threads = folder, settings or TreeSettings(), threads
+        self._plt = None
+
+    def _model(self):
+        s = self.settings
+        return _napkinxc()(self.folder, arity=s.arity, max_leaves=s.max_leaves, loss=s.loss, liblinear_c=s.c,
+                           ensemble=s.ensemble, weights_threshold=s.weights_threshold, seed=s.seed,
+                           threads=self.threads, verbose=0)
+
+    def fit(self, X: sp.csr_matrix, Y: sp.csr_matrix) -> "LabelTree":
+        if X.shape[0] != Y.shape[0]:
+            raise ValueError(f"{X.shape[0]} feature rows for {Y.shape[0]} label rows")
+        os.makedirs(self.folder, exist_ok=True)
+        self._plt = self._model()
+        self._plt.fit(_float64_csr(X), label_lists(Y))
+        return self
+
+    def load(self) -> "LabelTree":
+        self._plt = self._model()
+        self._plt.load()
+        return self
+
+    def topk(self, X: sp.csr_matrix, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(label ids int64 [n, k], probabilities float32 [n, k]), best first; -1 and 0 pad a row
+        with fewer than k labels."""
+        if self._plt is None:
+            self.load()
+        n = X.shape[0]
+        ids = np.full((n, k), -1, dtype=np.int64)
+        probs = np.zeros((n, k), dtype=np.float32)
+        if n == 0 or k == 0:
+            return ids, probs
+        for i, row in enumerate(self._plt.predict_proba(_float64_csr(X), top_k=k)):
+            if row:
+                lab, p = zip(*row)
+                ids[i, : len(lab)] = lab
+                probs[i, : len(p)] = p
+        return ids, probs
+
+    def settings_dict(self) -> dict:
+        return asdict(self.settings)
+
+
+def _float64_csr(X) -> sp.csr_matrix:
+    X = sp.csr_matrix(X, dtype=np.float64)
+    X.sort_indices()
+    return X
