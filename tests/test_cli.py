@@ -118,13 +118,6 @@ def test_data_show_says_which_split_each_figure_covers(debtags_slice, capsys, mo
     assert len([x for x in lines if x.startswith("90% of labels have at most")]) == 1
 
 
-def test_data_without_an_action_is_an_error(capsys):
-    with pytest.raises(SystemExit) as e:
-        main(["data"])
-    assert e.value.code == 2
-    assert "xmcnas-fast data: error: the following arguments are required: ACTION" in capsys.readouterr().err
-
-
 def test_csv_columns_from_the_command_line(tmp_path, capsys):
     src = tmp_path / "tags.csv"
     src.write_text("text,tags\n" + "".join(f"package {i} edits text,editor{' net' * (i % 2)}\n" for i in range(40)))

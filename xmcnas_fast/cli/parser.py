@@ -12,6 +12,25 @@ from .common import add_data_args, add_model_args, add_train_args, int_list
 
 FMT = argparse.RawDescriptionHelpFormatter
 
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, whose refusals are one line as the commands' own are (`PROG: error: argument
+    --FLAG: expected ...`, exit status 2); the usage is what --help prints."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def print_help_of(parser):
+    """A command's func that prints `parser`'s help: a command with actions, given none, lists them
+    with a line each, as the program given no command lists its commands."""
+    def show(args) -> int:
+        parser.print_help()
+        return 0
+
+    return show
+
+
 SEARCH_DESCRIPTION = """\
 Regularized evolution (Real et al. 2019) over text-encoding DAGs, as XMC-NAS.
 Every finished candidate is appended to runs/NAME/history.jsonl; the best models are kept
@@ -143,7 +162,8 @@ def add_analyze(sub) -> None:
 
 def add_data(sub) -> None:
     d = sub.add_parser("data", help="inspect a dataset", description="Inspect a dataset: xmcnas-fast data show DATASET")
-    dsub = d.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    d.set_defaults(func=print_help_of(d))
+    dsub = d.add_subparsers(dest="data_command", metavar="ACTION", title="actions")
     ds = dsub.add_parser("show", help="statistics of a dataset")
     ds.add_argument("dataset", nargs="?", default="debtags", help="as --dataset of the other commands (default: debtags)")
     add_data_args(ds, dataset_flag=False)
@@ -151,7 +171,7 @@ def add_data(sub) -> None:
 
 
 def build_parser(description: str = "") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="xmcnas-fast", description=description, formatter_class=FMT)
+    p = Parser(prog="xmcnas-fast", description=description, formatter_class=FMT)
     p.add_argument("--version", action="version", version=f"xmcnas-fast {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for add in (add_search, add_train, add_evaluate, add_predict, add_analyze, add_data):
