@@ -88,8 +88,6 @@ def test_tfidf_mlp_sizes_from_the_command_line(debtags_slice, tmp_path, capsys):
     assert len(json.loads(capsys.readouterr().out.strip())["labels"]) == 2
     assert main(["train", "--arch", "attentionxml", "--hidden", "64"]) == 2
     assert "only tfidf-mlp takes --hidden" in capsys.readouterr().err
-    assert main(["train", "--arch", "tfidf-mlp", "--max-features", "0"]) == 2
-    assert "--max-features: expected a positive count" in capsys.readouterr().err
 
 
 def test_data_show_says_which_split_each_figure_covers(debtags_slice, capsys, monkeypatch):
