@@ -39,10 +39,6 @@ def check_tfidf_flags(args, kind: str) -> None:
     tfidf_only = pick(args, ["hidden", "max_features"])
     if tfidf_only and kind != "tfidf-mlp":
         raise CLIError(f"only tfidf-mlp takes --{' and --'.join(k.replace('_', '-') for k in tfidf_only)}")
-    if "hidden" in tfidf_only and (not args.hidden or min(args.hidden) < 1):
-        raise CLIError(f"--hidden: expected one or more positive sizes, got {args.hidden}")
-    if "max_features" in tfidf_only and args.max_features < 1:
-        raise CLIError(f"--max-features: expected a positive count, got {args.max_features}")
 
 
 def train_config(args):

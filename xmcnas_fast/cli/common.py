@@ -3,6 +3,7 @@ hints that run as printed), argument types and the option groups, loading data a
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import shutil
@@ -39,22 +40,57 @@ def program() -> str:
 
 
 # ---- argument types -----------------------------------------------------------------------------
+# Every numeric flag takes one of these as its `type=`: a value out of range is refused while the
+# command line is read, before anything is loaded or created, as `argument --FLAG: expected ...`.
+
+def number(convert, accept, takes: str):
+    """An argparse type: `convert` the text (int or float; a float must be finite), then keep it only
+    if `accept(value)`; otherwise say what the flag `takes`."""
+    def parse(s: str):
+        try:
+            v = convert(s)
+        except ValueError:
+            v = None
+        if v is None or (isinstance(v, float) and not math.isfinite(v)) or not accept(v):
+            raise argparse.ArgumentTypeError(f"expected {takes}, got {s!r}")
+        return v
+
+    return parse
+
+
+positive_int = number(int, lambda v: v >= 1, "a positive integer")
+non_negative_int = number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = number(float, lambda v: v > 0, "a number > 0")
+non_negative_float = number(float, lambda v: v >= 0, "a number >= 0")
+#: a share that may be none or all (the constraint's part of the population)
+fraction = number(float, lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
+#: a share that keeps something (the promoted part of the population)
+share = number(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
+#: a dropout probability: 1 would drop everything
+probability = number(float, lambda v: 0 <= v < 1, "a probability in [0, 1)")
+
 
 def count_or_fraction(s: str):
+    """A positive count (200) or a fraction strictly between 0 and 1 (0.1)."""
     try:
         v = float(s)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a count (200) or a fraction (0.1), got {s!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return int(v) if v >= 1 and v == int(v) else v
+        v = math.nan
+    if not (math.isfinite(v) and v > 0 and (v < 1 or v == int(v))):
+        raise argparse.ArgumentTypeError(f"expected a count (200) or a fraction (0.1), got {s!r}")
+    return int(v) if v >= 1 else v
 
 
-def int_list(s: str) -> list:
+def positive_int_list(s: str) -> list:
+    """Comma-separated positive sizes, at least one (256 or 1024,512,256)."""
     try:
-        return [int(x) for x in s.split(",") if x.strip()]
+        sizes = [int(x) for x in s.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers (256 or 1024,512,256), "
+                                         f"got {s!r}")
+    return sizes
 
 
 #: the options not named after their dest (switches that turn a setting off)
@@ -84,38 +120,38 @@ def add_data_args(p, dataset_default: Optional[str] = "debtags", dataset_flag: b
                             + (f" (default: {dataset_default})" if dataset_default else ""))
     g.add_argument("--text-column", help="CSV: the column holding the text (default: summaries)")
     g.add_argument("--labels-column", help="CSV: the column holding the label list (default: terms)")
-    g.add_argument("--max-len", type=int, help="tokens kept per text")
+    g.add_argument("--max-len", type=positive_int, help="tokens kept per text")
     g.add_argument("--valid", type=count_or_fraction,
                    help="validation split drawn from train: a count (200) or a fraction (0.1)")
     g.add_argument("--vectors", help="pretrained word vectors (GloVe / word2vec text, .txt or .txt.gz)")
-    g.add_argument("--data-seed", type=int, help="seed of the validation split")
+    g.add_argument("--data-seed", type=non_negative_int, help="seed of the validation split")
 
 
 def add_model_args(p):
     g = p.add_argument_group("model")
-    g.add_argument("--width", type=int, help="output width D of every layer node")
-    g.add_argument("--emb-dim", type=int, help="word embedding size (ignored with --vectors)")
-    g.add_argument("--fc", type=int_list, help="FC chain of the head, e.g. 256 or 1024,512,256")
-    g.add_argument("--dropout", type=float, help="dropout after the merge and in the head (default 0.5)")
+    g.add_argument("--width", type=positive_int, help="output width D of every layer node")
+    g.add_argument("--emb-dim", type=positive_int, help="word embedding size (ignored with --vectors)")
+    g.add_argument("--fc", type=positive_int_list, help="FC chain of the head, e.g. 256 or 1024,512,256")
+    g.add_argument("--dropout", type=probability, help="dropout after the merge and in the head (default 0.5)")
     g.add_argument("--freeze-emb", action="store_true", default=None, help="keep pretrained word vectors fixed")
 
 
 def add_train_args(p):
     g = p.add_argument_group("training (one candidate)")
-    g.add_argument("--epochs", type=int, help="at most this many epochs")
-    g.add_argument("--max-steps", type=int, help="at most this many optimizer steps")
-    g.add_argument("--min-steps", type=int,
+    g.add_argument("--epochs", type=positive_int, help="at most this many epochs")
+    g.add_argument("--max-steps", type=positive_int, help="at most this many optimizer steps")
+    g.add_argument("--min-steps", type=non_negative_int,
                    help="the time limit ends no training before this many steps (epochs and --max-steps still "
-                   "do): a budget that grows with the data where a step takes longer")
-    g.add_argument("--batch-size", type=int, help="documents per step (default 40)")
-    g.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3)")
-    g.add_argument("--warmup-steps", type=int, help="linear learning-rate warm-up steps")
+                   "do): a budget that grows with the data where a step takes longer (0: no such floor)")
+    g.add_argument("--batch-size", type=positive_int, help="documents per step (default 40)")
+    g.add_argument("--lr", type=positive_float, help="Adam learning rate (default 1e-3)")
+    g.add_argument("--warmup-steps", type=non_negative_int, help="linear learning-rate warm-up steps (0: none)")
     g.add_argument("--lr-schedule", choices=["constant", "cosine"],
                    help="constant (default), or cosine: half a cosine down to 0 at the end of the budget (its "
                    "steps, epochs or minutes, whichever comes first)")
-    g.add_argument("--eval-every", type=int, help="steps between validation evaluations")
-    g.add_argument("--patience", type=int, help="evaluations without a better validation P@5 before stopping")
-    g.add_argument("--seed", type=int, help="random seed")
+    g.add_argument("--eval-every", type=positive_int, help="steps between validation evaluations")
+    g.add_argument("--patience", type=positive_int, help="evaluations without a better validation P@5 before stopping")
+    g.add_argument("--seed", type=non_negative_int, help="random seed")
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"],
                    help="auto (default): bf16 autocast on CUDA, float32 on the CPU; bf16: bf16 autocast on any "
                    "device; fp32: no autocast. Recurrent layers always compute in float32")
