@@ -232,3 +232,36 @@ def test_a_damaged_lexical_part_is_refused_naming_the_file(fused, tmp_path, dama
         target = os.path.join(path, "lexical")
     with pytest.raises(ValueError, match=f"^{target}: (corrupt|missing)"):
         load_bundle(path)
+
+
+# ---- the residual network ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def crossfit_stage(data, cache):
+    return cached_stage(data, LexicalSettings(tree=TreeSettings(max_leaves=20), top_k=10, crossfit=2),
+                        cache_dir=cache, threads=1)
+
+
+def test_cross_fitted_lists_come_from_trees_that_never_saw_the_document(crossfit_stage, data):
+    ids, probs = crossfit_stage.split_topk("train")
+    assert ids.shape == (len(data.train), 10)
+    honest = compute_metrics(dense_lexical(ids, probs, data.num_labels, "cpu")[0], data.train.labels)
+    seen = crossfit_stage.topk_tokens(*[getattr(stage_data(data).train, a) for a in ("token_ids", "offsets")])
+    fitted = compute_metrics(dense_lexical(*seen, data.num_labels, "cpu")[0], data.train.labels)
+    assert fitted["P@3"] > honest["P@3"] + 0.1         # in-sample lists flatter the tree; cross-fitted ones don't
+
+
+def test_a_residual_network_trains_and_is_served_with_the_lexical_offset(crossfit_stage, data):
+    mcfg, model = small_model(data)
+    lists = LexicalLists.from_stage(crossfit_stage.folder, residual=True)
+    rec = train_model(model, data, TrainConfig(max_steps=6, eval_every=3, batch_size=16), lexical=lists).record
+    assert rec["status"] == "ok" and rec["fused"]["fusion"]["method"] == "residual"
+    ids, probs = crossfit_stage.split_topk("valid")
+    z = torch.randn(len(data.valid), data.num_labels)
+    p_lex, listed = dense_lexical(ids, probs, data.num_labels, "cpu")
+    expect = torch.sigmoid(z + torch.logit(torch.where(listed > 0, p_lex, torch.zeros_like(p_lex)).clamp(1e-4, 1 - 1e-4)))
+    np.testing.assert_allclose(Fusion("residual")(z, ids, probs), expect, rtol=1e-6)
+    # with a network that outputs 0, the residual model ranks as the lexical model does
+    same = Fusion("residual")(torch.zeros_like(z), ids, probs)
+    np.testing.assert_array_equal(compute_metrics(same, data.valid.labels)["P@5"],
+                                  compute_metrics(p_lex, data.valid.labels)["P@5"])

@@ -58,10 +58,13 @@ def test_no_network_is_trained_twice(finished):
 
 
 def test_each_record_holds_its_metrics_and_layer_weights(finished):
-    _, recs, _ = finished
+    run_dir, recs, _ = finished
+    lexical = json.loads((run_dir / "lexical.json").read_text())
     for r in recs:
         assert r["status"] == "ok", r
-        assert 0 <= r["fitness"] <= 1 and r["valid"]["P@5"] == r["fitness"]
+        assert 0 <= r["fitness"] <= 1 and r["fused"]["valid"]["P@5"] == r["fitness"]
+        # the fusion is chosen on validation, over a grid that holds each model alone
+        assert r["fitness"] >= r["valid"]["P@5"] and r["fitness"] >= lexical["valid"]["P@5"] - 1e-12
         assert set(r["test"]) >= {"P@1", "P@3", "P@5", "nDCG@1", "nDCG@3", "nDCG@5", "PSP@1", "PSP@3", "PSP@5"}
         assert len(r["layer_weights"]) == r["depth"] and r["params"] > 0
 
@@ -94,14 +97,14 @@ def test_children_record_what_they_inherited_and_short_runs_their_budget(finishe
     for r in recs:
         assert r["short"]["steps"] == 2 and r["rung"] == int(r["short"]["promoted"])
         assert r["steps"] == (4 if r["rung"] else 2)
-        assert r["fitness"] == (r["valid"]["P@5"] if r["rung"] else r["short"]["P@5"])
+        assert r["fitness"] == (r["fused"]["valid"]["P@5"] if r["rung"] else r["short"]["P@5"])
     children = [r for r in recs if r["parent"] is not None]
     assert children and all(r["inherited"]["from"] == r["parent"] for r in children)
     assert all("embedding" in r["inherited"]["parts"] for r in children)     # the parent was kept to inherit from
     assert all("inherited" not in r for r in recs if r["parent"] is None)
     for r in children:
         if r["steps_to_parent"] is not None:
-            assert [row[3] for row in r["curve"] if row[0] == r["steps_to_parent"]][0] >= by_id[r["parent"]]["fitness"]
+            assert [row[-1] for row in r["curve"] if row[0] == r["steps_to_parent"]][0] >= by_id[r["parent"]]["fitness"]
 
 
 def test_the_summary_draws_the_best_architecture_and_shows_both_models(finished):

@@ -55,7 +55,8 @@ class ScoringScheduler:
 def search_with(monkeypatch, tmp_path, name, workers, stop_after=None, run=None):
     """A search of 40 candidates in a space of about a hundred networks, whose strategy gives up
     redrawing a child after two collisions (so that children in flight are often stood in for)."""
-    cfg = make_config("demo", overrides={"search": {"population": 4, "cycles": 36, "sample": 2, "max_depth": 2}})
+    cfg = make_config("demo", overrides={"search": {"population": 4, "cycles": 36, "sample": 2, "max_depth": 2},
+                                         "lexical": {"enabled": False}})
     run = run or Run.create(str(tmp_path / name), cfg)
     monkeypatch.setattr(search, "load_data", lambda data_cfg: types.SimpleNamespace(cache_path=None))
     monkeypatch.setattr(search, "make_scheduler", lambda *a, **kw: ScoringScheduler(workers, stop_after))

@@ -63,7 +63,7 @@ def save_bundle(out_dir: str, model: Optional[torch.nn.Module], model_cfg: Optio
                                   if k in DATA_SETTINGS}},
         }
         if lexical is not None:
-            shutil.copytree(lexical, os.path.join(tmp, "lexical"))
+            shutil.copytree(lexical, os.path.join(tmp, "lexical"), copy_function=_link_or_copy)
             config["lexical"] = {"fusion": fusion.to_dict() if fusion is not None else None}
         _write_json(os.path.join(tmp, "config.json"), config)
         if model_cfg is not None:
@@ -84,6 +84,15 @@ def save_bundle(out_dir: str, model: Optional[torch.nn.Module], model_cfg: Optio
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    """A hard link where the file system allows one (the stage's files are never written in place, so
+    bundles of one search share them), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 @dataclass

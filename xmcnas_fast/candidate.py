@@ -15,7 +15,7 @@ import torch
 
 from .model import ModelConfig, build_model, inherit_weights
 from .space import Genotype
-from .train import TrainConfig, train_model
+from .train import LexicalLists, TrainConfig, record_fitness, train_model
 
 
 def worker_init(cache_path: str, vectors_path: Optional[str]):
@@ -46,7 +46,8 @@ def train_candidate(payload: dict, ctx) -> dict:
 
     Optional payload keys: "parent" {id, genotype, model_dir}: inherit its weights; "short"
     {steps, promote_above}: train `steps` steps first and go on to the full budget only if the
-    validation P@5 reached is at least `promote_above`."""
+    validation P@5 reached is at least `promote_above`; "lexical" {folder, residual}: fuse with that
+    lexical stage (the fitness is the fused validation P@5; the bundle carries the stage)."""
     from .bundle import save_bundle
 
     data, vectors = ctx.shared["data"], ctx.shared["vectors"]
@@ -58,14 +59,30 @@ def train_candidate(payload: dict, ctx) -> dict:
     inherited = inherit_from(model, payload.get("parent"))
     short = payload.get("short") or {}
     threshold = short.get("promote_above")
+    lexical = payload.get("lexical")
+    lists = lexical_lists(ctx.shared, lexical) if lexical else None
     res = train_model(model, data, tcfg, report=ctx.report, should_stop=ctx.should_stop,
                       short_steps=short.get("steps"),
-                      go_on=None if threshold is None else (lambda p5: p5 >= threshold))
+                      go_on=None if threshold is None else (lambda p5: p5 >= threshold), lexical=lists)
     rec = res.record
     if inherited is not None:
         rec["inherited"] = inherited
-    fitness = (rec.get("valid") or {}).get("P@5")
+    fitness = record_fitness(rec)
     if res.state is not None and fitness is not None and fitness > payload["save_above"]:
-        save_bundle(payload["model_dir"], model, mcfg, data, train_cfg=tcfg.to_dict(), record=rec)
+        fusion = None
+        if rec.get("fused"):
+            from .lexical import Fusion
+
+            fusion = Fusion.from_dict(rec["fused"]["fusion"])
+        save_bundle(payload["model_dir"], model, mcfg, data, train_cfg=tcfg.to_dict(), record=rec,
+                    lexical=lexical["folder"] if rec.get("fused") else None, fusion=fusion)
         rec["model_dir"] = payload["model_dir"]
     return rec
+
+
+def lexical_lists(shared: dict, lexical: dict) -> LexicalLists:
+    """The lexical stage's top lists, read once per worker."""
+    key = ("lexical", lexical["folder"], bool(lexical.get("residual")))
+    if key not in shared:
+        shared[key] = LexicalLists.from_stage(lexical["folder"], residual=bool(lexical.get("residual")))
+    return shared[key]

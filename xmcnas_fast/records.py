@@ -9,6 +9,7 @@ from typing import Optional
 from .evolution import Candidate
 from .runs import Run
 from .scheduler import TaskResult
+from .train import record_fitness
 
 
 def candidate_fields(c: Candidate) -> dict:
@@ -25,7 +26,8 @@ def proposal_record(c: Candidate, after_reports: int) -> dict:
 def result_record(c: Candidate, res: Optional[TaskResult], rec: Optional[dict], prior: Optional[dict]) -> dict:
     base = {**candidate_fields(c), "depth": c.genotype.depth}
     if prior is not None:  # the same network was trained before: its result, not a new training
-        keep = ("status", "error", "valid", "test", "layer_weights", "params", "epochs", "steps", "rung", "short")
+        keep = ("status", "error", "valid", "test", "fused", "layer_weights", "params", "epochs", "steps", "rung",
+                "short")
         return {**base, **{k: prior.get(k) for k in keep}, "fitness": prior.get("fitness"),
                 "seconds": 0.0, "device": None, "attempts": 0, "finished": time.time()}
     out = {**base, "status": res.status, "error": res.error, "device": res.device,
@@ -34,9 +36,7 @@ def result_record(c: Candidate, res: Optional[TaskResult], rec: Optional[dict], 
         out.update({k: v for k, v in rec.items() if k not in ("status", "error", "device", "seconds")})
         out["status"], out["error"] = rec["status"], rec.get("error")
         out["train_seconds"] = rec.get("seconds")
-    valid = out.get("valid") or {}
-    ok = out["status"] in ("ok", "stopped") and valid.get("P@5") is not None
-    out["fitness"] = valid["P@5"] if ok else None
+    out["fitness"] = record_fitness(out)
     return _json_safe(out)
 
 
@@ -58,19 +58,21 @@ def ranked(records: dict) -> list[dict]:
 
 
 def steps_to_reach(curve: Optional[list], target: Optional[float]) -> Optional[int]:
-    """The first step at which a validation curve ([step, epoch, P@1, P@5] rows) reaches P@5 `target`."""
+    """The first step at which a validation curve reaches the fitness `target` (its rows: [step, epoch, P@1,
+    P@5] and, when fused with the lexical stage, the fused P@5: the fitness is the last column)."""
     if not curve or target is None:
         return None
-    return next((row[0] for row in curve if row[3] >= target), None)
+    return next((row[0] for row in curve if row[-1] >= target), None)
 
 
 class SearchClock:
     """The search's wall-clock seconds over all its sessions: those recorded with the last finished
     candidate, plus this session's since it started (time between sessions does not count)."""
 
-    def __init__(self, run: Run):
+    def __init__(self, run: Run, start: float = 0.0):
+        """`start`: seconds spent before the first candidate (the lexical stage), counted in a new search."""
         recs = run.history.records
-        self.before = float(recs[-1].get("elapsed") or 0.0) if recs else 0.0
+        self.before = float(recs[-1].get("elapsed") or 0.0) if recs else start
         self.t0 = time.monotonic()
 
     def seconds(self) -> float:

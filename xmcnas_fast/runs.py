@@ -233,6 +233,13 @@ class Run:
     def best(self) -> Optional[dict]:
         return self._read("best.json")
 
+    def lexical(self) -> Optional[dict]:
+        """The search's lexical stage: its folder, the seconds it took and its own metrics (None: off)."""
+        return self._read("lexical.json")
+
+    def set_lexical(self, record: dict) -> None:
+        write_json_atomic(os.path.join(self.path, "lexical.json"), record)
+
     def keep_models(self, ids: set) -> None:
         """Delete the bundles of candidates not in `ids`, and the `model_dir` of their records in the
         history, so that no record points to a deleted bundle. Anything else under models/ may be a

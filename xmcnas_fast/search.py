@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Optional
@@ -66,6 +67,13 @@ BUDGETS = {
 }
 
 
+#: the lexical stage of a search (docs/design.md, "The lexical stage and fusion"): on, every candidate's
+#: fitness is the validation P@5 of the network fused with it; "residual": networks train with its
+#: logits as a fixed offset (its training split's top lists cross-fitted over 2 folds)
+LEXICAL_DEFAULTS = {"enabled": True, "mode": "fuse", "top_k": 50}
+LEXICAL_MODES = ("fuse", "residual")
+
+
 def default_devices() -> str:
     if torch.cuda.is_available():
         return "cuda"
@@ -98,6 +106,7 @@ def make_config(budget: str = "demo", *, dataset: str = "debtags", overrides: Op
         "train": {**TrainConfig().to_dict(), **b["train"]},
         "run": {"backend": "local", "devices": None, "candidate_timeout": None, "keep_models": 3},
         "final": {**FINAL_DEFAULTS, **b.get("final", {})},
+        "lexical": dict(LEXICAL_DEFAULTS),
     }
     for section, values in (overrides or {}).items():
         for k, v in values.items():
@@ -110,6 +119,8 @@ def make_config(budget: str = "demo", *, dataset: str = "debtags", overrides: Op
         raise ValueError(f"--fidelity {s['fidelity']}: the short run needs at least 1 step")
     if not 0 < s.get("promote", 1) <= 1:
         raise ValueError(f"--promote {s['promote']}: expected a fraction of the population, in (0, 1]")
+    if cfg["lexical"]["mode"] not in LEXICAL_MODES:
+        raise ValueError(f"--lexical-mode {cfg['lexical']['mode']}: expected one of {', '.join(LEXICAL_MODES)}")
     return cfg
 
 
@@ -178,8 +189,10 @@ class _Silent:
 class _SearchLoop:
     """Keeps the scheduler's slots busy with the strategy's candidates and records each as it ends."""
 
-    def __init__(self, run: Run, strategy: Strategy, sched, progress, reruns: list[Candidate]):
+    def __init__(self, run: Run, strategy: Strategy, sched, progress, reruns: list[Candidate],
+                 lexical: Optional[dict] = None):
         self.run, self.cfg, self.strategy, self.sched = run, run.config, strategy, sched
+        self.lexical = lexical                       # {folder, residual, seconds} of the lexical stage
         self.progress = progress
         self.reruns = deque(reruns)                  # in flight when the search last stopped
         self.records = {r["id"]: r for r in run.history.records}
@@ -188,7 +201,7 @@ class _SearchLoop:
         self.short_steps = self.cfg["search"].get("fidelity")
         self.thresholds = {p["id"]: p.get("promote_above") for p in run.proposals.records}
         self.in_flight: dict[str, Candidate] = {}
-        self.clock = SearchClock(run)
+        self.clock = SearchClock(run, start=(lexical or {}).get("seconds", 0.0))
         self.closed = run.search_closed() is not None
 
     def run_to_end(self) -> None:
@@ -249,6 +262,8 @@ class _SearchLoop:
             payload["parent"] = {"id": c.parent, "genotype": parent["genotype"], "model_dir": parent.get("model_dir")}
         if self.short_steps:
             payload["short"] = {"steps": self.short_steps, "promote_above": self.thresholds.get(c.id)}
+        if self.lexical:
+            payload["lexical"] = lexical_payload(self.lexical)
         self.sched.submit(str(c.id), train_candidate, payload)
         self.in_flight[str(c.id)] = c
         self.progress.started(c.id, self.sched.running().get(str(c.id), "?"), str(c.genotype))
@@ -309,7 +324,8 @@ class _SearchLoop:
 
 # ---- the final phase: the best architecture trained to the end -----------------------------------
 
-def run_final(run: Run, strategy: Strategy, sched, progress, devices: str) -> Optional[dict]:
+def run_final(run: Run, strategy: Strategy, sched, progress, devices: str,
+              lexical: Optional[dict] = None) -> Optional[dict]:
     """Train the search's best architecture with the final settings, starting from the candidate's
     weights wherever the two networks agree, record it in final.json and point best.json at it if it
     does at least as well as the candidate (`chosen`). Nothing to do when it is recorded already (a
@@ -335,6 +351,8 @@ def run_final(run: Run, strategy: Strategy, sched, progress, devices: str) -> Op
                "model_dir": run.final_dir(), "save_above": -math.inf}
     if cfg["final"].get("inherit", True):
         payload["parent"] = {"id": best.id, "genotype": source["genotype"], "model_dir": source.get("model_dir")}
+    if lexical:
+        payload["lexical"] = lexical_payload(lexical)
     label = f"(#{best.id}) {best.genotype}"
     progress.note(f"training the best architecture (#{best.id}) to the end: width {model['width']}, "
                   f"at most {train['max_epochs']} epochs" + (f", {train['max_minutes']} min" if train["max_minutes"] else ""))
@@ -396,12 +414,42 @@ def run_search(run: Run, *, progress=None, backend: Optional[str] = None, device
                            candidate_timeout=timeout)
     interrupted = False
     try:
+        lexical = prepare_lexical(run, data, progress)
         with sched:
-            _SearchLoop(run, strategy, sched, progress, reruns).run_to_end()
-            run_final(run, strategy, sched, progress, devices)
+            _SearchLoop(run, strategy, sched, progress, reruns, lexical).run_to_end()
+            run_final(run, strategy, sched, progress, devices, lexical)
     except KeyboardInterrupt:
         interrupted = True
     return SearchOutcome(len(run.history.records), strategy.budget, interrupted, run.best(), run.final())
+
+
+def lexical_payload(lexical: dict) -> dict:
+    return {"folder": lexical["folder"], "residual": lexical["residual"]}
+
+
+def prepare_lexical(run: Run, data, progress) -> Optional[dict]:
+    """The search's lexical stage, fitted (or found in the cache) before the first candidate; its time and
+    its own validation and test metrics are kept in the run's lexical.json (the time counts in the
+    search's budget)."""
+    from .lexical import LexicalSettings, cached_stage, lexical_split_metrics
+    from .scheduler.devices import visible_cores
+
+    lex = {**LEXICAL_DEFAULTS, "enabled": False, **(run.config.get("lexical") or {})}
+    if not lex["enabled"]:
+        return None
+    residual = lex["mode"] == "residual"
+    t0 = time.monotonic()
+    settings = LexicalSettings(top_k=lex["top_k"], crossfit=2 if residual else 0)
+    progress.note("lexical stage: TF-IDF uni+bigrams and a label tree (napkinXC), once per dataset and settings")
+    stage = cached_stage(data, settings, threads=visible_cores(), log=progress.note)
+    info = run.lexical()
+    if not info or info.get("folder") != stage.folder:
+        info = {"folder": stage.folder, "seconds": round(time.monotonic() - t0, 3),
+                **lexical_split_metrics(stage, data)}
+        run.set_lexical(info)
+    m = info["valid"]
+    progress.note(f"lexical stage alone: validation P@1 {100 * m['P@1']:.2f}  P@5 {100 * m['P@5']:.2f}")
+    return {**info, "residual": residual}
 
 
 def _prepare_vectors(run: Run, cfg: dict, data, progress) -> Optional[str]:

@@ -121,7 +121,7 @@ def label_inv_propensity(data, columns: Optional[int] = None) -> np.ndarray:
 @torch.no_grad()
 def evaluate(model: nn.Module, ds, num_labels: int, *, inv_prop: Optional[np.ndarray] = None,
              batch_size: int = 200, max_len: Optional[int] = None, device="cpu", precision: str = "auto",
-             lexical: Optional[tuple] = None, fusion=None) -> dict:
+             lexical: Optional[tuple] = None, fusion=None, fusion_methods=("weighted",)) -> dict:
     """P@k, nDCG@k, PSP@k of the model on a split; adds 'docs_per_s' (prediction throughput).
 
     With `lexical` (the split's lexical top lists), 'fused' holds the metrics of the network fused with
@@ -150,8 +150,17 @@ def evaluate(model: nn.Module, ds, num_labels: int, *, inv_prop: Optional[np.nda
     out = acc.result()
     out["docs_per_s"] = len(ds) / seconds if seconds > 0 else float("nan")
     if logits is not None:
-        out["fused"] = fused_metrics(logits, lexical, ds.labels, inv_prop, fusion)
+        out["fused"] = fused_metrics(logits, lexical, ds.labels, inv_prop, fusion, fusion_methods)
     return out
+
+
+def record_fitness(rec: dict) -> Optional[float]:
+    """The fitness of a training's result record: its fused validation P@5 when it was fused with the
+    lexical stage, else its network's; None unless it trained."""
+    valid = ((rec.get("fused") or {}).get("valid")) or rec.get("valid") or {}
+    if rec.get("status") not in ("ok", "stopped") or valid.get("P@5") is None:
+        return None
+    return valid["P@5"]
 
 
 def fitness_of(metrics: Optional[dict]) -> Optional[float]:
@@ -280,7 +289,10 @@ class Trainer:
         self.set_lr()
         with autocast(self.device, self.cfg.precision):
             logits = self.model(batch.tokens, batch.mask)
-        loss = F.binary_cross_entropy_with_logits(logits.float(), batch.labels)
+        logits = logits.float()
+        if self.lexical is not None and self.lexical.residual:
+            logits = logits + self.lexical.offset(batch.index.numpy(), logits.shape[1], self.device)
+        loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
         if not torch.isfinite(loss):
             return False
         self.update(loss)
@@ -345,7 +357,8 @@ class Trainer:
     def evaluate(self, ds, lexical: Optional[tuple] = None, fusion=None) -> dict:
         return evaluate(self.model, ds, self.data.num_labels, inv_prop=self.inv_prop,
                         batch_size=self.cfg.eval_batch_size, max_len=self.cfg.max_len, device=self.device,
-                        precision=self.cfg.precision, lexical=lexical, fusion=fusion)
+                        precision=self.cfg.precision, lexical=lexical, fusion=fusion,
+                        fusion_methods=self.lexical.methods if self.lexical else ("weighted",))
 
     def evaluations_due(self) -> float:
         """Seconds the evaluations after the last step will take (a last validation and the test split),

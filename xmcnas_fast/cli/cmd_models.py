@@ -75,12 +75,11 @@ def cmd_train_lexical(args, out) -> int:
     """--arch plt: the lexical stage alone, as a bundle."""
     from ..bundle import save_bundle
 
+    from ..lexical import lexical_split_metrics
+
     data = load_data(args.dataset, out, **data_kwargs(args))
     stage = lexical_stage(data, out, args.threads)
-    inv_prop = label_inv_propensity(data)
-    rec = {"status": "ok", "model": "plt", **{split: lexical_metrics(stage.split_topk(split), getattr(data, split),
-                                                                         data.num_labels, inv_prop)
-                                             for split in ("valid", "test")}}
+    rec = {"status": "ok", "model": "plt", **lexical_split_metrics(stage, data)}
     path = args.out or os.path.join("models", "plt")
     save_bundle(path, None, None, data, record=rec, lexical=stage.folder)
     from ..metrics import format_metrics
@@ -97,12 +96,6 @@ def lexical_metrics(lists, ds, num_labels: int, inv_prop) -> dict:
     from ..metrics import compute_metrics
 
     return compute_metrics(dense_lexical(lists[0], lists[1], num_labels, "cpu")[0], ds.labels, inv_prop)
-
-
-def label_inv_propensity(data):
-    from ..train import label_inv_propensity as lip
-
-    return lip(data)
 
 
 def cmd_train(args) -> int:

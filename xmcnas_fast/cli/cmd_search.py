@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shlex
 import time
+from typing import Optional
 
 from ..final import search_deadline
 from .common import CLIError, console, flag, load_data, program
@@ -27,6 +28,7 @@ SETTINGS = [
     ("final", "final", "enabled"), ("final_width", "final", "width"), ("final_epochs", "final", "max_epochs"),
     ("final_minutes", "final", "max_minutes"), ("total_minutes", "final", "total_minutes"),
     ("final_min_minutes", "final", "min_minutes"), ("final_inherit", "final", "inherit"),
+    ("lexical", "lexical", "enabled"), ("lexical_mode", "lexical", "mode"),
 ]
 #: data settings stored beside the budget's (CSV columns)
 COLUMNS = ("text_column", "labels_column")
@@ -36,7 +38,7 @@ RUN_FLAGS = ("backend", "devices", "candidate_timeout")
 
 def overrides(args) -> dict:
     """make_config's overrides {section: {key: value}} from the flags given."""
-    o: dict = {"data": {}, "search": {}, "model": {}, "train": {}, "final": {}}
+    o: dict = {"data": {}, "search": {}, "model": {}, "train": {}, "final": {}, "lexical": {}}
     for dest, section, key in SETTINGS:
         if getattr(args, dest, None) is not None:
             o[section][key] = getattr(args, dest)
@@ -198,7 +200,7 @@ def print_summary(out, run) -> None:
                                                else "") + "):")
     shown = final if final and final.get("layer_weights") else rec
     out.print(Genotype.from_dict(rec["genotype"]).draw(shown.get("layer_weights")))
-    out.print(result_table(rec, final))
+    out.print(result_table(rec, final, run.lexical()))
     if final and final.get("fitness") is None:
         out.print(f"[red]the final training ended {final['status']}[/red]: {final.get('error') or ''}; "
                   f"the result is the best candidate")
@@ -218,25 +220,34 @@ def print_summary(out, run) -> None:
 SUMMARY_METRICS = ("P@1", "P@3", "P@5", "nDCG@5", "PSP@5")
 
 
-def result_table(rec: dict, final) -> object:
+def result_table(rec: dict, final, lexical: Optional[dict] = None) -> object:
     """Validation P@5 and test metrics of the best candidate (the search's proxy) and of the final
-    model (that architecture trained to the end), one row each."""
+    model (that architecture trained to the end), one row each: fused with the lexical stage when the
+    search used one (then the stage alone and the result's network alone have rows too)."""
     from rich.table import Table
 
-    rows = [(f"candidate #{rec['id']} (search)", rec)]
+    def figures(r):
+        fused = r.get("fused")
+        return (fused["valid"], fused.get("test") or {}) if fused else (r.get("valid") or {}, r.get("test") or {})
+
+    rows = [(f"candidate #{rec['id']} (search)", *figures(rec))]
     if final and final.get("fitness") is not None:
         s = final.get("settings") or {}
         width = (s.get("model") or {}).get("width")
-        rows.append((f"final, width {width}", final))
+        rows.append((f"final, width {width}", *figures(final)))
     result = 1 if len(rows) == 2 and final.get("chosen", True) else 0
-    rows[result] = (rows[result][0] + " [bold](result)[/bold]", rows[result][1])
-    names = [n for n in SUMMARY_METRICS if any(n in (r.get("test") or {}) for _, r in rows)]
-    t = Table(title="validation P@5 and test split")
+    served = final if result else rec
+    rows[result] = (rows[result][0] + " [bold](result)[/bold]", *rows[result][1:])
+    if served.get("fused"):
+        rows.append(("  its network alone", served.get("valid") or {}, served.get("test") or {}))
+    if lexical:
+        rows.append(("lexical stage alone", lexical["valid"], lexical["test"]))
+    names = [n for n in SUMMARY_METRICS if any(n in test for _, _, test in rows)]
+    t = Table(title="validation P@5 and test split" + (" (fused with the lexical stage)" if served.get("fused") else ""))
     t.add_column("model", no_wrap=True)
     t.add_column("valid P@5", justify="right")
     for n in names:
         t.add_column(n, justify="right")
-    for label, r in rows:
-        test = r.get("test") or {}
-        t.add_row(label, f"{100 * r['fitness']:.2f}", *[f"{100 * test[n]:.2f}" if n in test else "-" for n in names])
+    for label, valid, test in rows:
+        t.add_row(label, f"{100 * valid['P@5']:.2f}", *[f"{100 * test[n]:.2f}" if n in test else "-" for n in names])
     return t

@@ -77,6 +77,16 @@ def add_search(sub) -> None:
                    "budget only if its validation P@5 is in the top --promote part of the population's at "
                    "STEPS steps (successive halving; figures of different budgets are never compared)")
     g.add_argument("--promote", type=share, metavar="FRACTION", help="that top part (default 1/3)")
+    g = s.add_argument_group("the lexical stage (TF-IDF uni+bigrams and napkinXC's label tree, fitted once per "
+                             "dataset and settings and cached, timed inside the budget)")
+    g.add_argument("--lexical", action=argparse.BooleanOptionalAction, default=None,
+                   help="fuse every candidate with the lexical stage: its fitness is the fused model's "
+                   "validation P@5, so evolution looks for the network that adds most to it, and the result "
+                   "serves the fused model (default: on)")
+    g.add_argument("--lexical-mode", choices=["fuse", "residual"],
+                   help="fuse: the two models' probabilities combined as validation says (a weight on a grid); "
+                   "residual: networks train with the lexical logits as a fixed offset, to learn what the "
+                   "lexical model misses (default: fuse)")
     g = s.add_argument_group("the final model (the best architecture trained to the end: the search's result)")
     g.add_argument("--no-final", dest="final", action="store_false", default=None,
                    help="stop after the search: its best candidate is the result")

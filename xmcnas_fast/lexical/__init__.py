@@ -2,8 +2,10 @@
 scores: see docs/design.md, "The lexical stage and fusion"."""
 from .features import FeatureSettings, NgramTfidf
 from .fusion import Fusion, choose_fusion, dense_lexical
-from .stage import LexicalSettings, LexicalStage, cached_stage, fit_stage, stage_data, verify
+from .stage import (LexicalSettings, LexicalStage, cached_stage, fit_stage, lexical_split_metrics, stage_data,
+                    verify)
 from .tree import LabelTree, TreeSettings
 
 __all__ = ["FeatureSettings", "Fusion", "LabelTree", "LexicalSettings", "LexicalStage", "NgramTfidf",
-           "TreeSettings", "cached_stage", "choose_fusion", "dense_lexical", "fit_stage", "stage_data", "verify"]
+           "TreeSettings", "cached_stage", "choose_fusion", "dense_lexical", "fit_stage", "lexical_split_metrics",
+           "stage_data", "verify"]

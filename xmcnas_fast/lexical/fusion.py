@@ -8,8 +8,11 @@ ranking and metrics never bring a [B, L] tensor back to the host.
 - "weighted": (1 - w) sigmoid(z) + w p_lex, w on a grid;
 - "learned": sigmoid(a z + b logit(p_lex) + c [listed] + d), a logistic regression over the
   (document, label) pairs of the validation split, fitted by L-BFGS;
-- "network" / "lexical": one of the two alone (w = 0 / 1).
-The method and its parameters are those of the best validation P@5.
+- "residual": sigmoid(z + logit(p_lex)) (unlisted labels: p_lex = EPS), for a network trained with
+  the lexical logits as a fixed offset of its own, so that it learns what the lexical model misses
+  (its training needs the stage's cross-fitted top lists of the training split).
+w = 0 and w = 1 are the network and the lexical model alone. The method and its parameters are those
+of the best validation P@5 (a residual network is only ever fused as it was trained).
 """
 from __future__ import annotations
 
@@ -21,13 +24,13 @@ import numpy as np
 import torch
 
 WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))
-METHODS = ("weighted", "learned")
+METHODS = ("weighted", "learned", "residual")
 EPS = 1e-4
 
 
 @dataclass
 class Fusion:
-    method: str = "weighted"                  # "weighted" or "learned"
+    method: str = "weighted"                  # "weighted", "learned" or "residual"
     w: float = 0.0                            # weighted: the lexical model's share
     coef: list = field(default_factory=lambda: [1.0, 0.0, 0.0, 0.0])   # learned: a, b, c, d
 
@@ -45,6 +48,8 @@ class Fusion:
     def describe(self) -> str:
         if self.method == "weighted":
             return f"weighted, lexical share {self.w:.1f}"
+        if self.method == "residual":
+            return "residual (the network learned what the lexical model misses)"
         return "learned (" + ", ".join(f"{c:+.2f}" for c in self.coef) + ")"
 
     def __call__(self, logits: torch.Tensor, lex_ids: torch.Tensor, lex_probs: torch.Tensor) -> torch.Tensor:
@@ -53,6 +58,8 @@ class Fusion:
         p_lex, listed = dense_lexical(lex_ids, lex_probs, z.shape[1], z.device)
         if self.method == "weighted":
             return (1.0 - self.w) * torch.sigmoid(z) + self.w * p_lex
+        if self.method == "residual":
+            return torch.sigmoid(z + lexical_logits(p_lex, listed))
         return torch.sigmoid(_features(z, p_lex, listed) @ torch.tensor(self.coef, device=z.device))
 
 
@@ -67,6 +74,16 @@ def dense_lexical(lex_ids: torch.Tensor, lex_probs: torch.Tensor, num_labels: in
     p.scatter_add_(1, safe, torch.where(ok, probs, torch.zeros_like(probs)))
     listed.scatter_add_(1, safe, ok.float())
     return p, listed.clamp_(max=1.0)
+
+
+def lexical_logits(p_lex: torch.Tensor, listed: torch.Tensor) -> torch.Tensor:
+    """logit(p_lex), with EPS for the labels the top list leaves out: the residual offset."""
+    return torch.logit(torch.where(listed > 0, p_lex, torch.zeros_like(p_lex)).clamp(EPS, 1 - EPS))
+
+
+def residual_offset(lex_ids, lex_probs, num_labels: int, device) -> torch.Tensor:
+    """The fixed offset [B, L] a residual network's logits are trained and served with."""
+    return lexical_logits(*dense_lexical(lex_ids, lex_probs, num_labels, device))
 
 
 def _features(z, p_lex, listed):
@@ -94,7 +111,7 @@ def fit_learned(logits: torch.Tensor, p_lex: torch.Tensor, listed: torch.Tensor,
 
 
 def choose_fusion(logits: torch.Tensor, lex_ids, lex_probs, truth_csr, *, inv_prop: Optional[np.ndarray] = None,
-                  methods=METHODS) -> tuple:
+                  methods=("weighted", "learned")) -> tuple:
     """(best Fusion, its metrics, {candidate description: validation P@5}) over the weight grid and
     the learned combination, on one split's network logits [n, L] and lexical top lists."""
     from ..metrics import compute_metrics
@@ -102,6 +119,8 @@ def choose_fusion(logits: torch.Tensor, lex_ids, lex_probs, truth_csr, *, inv_pr
     L = logits.shape[1]
     p_lex, listed = dense_lexical(lex_ids, lex_probs, L, logits.device)
     candidates = [Fusion("weighted", w=w) for w in WEIGHTS] if "weighted" in methods else []
+    if "residual" in methods:
+        candidates.append(Fusion("residual"))
     if "learned" in methods:
         truth = torch.zeros(logits.shape[0], L, device=logits.device)
         coo = truth_csr.tocoo()
@@ -123,13 +142,28 @@ class LexicalLists:
     with them, evaluations also score the fused model (docs/design.md, "The lexical stage and fusion")."""
     valid: tuple
     test: tuple
+    train: Optional[tuple] = None     # cross-fitted: each document's list from a tree that never saw it
+    residual: bool = False            # the network trains with the lexical logits as a fixed offset
 
     @classmethod
-    def from_stage(cls, folder: str) -> "LexicalLists":
+    def from_stage(cls, folder: str, residual: bool = False) -> "LexicalLists":
         from .stage import LexicalStage
 
         stage = LexicalStage.load(folder)
-        return cls(stage.split_topk("valid"), stage.split_topk("test"))
+        train = stage.split_topk("train") if residual else None
+        return cls(stage.split_topk("valid"), stage.split_topk("test"), train, residual)
+
+    @property
+    def methods(self) -> tuple:
+        """The fusions a network trained with these lists may be served with."""
+        return ("residual",) if self.residual else ("weighted",)
+
+    def offset(self, rows, num_labels: int, device) -> Optional[torch.Tensor]:
+        """The residual offset of training documents `rows` (None when not residual)."""
+        if not self.residual:
+            return None
+        rows = np.asarray(rows)
+        return residual_offset(self.train[0][rows], self.train[1][rows], num_labels, device)
 
 
 def fused_metrics(logits: torch.Tensor, lexical: tuple, truth, inv_prop, fusion=None,

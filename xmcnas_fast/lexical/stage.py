@@ -34,6 +34,8 @@ class LexicalSettings:
     features: FeatureSettings = field(default_factory=FeatureSettings)
     tree: TreeSettings = field(default_factory=TreeSettings)
     top_k: int = 50                 # labels a document kept from the tree for fusion
+    crossfit: int = 0               # folds of the training split's own top lists (0: none; a residual
+                                    # network needs them: each from a tree that never saw the document)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -42,7 +44,7 @@ class LexicalSettings:
     def from_dict(cls, d: dict) -> "LexicalSettings":
         d = d or {}
         return cls(features=FeatureSettings(**d.get("features", {})), tree=TreeSettings(**d.get("tree", {})),
-                   top_k=int(d.get("top_k", 50)))
+                   top_k=int(d.get("top_k", 50)), crossfit=int(d.get("crossfit", 0)))
 
 
 class LexicalStage:
@@ -135,9 +137,14 @@ def fit_stage(data, folder: str, settings: Optional[LexicalSettings] = None, *, 
         data.vocab.save(os.path.join(tmp, "vocab.json"))
         feats.save(tmp)
         stage = LexicalStage(tmp, data.vocab, feats, tree, settings, data.num_labels)
-        for split in splits:
-            ds = getattr(data, split)
-            ids, probs = stage.topk_tokens(ds.token_ids, ds.offsets)
+        lists = {split: stage.topk_tokens(getattr(data, split).token_ids, getattr(data, split).offsets)
+                 for split in splits}
+        if settings.crossfit:
+            t0 = time.monotonic()
+            lists["train"] = crossfit_lists(X, data.train.labels, settings, tmp, threads)
+            say(f"cross-fitted top lists of the training split: {settings.crossfit} folds "
+                f"({time.monotonic() - t0:.0f} s)")
+        for split, (ids, probs) in lists.items():
             np.save(os.path.join(tmp, f"{split}.ids.npy"), ids)
             np.save(os.path.join(tmp, f"{split}.probs.npy"), probs)
         tree._plt = None                                      # napkinXC reads its files again from the final folder
@@ -153,6 +160,21 @@ def fit_stage(data, folder: str, settings: Optional[LexicalSettings] = None, *, 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return LexicalStage.load(folder, threads=threads)
+
+
+def crossfit_lists(X, Y, settings: LexicalSettings, tmp: str, threads: int) -> tuple:
+    """Top lists of the training documents, each from a tree fitted on the other folds (a document's
+    fold is its position modulo the number of folds)."""
+    n, k = X.shape[0], settings.top_k
+    ids, probs = np.full((n, k), -1, dtype=np.int64), np.zeros((n, k), dtype=np.float32)
+    fold = np.arange(n) % settings.crossfit
+    for f in range(settings.crossfit):
+        inside, rest = np.flatnonzero(fold == f), np.flatnonzero(fold != f)
+        folder = os.path.join(tmp, f".fold-{f}")
+        tree = LabelTree(folder, settings.tree, threads=threads).fit(X[rest], Y[rest])
+        ids[inside], probs[inside] = tree.topk(X[inside], k)
+        shutil.rmtree(folder)
+    return ids, probs
 
 
 def _install(tmp: str, folder: str) -> None:
@@ -209,3 +231,14 @@ def cached_stage(data, settings: Optional[LexicalSettings] = None, *, cache_dir=
     except ValueError:
         pass
     return fit_stage(stage_data(data), folder, settings, threads=threads, log=log)
+
+
+def lexical_split_metrics(stage: LexicalStage, data) -> dict:
+    """{"valid": metrics, "test": metrics} of the stage alone on the data it was fitted on."""
+    from ..metrics import compute_metrics
+    from ..train import label_inv_propensity
+    from .fusion import dense_lexical
+
+    inv_prop = label_inv_propensity(data)
+    return {split: compute_metrics(dense_lexical(*stage.split_topk(split), data.num_labels, "cpu")[0],
+                                   getattr(data, split).labels, inv_prop) for split in SPLITS}
