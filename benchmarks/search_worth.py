@@ -7,7 +7,10 @@ model's, and of the wall time; whether the difference is within the noise.
         --seeds 0 1 2 --set search.fidelity=200 --out worth.json
 
 An arm is a strategy with options: evolution, random, and evolution-noinherit /
-evolution-fidelity (inheritance off; short runs first, --set search.fidelity=STEPS). Every run is a
+evolution-fidelity (inheritance off; short runs first, --set search.fidelity=STEPS), and for the
+lexical stage evolution-nolexical (fitness from the network alone) / evolution-residual (networks
+trained against the lexical model's residual). The test figures are those of the model a search
+serves: fused with the lexical stage when it used one. Every run is a
 normal search directory under --runs-dir, so `xmcnas-fast analyze` reads each one.
 """
 from __future__ import annotations
@@ -31,8 +34,11 @@ ARMS = {
     "evolution-noinherit": {"search": {"strategy": "evolution", "inherit": False}},
     "evolution-inherit": {"search": {"strategy": "evolution", "inherit": True}},
     "evolution-fidelity": {"search": {"strategy": "evolution", "fidelity": 200}},
+    "evolution-nolexical": {"search": {"strategy": "evolution"}, "lexical": {"enabled": False}},
+    "evolution-residual": {"search": {"strategy": "evolution"}, "lexical": {"mode": "residual"}},
 }
-FIGURES = ("best valid P@5", "best test P@5", "final valid P@5", "final test P@5", "result test P@5", "seconds")
+FIGURES = ("best valid P@5", "best test P@5", "final valid P@5", "final test P@5", "result test P@1",
+           "result test P@3", "result test P@5", "result network test P@1", "lexical test P@1", "seconds")
 
 
 def parse_set(items: list) -> dict:
@@ -70,9 +76,14 @@ def figures_of(run) -> dict:
     children = [r for r in records.values() if r.get("parent") is not None and r.get("reused_from") is None]
     reached = [r["steps_to_parent"] for r in children if r.get("steps_to_parent") is not None]
     result = final if final.get("chosen") else best     # what best.json names: the search's answer
-    return {"best valid P@5": best.get("fitness"), "best test P@5": (best.get("test") or {}).get("P@5"),
-            "final valid P@5": final.get("fitness"), "final test P@5": (final.get("test") or {}).get("P@5"),
-            "result test P@5": (result.get("test") or {}).get("P@5"), "final chosen": final.get("chosen"),
+    served = {r: (x.get("fused") or {}).get("test") or x.get("test") or {} for r, x in
+              (("best", best), ("final", final), ("result", result))}     # fused, when the search fused
+    lexical = (run.lexical() or {}).get("test") or {}
+    return {"best valid P@5": best.get("fitness"), "best test P@5": served["best"].get("P@5"),
+            "final valid P@5": final.get("fitness"), "final test P@5": served["final"].get("P@5"),
+            **{f"result test P@{k}": served["result"].get(f"P@{k}") for k in (1, 3, 5)},
+            "result network test P@1": (result.get("test") or {}).get("P@1"),
+            "lexical test P@1": lexical.get("P@1"), "final chosen": final.get("chosen"),
             "candidates": len(records),
             "best id": best.get("id"), "children": len(children), "children reaching parent": len(reached),
             "median steps to parent": statistics.median(reached) if reached else None}

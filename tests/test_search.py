@@ -111,6 +111,20 @@ def test_the_summary_draws_the_best_architecture_and_shows_both_models(finished)
     _, _, out = finished
     assert "best architecture" in out and "0 embedding" in out
     assert "(search)" in out and "final, width 16" in out and "training the best architecture" in out
+    # fused with the lexical stage: the result, its network alone and the stage alone, each a row
+    assert "fused with the lexical stage" in out and "its network alone" in out and "lexical stage alone" in out
+
+
+def test_the_best_bundle_serves_the_fused_model(finished):
+    from xmcnas_fast.bundle import load_bundle
+
+    run_dir, _, _ = finished
+    best = json.loads((run_dir / "best.json").read_text())
+    final = json.loads((run_dir / "final.json").read_text())
+    assert best["id"] == "final"
+    b = load_bundle(best["model_dir"])
+    assert b.lexical is not None and b.fusion.to_dict() == final["fused"]["fusion"]
+    assert b.lexical.folder == os.path.join(best["model_dir"], "lexical")
 
 
 def test_the_best_bundle_labels_raw_text(finished):
@@ -122,9 +136,10 @@ def test_the_best_bundle_labels_raw_text(finished):
     assert len(preds[0]) == 3 and all(name in b.label_names for name, _ in preds[0])
 
 
-def test_analysis_of_the_run_draws_its_graphs(finished):
+def test_analysis_of_the_run_draws_its_graphs(finished, capsys):
     run_dir, _, _ = finished
     assert main(["analyze", str(run_dir)]) == 0
+    assert "fused with the lexical stage (the network alone:" in capsys.readouterr().out
     assert any(f.endswith(".dot") for f in os.listdir(run_dir / "analysis"))
 
 

@@ -39,7 +39,10 @@ def test_two_arms_two_seeds_report_what_their_runs_recorded(worth, debtags_slice
         run = Run.open(r["run"])
         assert run.config["search"]["strategy"] == r["arm"] and run.config["search"]["seed"] == r["seed"]
         assert r["best valid P@5"] == max(h["fitness"] for h in run.history.records)
-        assert r["final test P@5"] == run.final()["test"]["P@5"]
+        assert r["final test P@5"] == run.final()["fused"]["test"]["P@5"]     # the served model's: fused
+        assert r["lexical test P@1"] == run.lexical()["test"]["P@1"]
+        if run.final()["chosen"]:
+            assert r["result network test P@1"] == run.final()["test"]["P@1"]
     evo = [r["best valid P@5"] for r in saved["results"] if r["arm"] == "evolution"]
     mean, sd = saved["summary"]["evolution"]["best valid P@5"]
     assert mean == pytest.approx(sum(evo) / 2)

@@ -155,7 +155,12 @@ def analyze_run(path: str, *, console, top: int = 3, out_dir: Optional[str] = No
     for rank, r in enumerate(ok[:top], start=1):
         g = Genotype.from_dict(r["genotype"])
         test = r.get("test") or {}
+        fused = r.get("fused")
+        if fused:      # the figure that ranked it is the fused model's; its network alone beside it
+            test = fused.get("test") or {}
         console.print(f"\n[bold]#{rank}[/bold] candidate {r['id']}: validation P@5 {_fmt(r['fitness'], True)}"
+                      + (" fused with the lexical stage (the network alone: "
+                         f"{_fmt((r.get('valid') or {}).get('P@5'), True)})" if fused else "")
                       + (f", test P@1/3/5 {_fmt(test.get('P@1'), True)}/{_fmt(test.get('P@3'), True)}/"
                          f"{_fmt(test.get('P@5'), True)}" if test else ""))
         console.print(g.draw(r.get("layer_weights")))
