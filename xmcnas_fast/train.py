@@ -217,8 +217,9 @@ def _optimizers(model: nn.Module, lr: float) -> tuple[list, list]:
     return dense, [torch.optim.Adam(dense, lr=lr)] + ([torch.optim.SparseAdam(sparse, lr=lr)] if sparse else [])
 
 
-def _prepare(model: nn.Module, data, cfg: TrainConfig) -> torch.device:
-    """Threads, seed, label biases, device: everything before the optimizers exist."""
+def _prepare(model: nn.Module, data, cfg: TrainConfig, label_bias: bool = True) -> torch.device:
+    """Threads, seed, label biases (the labels' log-odds; zero for a residual network, whose offset
+    already holds what the lexical model knows), device: everything before the optimizers exist."""
     device = torch.device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -226,7 +227,8 @@ def _prepare(model: nn.Module, data, cfg: TrainConfig) -> torch.device:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if hasattr(model, "init_label_bias"):
-        model.init_label_bias(label_log_odds(data))
+        log_odds = label_log_odds(data)
+        model.init_label_bias(log_odds if label_bias else np.zeros_like(log_odds))
     model.to(device).train()
     return device
 
@@ -430,7 +432,7 @@ def train_model(model: nn.Module, data, cfg: TrainConfig, *,
     (`fitness_of`), and the record's "fused" holds its validation and test metrics and the fusion.
     Never raises for a diverging run: a NaN/inf loss ends it with status "nan".
     """
-    device = _prepare(model, data, cfg)
+    device = _prepare(model, data, cfg, label_bias=not (lexical is not None and lexical.residual))
     trainer = Trainer(model, data, cfg, device, report, lexical)
     short = None
     if short_steps:
