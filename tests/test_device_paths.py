@@ -155,14 +155,15 @@ def test_predict_holds_no_host_conversion(data, gpu_like, tmp_path):
 
 
 def test_a_search_candidate_holds_no_host_conversion(data, gpu_like, tmp_path):
-    from xmcnas_fast.search import train_candidate
+    from xmcnas_fast.candidate import train_candidate
+    from xmcnas_fast.contract import CandidateTask
 
     events = []
     ctx = types.SimpleNamespace(shared={"data": data, "vectors": None}, device=torch.device("cpu"),
                                 report=lambda **kw: events.append(kw), should_stop=lambda: False)
-    payload = {"model": small_dag([["maxpool3", 0], ["bilstm", 1]]).to_dict(),
-               "train": TrainConfig(max_steps=4, eval_every=2, batch_size=16).to_dict(),
-               "model_dir": str(tmp_path / "m"), "save_above": -1.0}
-    rec = train_candidate(payload, ctx)
-    assert rec["status"] == "ok", rec["error"]
-    assert rec["model_dir"] and len(events) == 2
+    task = CandidateTask(model=small_dag([["maxpool3", 0], ["bilstm", 1]]),
+                         train=TrainConfig(max_steps=4, eval_every=2, batch_size=16),
+                         model_dir=str(tmp_path / "m"), save_above=-1.0)
+    rec = train_candidate(task, ctx)
+    assert rec.status == "ok", rec.error
+    assert rec.model_dir and len(events) == 2

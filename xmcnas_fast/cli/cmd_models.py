@@ -46,17 +46,20 @@ def check_tfidf_flags(args, kind: str) -> None:
 
 
 def train_config(args):
-    """TrainConfig: the preset's known-good settings, then the flags given."""
-    import torch
-
+    """TrainConfig: the preset's known-good settings, then the flags given (where it runs, --device and
+    --threads, is no setting: train_model is told)."""
     from ..model import PRESET_TRAINING
     from ..train import TrainConfig
 
     given = {TRAIN_FLAGS[k]: v for k, v in pick(args, TRAIN_FLAGS).items()}
-    tcfg = TrainConfig(**{**PRESET_TRAINING.get(args.arch, {}), **given,
-                          **pick(args, ["seed", "max_minutes", "threads", "max_len"])})
-    tcfg.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return tcfg
+    return TrainConfig(**{**PRESET_TRAINING.get(args.arch, {}), **given,
+                          **pick(args, ["seed", "max_minutes", "max_len"])})
+
+
+def train_device(args) -> str:
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def word_vectors(args, data, seed: int, out):
@@ -75,15 +78,15 @@ def cmd_train(args) -> int:
 
     out = console(args.quiet)
     mcfg, name = model_config(args)
-    tcfg = train_config(args)
+    tcfg, device = train_config(args), train_device(args)
     data = load_data(args.dataset, out, **data_kwargs(args))
     vectors = word_vectors(args, data, tcfg.seed, out)
     model = build_model(mcfg, len(data.vocab), data.num_labels, vectors=vectors, seed=tcfg.seed)
     if mcfg.kind == "tfidf-mlp":
         model.fit(data.train.token_ids, data.train.offsets)
     out.print(f"[bold]{name}[/bold]: {count_parameters(model):,} parameters, "
-              f"{len(data.train)} training documents, {data.num_labels} labels, device {tcfg.device}")
-    rec = train_with_progress(model, data, tcfg, out, args.quiet).record
+              f"{len(data.train)} training documents, {data.num_labels} labels, device {device}")
+    rec = train_with_progress(model, data, tcfg, out, args.quiet, device=device, threads=args.threads).record
     if rec["status"] not in ("ok", "stopped"):
         raise CLIError(f"training failed: {rec['status']}: {rec.get('error')}")
     path = args.out or os.path.join("models", name)
@@ -104,7 +107,7 @@ def print_training(out, rec: dict, path: str) -> None:
     out.print(f"saved: {path}", soft_wrap=True)
 
 
-def train_with_progress(model, data, tcfg, out, quiet: bool):
+def train_with_progress(model, data, tcfg, out, quiet: bool, *, device="cpu", threads=None):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..train import train_model
@@ -123,7 +126,7 @@ def train_with_progress(model, data, tcfg, out, quiet: bool):
             if not out.is_terminal and not quiet:
                 out.print(f"step {step}: {info}")
 
-        return train_model(model, data, tcfg, report=report)
+        return train_model(model, data, tcfg, device=device, threads=threads, on_progress=report)
 
 
 # ---- evaluate / predict -----------------------------------------------------------------------------
