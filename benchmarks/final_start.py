@@ -27,9 +27,13 @@ def train_best(run_path: str, mode: str, minutes: float, width: int, seed: int, 
     import torch
 
     from xmcnas_fast.candidate import train_candidate, worker_init
+    from xmcnas_fast.contract import CandidateTask, ParentWeights
+    from xmcnas_fast.fitness import ranked
+    from xmcnas_fast.model import ModelConfig
     from xmcnas_fast.runs import Run
     from xmcnas_fast.scheduler.task import WorkerContext
-    from xmcnas_fast.search import load_data, ranked
+    from xmcnas_fast.search import load_data
+    from xmcnas_fast.train import TrainConfig
 
     torch.set_num_threads(1)
     run = Run.open(run_path)
@@ -37,23 +41,25 @@ def train_best(run_path: str, mode: str, minutes: float, width: int, seed: int, 
     data = load_data(cfg["data"])
     best = ranked({r["id"]: r for r in run.history.records})[0]
     model = dict(cfg["model"], genotype=best["genotype"])
-    train = dict(cfg["train"], max_steps=None, max_epochs=epochs, max_minutes=minutes, seed=seed, threads=1,
+    train = dict(cfg["train"], max_steps=None, max_epochs=epochs, max_minutes=minutes, seed=seed,
                  lr_schedule=lr_schedule)
+    parent = None
+    if mode == "continue":
+        if not best.get("model_dir"):
+            raise SystemExit(f"{run_path}: the best candidate's bundle was not kept")
+        parent = ParentWeights(best["id"], best["genotype"], best["model_dir"])
+    else:
+        model.update(width=width, emb_dim=width, fc=[width])
     with tempfile.TemporaryDirectory() as tmp:
-        payload = {"model": model, "train": train, "model_dir": os.path.join(tmp, "m"), "save_above": math.inf}
-        if mode == "continue":
-            if not best.get("model_dir"):
-                raise SystemExit(f"{run_path}: the best candidate's bundle was not kept")
-            payload["parent"] = {"id": best["id"], "genotype": best["genotype"], "model_dir": best["model_dir"]}
-        else:
-            model.update(width=width, emb_dim=width, fc=[width])
+        task = CandidateTask(model=ModelConfig.from_dict(model), train=TrainConfig.from_dict(train),
+                             model_dir=os.path.join(tmp, "m"), save_above=math.inf, parent=parent, threads=1)
         ctx = WorkerContext(device=torch.device("cpu"), shared=worker_init(data.cache_path, None), task_id="final",
                             worker="cpu", attempt=1, deadline=None, emit=lambda *a: None, stopped=lambda: False)
-        rec = train_candidate(payload, ctx)
+        rec = train_candidate(task, ctx)
     return {"run": run_path, "mode": mode, "candidate": best["id"], "candidate valid P@5": best["fitness"],
-            "valid P@5": rec["valid"]["P@5"], "test P@1": rec["test"]["P@1"], "test P@5": rec["test"]["P@5"],
-            "steps": rec["steps"], "width": model["width"], "lr_schedule": lr_schedule,
-            "inherited": (rec.get("inherited") or {}).get("parts")}
+            "valid P@5": rec.valid["P@5"], "test P@1": rec.test["P@1"], "test P@5": rec.test["P@5"],
+            "steps": rec.steps, "width": model["width"], "lr_schedule": lr_schedule,
+            "inherited": (rec.inherited or {}).get("parts")}
 
 
 def main(argv=None) -> int:

@@ -68,7 +68,7 @@ def figures_of(run) -> dict:
     """What one finished search scored: its best candidate (by the budget its figure comes from, then
     validation P@5) and its final model, P@5 on validation and test, and children's steps to their
     parent's validation P@5."""
-    from xmcnas_fast.search import ranked
+    from xmcnas_fast.fitness import ranked
 
     records = {r["id"]: r for r in run.history.records}
     best = (ranked(records) or [{}])[0]
@@ -91,7 +91,8 @@ def figures_of(run) -> dict:
 
 def run_arm(arm: str, seed: int, args, extra: dict) -> dict:
     from xmcnas_fast.runs import Run
-    from xmcnas_fast.search import make_config, run_search
+    from xmcnas_fast.config import make_config
+    from xmcnas_fast.search import run_search
 
     cfg = make_config(args.budget, dataset=args.dataset,
                       overrides=merged(ARMS[arm], extra, {"search": {"seed": seed}}))

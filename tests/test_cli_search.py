@@ -12,7 +12,7 @@ from xmcnas_fast.cli import main
 from xmcnas_fast.cli.cmd_search import header, print_summary
 from xmcnas_fast.cli.common import console, program
 from xmcnas_fast.runs import JsonLog, Run
-from xmcnas_fast.search import make_config
+from xmcnas_fast.config import make_config
 
 TINY = ["--population", "3", "--cycles", "2", "--sample", "2", "--max-depth", "2", "--max-steps", "4",
         "--eval-every", "2", "--width", "8", "--emb-dim", "8", "--fc", "8", "--max-len", "24", "--valid", "60",
@@ -52,6 +52,38 @@ def test_bad_devices_are_refused_before_the_run_is_created(tmp_path, debtags_sli
     args = ["search", "--dataset", debtags_slice, "--runs-dir", str(runs), "--name", "x", *TINY]
     assert main([*args, "--devices", "tpu:3"]) == 2
     assert "tpu" in capsys.readouterr().err and not runs.exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+def test_cuda_with_ray_is_placed_on_the_clusters_gpus_not_refused_for_this_machines(tmp_path, debtags_slice,
+                                                                                     capsys, monkeypatch):
+    """This machine has no GPU: `--devices cuda` is refused with the local backend, but with Ray the
+    workers run on the cluster's GPUs, so the spec reaches the scheduler, which places it there."""
+    import importlib.util
+
+    from xmcnas_fast.scheduler import ray_backend
+
+    runs = tmp_path / "runs"
+    args = ["search", "--dataset", debtags_slice, "--runs-dir", str(runs), *TINY, "--devices", "cuda"]
+    assert main([*args, "--name", "local", "--backend", "local"]) == 2
+    assert "--devices cuda: device 'cuda': no CUDA GPU is visible" in capsys.readouterr().err
+    assert not runs.exists()
+
+    class ClusterReached(Exception):
+        pass
+
+    placed = []
+
+    def open_on_a_cluster_of_two_gpus(make_specs, retries_on_death):
+        placed.extend(make_specs(gpu_count=lambda: 2))
+        raise ClusterReached
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "ray" else real(name, *a))
+    monkeypatch.setattr(ray_backend, "open_ray_scheduler", open_on_a_cluster_of_two_gpus)
+    with pytest.raises(ClusterReached):
+        main([*args, "--name", "ray", "--backend", "ray"])
+    assert [(s.label, s.device, s.share) for s in placed] == [("cuda:0", "cuda:0", 1), ("cuda:1", "cuda:1", 1)]
 
 
 def test_the_ray_backend_without_ray_is_one_line_before_anything_is_created(tmp_path, debtags_slice, capsys,

@@ -155,33 +155,36 @@ def test_predict_holds_no_host_conversion(data, gpu_like, tmp_path):
 
 
 def test_a_search_candidate_holds_no_host_conversion(data, gpu_like, tmp_path):
-    from xmcnas_fast.search import train_candidate
+    from xmcnas_fast.candidate import train_candidate
+    from xmcnas_fast.contract import CandidateTask
 
     events = []
     ctx = types.SimpleNamespace(shared={"data": data, "vectors": None}, device=torch.device("cpu"),
                                 report=lambda **kw: events.append(kw), should_stop=lambda: False)
-    payload = {"model": small_dag([["maxpool3", 0], ["bilstm", 1]]).to_dict(),
-               "train": TrainConfig(max_steps=4, eval_every=2, batch_size=16).to_dict(),
-               "model_dir": str(tmp_path / "m"), "save_above": -1.0}
-    rec = train_candidate(payload, ctx)
-    assert rec["status"] == "ok", rec["error"]
-    assert rec["model_dir"] and len(events) == 2
+    task = CandidateTask(model=small_dag([["maxpool3", 0], ["bilstm", 1]]),
+                         train=TrainConfig(max_steps=4, eval_every=2, batch_size=16),
+                         model_dir=str(tmp_path / "m"), save_above=-1.0)
+    rec = train_candidate(task, ctx)
+    assert rec.status == "ok", rec.error
+    assert rec.model_dir and len(events) == 2
 
 
-def test_a_fused_model_trains_evaluates_and_predicts_with_no_host_conversion(data, gpu_like, tmp_path):
+def test_a_fused_candidate_trains_evaluates_and_predicts_with_no_host_conversion(data, gpu_like, tmp_path):
     """The lexical part stays on the host: its top lists go to the device, the network's scores never
     come back (fusion, ranking and metrics on the device)."""
-    from xmcnas_fast.lexical import Fusion, LexicalSettings, TreeSettings, cached_stage
-    from xmcnas_fast.train import LexicalLists
+    from xmcnas_fast.contract import CandidateTask, LexicalPart
+    from xmcnas_fast.lexical import LexicalSettings, TreeSettings, cached_stage
+    from xmcnas_fast.candidate import train_candidate
 
     stage = cached_stage(data, LexicalSettings(tree=TreeSettings(max_leaves=20), top_k=8), cache_dir=tmp_path / "c")
-    mcfg = small_dag([["conv3", 0]])
-    model = build_model(mcfg, len(data.vocab), data.num_labels, seed=0)
-    lists = LexicalLists(stage.split_topk("valid"), stage.split_topk("test"))
-    res = train_model(model, data, TrainConfig(max_steps=4, eval_every=2, batch_size=16, seed=0), lexical=lists)
-    assert res.record["status"] == "ok", res.record["error"]
-    assert res.record["fused"]["test"]["P@1"] >= 0
-    bundle = load_bundle(save_bundle(str(tmp_path / "b"), model, mcfg, data, lexical=stage.folder,
-                                     fusion=Fusion.from_dict(res.record["fused"]["fusion"])))
+    ctx = types.SimpleNamespace(shared={"data": data, "vectors": None}, device=torch.device("cpu"),
+                                report=lambda **kw: None, should_stop=lambda: False)
+    task = CandidateTask(model=small_dag([["conv3", 0]]), train=TrainConfig(max_steps=4, eval_every=2, batch_size=16),
+                         model_dir=str(tmp_path / "m"), save_above=-1.0, lexical=LexicalPart(stage.folder))
+    rec = train_candidate(task, ctx)
+    assert rec.status == "ok", rec.error
+    assert rec.fused["test"]["P@1"] >= 0 and rec.fused["fusion"]["method"] == "weighted"
+    bundle = load_bundle(rec.model_dir)
+    assert bundle.lexical is not None
     top = bundle.predict(["a text editor for the terminal", ""], k=3)
     assert [len(t) for t in top] == [3, 3]

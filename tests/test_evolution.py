@@ -26,12 +26,12 @@ def run(strategy, workers=1, score=lambda c: fitness(c.genotype), proposed_after
             if proposed_after is not None:
                 proposed_after[c.id] = len(strategy.history)
             if c.reused_from is not None:
-                strategy.report(c.id, c.fitness)
+                strategy.tell(c.id, c.fitness)
             else:
                 in_flight.append(c)
         if in_flight:
             c = in_flight.pop(0)
-            strategy.report(c.id, score(c))
+            strategy.tell(c.id, score(c))
     return strategy.history
 
 
@@ -74,7 +74,7 @@ def test_parent_is_the_best_of_the_tournament():
             assert all(s in evo.population for s in sample)
             assert evo.candidates[c.parent].fitness == max(s.fitness for s in sample)
             checked += 1
-        evo.report(c.id, fitness(c.genotype) if c.reused_from is None else c.fitness)
+        evo.tell(c.id, fitness(c.genotype) if c.reused_from is None else c.fitness)
     assert checked >= 35
 
 
@@ -117,7 +117,7 @@ def test_breeds_from_the_first_reported_member_and_waits_when_none_is_back():
     initial = [evo.propose() for _ in range(3)]
     assert all(c.parent is None for c in initial)
     assert evo.propose() is None                         # the whole population is in flight
-    evo.report(initial[1].id, 0.3)
+    evo.tell(initial[1].id, 0.3)
     child = evo.propose()
     assert child.id == 3 and child.parent == initial[1].id
 
@@ -160,7 +160,7 @@ def test_a_failed_candidate_wins_only_a_tournament_of_failed_ones():
                 won += 1
             lost += any(s.fitness is None for s in sample) and parent.fitness is not None
         ok = c.id % 3 == 0
-        evo.report(c.id, c.fitness if c.reused_from is not None else fitness(c.genotype) if ok else None)
+        evo.tell(c.id, c.fitness if c.reused_from is not None else fitness(c.genotype) if ok else None)
     assert lost > 0 and won > 0
 
 
@@ -180,10 +180,11 @@ def test_random_strategy_and_errors():
     history = run(rs)
     assert len(history) == 10 and all(c.parent is None for c in history)
     assert rs.population == history
+    assert rs.parents == []     # every draw is random: no bundle is kept for a child to come
     with pytest.raises(ValueError):
         make_strategy("annealing")
-    with pytest.raises(ValueError, match="reported twice"):
-        rs.report(history[0].id, 0.5)
+    with pytest.raises(ValueError, match="told twice"):
+        rs.tell(history[0].id, 0.5)
 
 
 def test_misspelled_or_inapplicable_settings_are_refused():
@@ -205,7 +206,7 @@ def test_a_child_whose_mutations_are_all_in_flight_is_a_recorded_random_stand_in
     # neighbourhood (at most 23 networks for max_depth 2) is taken, then random draws stand in
     evo = RegularizedEvolution(population_size=1, cycles=40, sample_size=1, seed=0, max_depth=2)
     first = evo.propose()
-    evo.report(first.id, 0.5)
+    evo.tell(first.id, 0.5)
     proposed = [evo.propose() for _ in range(30)]
     children = [c for c in proposed if c.parent is not None]
     stand_ins = [c for c in proposed if c.stands_in_for is not None]

@@ -1,4 +1,4 @@
-"""A model is the same function on every device (DESIGN.md "Precision"): a preset trained for a fixed
+"""A model is the same function on every device (docs/design.md "Precision"): a preset trained for a fixed
 number of steps with one seed reaches, on CUDA (bf16 autocast, recurrent layers in float32), a
 validation P@5 within 1 point of the CPU's (float32). Run on a GPU machine with --run-slow."""
 import numpy as np
@@ -35,9 +35,8 @@ def train_on(device: str, data) -> dict:
     for k, v in SHAPE.items():
         setattr(cfg, k, v)
     model = build_model(cfg, len(data.vocab), data.num_labels, seed=0)
-    tcfg = TrainConfig(max_steps=STEPS, eval_every=STEPS, batch_size=BATCH, seed=0, device=device,
-                       patience=10**6)
-    rec = train_model(model, data, tcfg, evaluate_test=False).record
+    tcfg = TrainConfig(max_steps=STEPS, eval_every=STEPS, batch_size=BATCH, seed=0, patience=10**6)
+    rec = train_model(model, data, tcfg, device=device, evaluate_test=False).record
     assert rec["status"] == "ok", rec["error"]
     return rec
 

@@ -1,4 +1,4 @@
-"""The precision policy (DESIGN.md "Precision"), checked on the CPU under bf16 autocast.
+"""The precision policy (docs/design.md "Precision"), checked on the CPU under bf16 autocast.
 
 Under autocast every DAG node hands the next one, and the head, states of one dtype (autocast's);
 recurrent layers compute in RNN_DTYPE with autocast off; nothing runs in float16.
@@ -138,7 +138,7 @@ def test_a_model_still_learns_under_bf16_autocast(data):
                        precision="bf16")
 
     def train():
-        train_model(model, small, tcfg, report=lambda **f: losses.append(f["loss"]), evaluate_test=False)
+        train_model(model, small, tcfg, on_progress=lambda **f: losses.append(f["loss"]), evaluate_test=False)
 
     seen = dtypes_seen(model, train)
     assert set(seen["encoder"]) == set(seen["head"]) == {torch.bfloat16}
@@ -152,8 +152,13 @@ def test_precision_settings():
 
     assert autocast_dtype("auto", "cuda") == torch.bfloat16 and autocast_dtype("auto", "cpu") is None
     assert autocast_dtype("bf16", "cpu") == torch.bfloat16 and autocast_dtype("fp32", "cuda") is None
-    assert TrainConfig.from_dict({"amp": False}).precision == "fp32"      # a config from before `precision`
-    assert TrainConfig.from_dict({"amp": True}).precision == "auto"
+    from xmcnas_fast.bundle import migrate_bundle_config
+    from xmcnas_fast.config import migrate
+
+    for amp, precision in ((False, "fp32"), (True, "auto")):      # configs from before `precision`
+        assert TrainConfig.from_dict(migrate({"version": 1, "train": {"amp": amp}})["train"]).precision == precision
+        bundle = migrate_bundle_config({"format": 1, "train": {"amp": amp, "device": "cpu"}})
+        assert TrainConfig.from_dict(bundle["train"]).precision == precision and "device" not in bundle["train"]
     with pytest.raises(ValueError, match="precision 'fp16'"):
         TrainConfig.from_dict({"precision": "fp16"})
 

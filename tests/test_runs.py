@@ -68,3 +68,26 @@ def test_a_run_that_never_proposed_a_candidate_is_taken_over(tmp_path):
     run.proposals.append({"id": 0})
     with pytest.raises(RunError, match=f"resume it with --resume {path}"):
         Run.create(path, {"dataset": "other"})
+
+
+def test_keep_models_never_deletes_the_final_model_nor_a_bundle_being_written(tmp_path):
+    run = Run.create(str(tmp_path / "r"), {"x": 1})
+    models = tmp_path / "r" / "models"
+    for name in ("final", "cand-1", "cand-2", ".tmp-bundle-x1"):
+        (models / name).mkdir()
+    run.keep_models({2})     # every candidate saves a bundle when inheriting: a worker may be writing one now
+    assert sorted(p.name for p in models.iterdir()) == [".tmp-bundle-x1", "cand-2", "final"]
+    run.remove_stray_files()     # at the start of a search, before any worker: what a kill left half-written
+    assert sorted(p.name for p in models.iterdir()) == ["cand-2", "final"]
+    assert run.final() is None
+    run.set_final({"id": "final", "of": 2})
+    assert Run.open(run.path).final() == {"id": "final", "of": 2}
+
+
+def test_keep_models_says_which_records_lost_their_bundle(tmp_path):
+    run = Run.create(str(tmp_path / "r"), {"x": 1})
+    for i in (1, 2):
+        (tmp_path / "r" / "models" / f"cand-{i}").mkdir()
+        run.history.append({"id": i, "model_dir": run.model_dir(i)})
+    assert run.keep_models({2}) == [1] and run.keep_models({2}) == []
+    assert [r.get("model_dir") for r in JsonLog(run.history.path).records] == [None, run.model_dir(2)]

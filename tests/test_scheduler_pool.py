@@ -118,7 +118,6 @@ def test_several_slots_on_one_gpu_each_take_a_task():
     assert [results[f"t{i}"].value["y"] for i in range(4)] == [0, 1, 4, 9]
     assert {r.device for r in results.values()} == set(pool.devices)
     assert {r.value["device"] for r in results.values()} == {"cuda:0"}
-    assert len(set(pids_by_label(pool).values())) == 3   # a process each
     assert pool.free_slots() == 3 and pool.shutdown() == []
 
 

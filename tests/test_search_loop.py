@@ -8,10 +8,13 @@ import types
 import pytest
 
 from xmcnas_fast import search
+from xmcnas_fast.config import make_config, strategy_of
+from xmcnas_fast.contract import CandidateResult
 from xmcnas_fast.evolution import make_strategy
 from xmcnas_fast.runs import Run
 from xmcnas_fast.scheduler import TaskResult
-from xmcnas_fast.search import make_config, replay, run_search
+from xmcnas_fast.search import run_search
+from xmcnas_fast.search_loop import replay, training_seed
 from xmcnas_fast.space import Genotype
 
 
@@ -26,7 +29,9 @@ class ScoringScheduler:
 
     def __init__(self, workers: int, stop_after=None):
         self.workers, self.stop_after, self.returned = workers, stop_after, 0
+        self.devices = [f"cpu#{k}" for k in range(workers)]
         self.queue: list = []
+        self.seeds: dict = {}      # candidate id -> the training seed its task asked for
 
     def __enter__(self):
         return self
@@ -37,8 +42,9 @@ class ScoringScheduler:
     def free_slots(self):
         return self.workers - len(self.queue)
 
-    def submit(self, task_id, fn, payload):
-        self.queue.append((task_id, payload))
+    def submit(self, task_id, fn, task):
+        self.queue.append((task_id, task))
+        self.seeds[task_id] = task.train.seed
 
     def running(self):
         return {task_id: "cpu" for task_id, _ in self.queue}
@@ -46,10 +52,10 @@ class ScoringScheduler:
     def poll(self, timeout=None):
         if self.stop_after is not None and self.returned >= self.stop_after:
             raise KeyboardInterrupt
-        task_id, payload = self.queue.pop(0)
+        task_id, task = self.queue.pop(0)
         self.returned += 1
-        rec = {"status": "ok", "valid": {"P@5": score(payload["model"]["genotype"])}, "seed": payload["train"]["seed"]}
-        return [TaskResult(task_id, "ok", value=rec, device="cpu")]
+        result = CandidateResult("ok", valid={"P@5": score(task.model.genotype)})
+        return [TaskResult(task_id, "ok", value=result, device="cpu")]
 
 
 def search_with(monkeypatch, tmp_path, name, workers, stop_after=None, run=None):
@@ -59,13 +65,14 @@ def search_with(monkeypatch, tmp_path, name, workers, stop_after=None, run=None)
                                          "lexical": {"enabled": False}})
     run = run or Run.create(str(tmp_path / name), cfg)
     monkeypatch.setattr(search, "load_data", lambda data_cfg: types.SimpleNamespace(cache_path=None))
-    monkeypatch.setattr(search, "make_scheduler", lambda *a, **kw: ScoringScheduler(workers, stop_after))
+    sched = ScoringScheduler(workers, stop_after)
+    monkeypatch.setattr(search, "make_scheduler", lambda *a, **kw: sched)
     monkeypatch.setattr(search, "make_strategy", functools.partial(make_strategy, max_redraws=2))
-    return run, run_search(run)
+    return run, run_search(run), sched
 
 
 def test_the_whole_budget_is_recorded_with_stand_ins_under_many_workers(monkeypatch, tmp_path):
-    run, outcome = search_with(monkeypatch, tmp_path, "r", workers=8)
+    run, outcome, _ = search_with(monkeypatch, tmp_path, "r", workers=8)
     recs = run.history.records
     assert not outcome.interrupted and outcome.finished == outcome.total == 40
     assert sorted(r["id"] for r in recs) == list(range(40))
@@ -77,16 +84,17 @@ def test_the_whole_budget_is_recorded_with_stand_ins_under_many_workers(monkeypa
 
 
 def test_each_candidate_trains_with_its_own_seed(monkeypatch, tmp_path):
-    run, _ = search_with(monkeypatch, tmp_path, "r", workers=3)
-    seeds = [r["seed"] for r in run.history.records if r["reused_from"] is None]
-    assert len(set(seeds)) == len(seeds)
-    assert all(r["seed"] == search.training_seed(0, r["id"]) for r in run.history.records if "seed" in r)
+    run, _, sched = search_with(monkeypatch, tmp_path, "r", workers=3)
+    seeds = {int(k): v for k, v in sched.seeds.items() if k != "final"}
+    trained = [r["id"] for r in run.history.records if r["reused_from"] is None]
+    assert sorted(seeds) == sorted(trained) and len(set(seeds.values())) == len(seeds)
+    assert all(seed == training_seed(0, cand_id) for cand_id, seed in seeds.items())
 
 
 def test_replay_brings_a_fresh_strategy_to_the_state_of_the_stopped_one(monkeypatch, tmp_path):
-    run, outcome = search_with(monkeypatch, tmp_path, "r", workers=8, stop_after=25)
+    run, outcome, _ = search_with(monkeypatch, tmp_path, "r", workers=8, stop_after=25)
     assert outcome.interrupted and outcome.finished >= 25
-    a, b = search._strategy(run.config), search._strategy(run.config)
+    a, b = (strategy_of(run.config, functools.partial(make_strategy, max_redraws=2)) for _ in range(2))
     unfinished = replay(a, Run.open(run.path))
     assert len(unfinished) == len(run.proposals.records) - len(run.history.records) > 0
     replay(b, Run.open(run.path))
@@ -99,9 +107,9 @@ def test_replay_brings_a_fresh_strategy_to_the_state_of_the_stopped_one(monkeypa
 
 
 def test_a_stopped_search_resumes_to_the_same_history(monkeypatch, tmp_path):
-    ref, _ = search_with(monkeypatch, tmp_path, "ref", workers=8)
-    run, _ = search_with(monkeypatch, tmp_path, "stopped", workers=8, stop_after=25)
-    _, outcome = search_with(monkeypatch, tmp_path, None, workers=8, run=Run.open(run.path))
+    ref, _, _ = search_with(monkeypatch, tmp_path, "ref", workers=8)
+    run, _, _ = search_with(monkeypatch, tmp_path, "stopped", workers=8, stop_after=25)
+    _, outcome, _ = search_with(monkeypatch, tmp_path, None, workers=8, run=Run.open(run.path))
     assert not outcome.interrupted and outcome.finished == 40
     key = ("id", "hash", "parent", "stands_in_for", "reused_from", "fitness")
     assert [[r[k] for k in key] for r in Run.open(run.path).history.records] == \

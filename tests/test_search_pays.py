@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from xmcnas_fast.candidate import inherit_from
+from xmcnas_fast.config import make_config
+from xmcnas_fast.contract import CandidateResult, ParentWeights
 from xmcnas_fast.evolution import RegularizedEvolution
 from xmcnas_fast.final import final_settings, final_wins, search_deadline, stretch
 from xmcnas_fast.model import ModelConfig, build_model, inherit_weights
+from xmcnas_fast.records import steps_to_reach
 from xmcnas_fast.runs import Run
-from xmcnas_fast.search import make_config, steps_to_reach
 from xmcnas_fast.space import Genotype
 from xmcnas_fast.train import TrainConfig, train_model
 
@@ -62,19 +64,19 @@ def test_promotion_compares_short_figures_of_the_population_only():
     assert evo.promotion_threshold(1 / 3) == -math.inf      # nothing to compare with yet: it goes on
     for fig in (0.30, 0.20, 0.25):
         c = evo.propose()
-        evo.report(c.id, fig, rung=0, short_fitness=fig)
+        evo.tell(c.id, fig, rung=0, short_fitness=fig)
     assert evo.promotion_threshold(1 / 3) == 0.30            # top ceil(3/3) = 1 of 3
     assert evo.promotion_threshold(2 / 3) == 0.25
     c = evo.propose()
-    evo.report(c.id, 0.26, rung=1, short_fitness=0.31)       # promoted: its full figure is not a short one
+    evo.tell(c.id, 0.26, rung=1, short_fitness=0.31)       # promoted: its full figure is not a short one
     assert evo.promotion_threshold(1 / 2) == 0.30
 
 
 def test_a_full_budget_figure_ranks_above_any_short_one():
     evo = RegularizedEvolution(population_size=2, cycles=0, sample_size=2, seed=0)
     a, b = evo.propose(), evo.propose()
-    evo.report(a.id, 0.40, rung=0, short_fitness=0.40)
-    evo.report(b.id, 0.35, rung=1, short_fitness=0.33)
+    evo.tell(a.id, 0.40, rung=0, short_fitness=0.40)
+    evo.tell(b.id, 0.35, rung=1, short_fitness=0.33)
     assert evo.best() is b
 
 
@@ -105,10 +107,10 @@ def test_the_worker_records_what_it_inherited_and_trains_from_it(data, tmp_path)
     train_model(parent, data, tcfg())
     save_bundle(str(tmp_path / "cand-0"), parent, parent.cfg, data)
     child = model_of(data, [["conv3", 0], ["conv1", 1]], seed=2)
-    got = inherit_from(child, {"id": 0, "genotype": parent.genotype.to_dict(), "model_dir": str(tmp_path / "cand-0")})
+    got = inherit_from(child, ParentWeights(0, parent.genotype.to_dict(), str(tmp_path / "cand-0")))
     assert got == {"from": 0, "parts": ["embedding", "node1", "head"]}
     assert torch.equal(child.encoder.nodes[0].conv.weight, parent.encoder.nodes[0].conv.weight)
-    gone = inherit_from(child, {"id": 3, "genotype": parent.genotype.to_dict(), "model_dir": str(tmp_path / "x")})
+    gone = inherit_from(child, ParentWeights(3, parent.genotype.to_dict(), str(tmp_path / "x")))
     assert gone == {"from": 3, "parts": []} and inherit_from(child, None) is None
 
 
@@ -171,10 +173,10 @@ class _OneTask:
     """A scheduler that runs nothing: the final training's result is the one given."""
 
     def __init__(self, value):
-        self.value, self.payload = value, None
+        self.value, self.task = value, None
 
-    def submit(self, task_id, fn, payload):
-        self.payload = payload
+    def submit(self, task_id, fn, task):
+        self.task = task
 
     def running(self):
         return {"final": "cpu#0"}
@@ -191,7 +193,7 @@ def _search_with_one_candidate(tmp_path, fitness):
     run = Run.create(str(tmp_path / "r"), make_config("demo"))
     strategy = RegularizedEvolution(population_size=2, cycles=0, sample_size=2, seed=0)
     c = strategy.propose()
-    strategy.report(c.id, fitness)
+    strategy.tell(c.id, fitness)
     os.makedirs(run.model_dir(c.id))
     rec = {"id": c.id, "genotype": c.genotype.to_dict(), "fitness": fitness, "model_dir": run.model_dir(c.id),
            "valid": {"P@5": fitness}, "elapsed": 200.0}
@@ -203,30 +205,17 @@ def _search_with_one_candidate(tmp_path, fitness):
 @pytest.mark.parametrize("final_p5, result", [(0.30, "candidate"), (0.36, "final")])
 def test_a_final_model_below_its_candidate_is_recorded_but_not_made_the_result(tmp_path, final_p5, result):
     search, run, strategy, c = _search_with_one_candidate(tmp_path, 0.35)
-    sched = _OneTask({"status": "ok", "valid": {"P@5": final_p5}, "test": {"P@5": final_p5}, "steps": 9})
-    sched.value["model_dir"] = run.final_dir()
-    out = search.run_final(run, strategy, sched, search._Silent(), devices="cpu")
-    assert sched.payload["parent"] == {"id": c.id, "genotype": c.genotype.to_dict(), "model_dir": run.model_dir(c.id)}
+    sched = _OneTask(CandidateResult("ok", valid={"P@5": final_p5}, test={"P@5": final_p5}, steps=9,
+                                     model_dir=run.final_dir()))
+    out = search.run_final(run, strategy, sched, search._Silent(), threads=2)
+    assert sched.task.parent == ParentWeights(c.id, c.genotype.to_dict(), run.model_dir(c.id))
+    assert sched.task.threads == 2 and sched.task.model_dir == run.final_dir()
     assert out["chosen"] == (result == "final") and run.final()["chosen"] == out["chosen"]
     assert out["of"] == c.id and out["candidates"] == 1 and out["fitness"] == final_p5
     assert run.best()["id"] == ("final" if result == "final" else c.id)
     # on resume the recorded final training is not run again, and the result stays what it was
-    again = search.run_final(run, strategy, None, search._Silent(), devices="cpu")
+    again = search.run_final(run, strategy, None, search._Silent())
     assert again == out and run.best()["id"] == ("final" if result == "final" else c.id)
-
-
-def test_keep_models_never_deletes_the_final_model_nor_a_bundle_being_written(tmp_path):
-    run = Run.create(str(tmp_path / "r"), {"x": 1})
-    models = tmp_path / "r" / "models"
-    for name in ("final", "cand-1", "cand-2", ".tmp-bundle-x1"):
-        (models / name).mkdir()
-    run.keep_models({2})     # every candidate saves a bundle when inheriting: a worker may be writing one now
-    assert sorted(p.name for p in models.iterdir()) == [".tmp-bundle-x1", "cand-2", "final"]
-    run.remove_stray_files()     # at the start of a search, before any worker: what a kill left half-written
-    assert sorted(p.name for p in models.iterdir()) == ["cand-2", "final"]
-    assert run.final() is None
-    run.set_final({"id": "final", "of": 2})
-    assert Run.open(run.path).final() == {"id": "final", "of": 2}
 
 
 def test_an_old_run_without_a_final_section_has_no_final_phase(monkeypatch, tmp_path):
@@ -234,24 +223,10 @@ def test_an_old_run_without_a_final_section_has_no_final_phase(monkeypatch, tmp_
 
     cfg = make_config("demo")
     del cfg["final"]
+    cfg["version"] = 1          # as written before the final phase existed
     run = Run.create(str(tmp_path / "old"), cfg)
     strategy = types.SimpleNamespace(best=lambda: types.SimpleNamespace(id=0))
-    assert search.run_final(run, strategy, sched=None, progress=None, devices="cpu") is None
-
-
-def test_analysis_compares_children_that_inherited_with_those_that_did_not():
-    from xmcnas_fast.analysis import inheritance
-
-    recs = [{"id": 0, "parent": None, "fitness": 0.3},
-            {"id": 1, "parent": 0, "fitness": 0.32, "inherited": {"from": 0, "parts": ["embedding"]},
-             "steps_to_parent": 100},
-            {"id": 2, "parent": 0, "fitness": 0.34, "inherited": {"from": 0, "parts": ["head"]}, "steps_to_parent": 300},
-            {"id": 3, "parent": 1, "fitness": 0.28, "inherited": {"from": 1, "parts": []}, "steps_to_parent": None},
-            {"id": 4, "parent": 1, "fitness": 0.33, "steps_to_parent": 500}]
-    got = inheritance(recs)
-    assert got["inherited"] == {"children": 2, "reached": 2, "median_steps": 200, "mean_p5": pytest.approx(0.33)}
-    assert got["from scratch"] == {"children": 2, "reached": 1, "median_steps": 500,
-                                   "mean_p5": pytest.approx(0.305)}
+    assert search.run_final(Run.open(run.path), strategy, sched=None, progress=None) is None
 
 
 def test_short_run_settings_no_search_can_use_are_refused_up_front():

@@ -66,7 +66,7 @@ def test_overfits_a_tiny_training_set(data):
     losses = []
     res = train_model(model, small, TrainConfig(max_steps=300, max_epochs=1000, eval_every=10, batch_size=8,
                                                 lr=1e-2, patience=1000),
-                      report=lambda **f: losses.append(f["loss"]), evaluate_test=False)
+                      on_progress=lambda **f: losses.append(f["loss"]), evaluate_test=False)
     assert res.record["status"] == "ok" and res.record["steps"] == 300
     assert losses[-1] < 0.1 * losses[0]
     assert evaluate(model, tiny, data.num_labels)["P@1"] == 1.0
@@ -186,7 +186,7 @@ def test_best_weights_are_a_copy_and_only_a_strictly_better_p5_replaces_them():
     best.update(model, {"P@1": 0.9, "P@5": 0.2}, step=2, epoch=1)       # as good is not better
     assert (best.step, best.stale) == (1, 1) and torch.equal(best.state["weight"], kept)
     best.update(model, {"P@1": 0.1, "P@5": 0.3}, step=3, epoch=2)
-    assert (best.step, best.stale, best.p5) == (3, 0, 0.3) and torch.equal(best.state["weight"], model.weight)
+    assert (best.step, best.stale, best.figure) == (3, 0, 0.3) and torch.equal(best.state["weight"], model.weight)
     assert best.curve == [[1, 1, 0.5, 0.2], [2, 1, 0.9, 0.2], [3, 2, 0.1, 0.3]] and best.evaluated_at(3)
 
 

@@ -5,17 +5,18 @@ type and by position (does the node read the embedding?), the mean validation
 P@5 by number of layers, and the best architectures drawn with their weights.
 Weights are compared raw and as a share of the candidate's total |w|
 (candidates differ in depth, so shares compare better across them).
+
+This module computes and writes files; `xmcnas-fast analyze` (cli/cmd_inspect.py) shows it.
 """
 from __future__ import annotations
 
 import os
-import shlex
 import statistics
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Optional
 
-from rich.text import Text
-
+from .fitness import ranked
 from .space import OPERATIONS, Genotype
 
 PLOT_INSTALL_HINT = "PNG plots need matplotlib: pip install 'xmcnas-fast[plot]'"
@@ -97,94 +98,61 @@ def to_dot(g: Genotype, weights: Optional[list] = None, title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _fmt(x, pct=False):
-    if x is None:
-        return "-"
-    return f"{100 * x:.2f}" if pct else f"{x:+.3f}"
+@dataclass
+class RunAnalysis:
+    """What `analyze` computes of a search's history: the operation importance (by operation, by
+    position, by depth), the children that inherited weights against those that did not, and the
+    best candidates (fitness.ranked order, reused ones left out)."""
+
+    importance: dict
+    inheritance: dict
+    best: list               # history records, best first
+    recorded: int            # candidates in the history
 
 
-def analyze_run(path: str, *, console, top: int = 3, out_dir: Optional[str] = None) -> dict:
-    from rich.table import Table
+def analyze(records: list) -> RunAnalysis:
+    """The analysis of a search's history records (no files, no display)."""
+    best = [r for r in ranked(records) if r.get("reused_from") is None]
+    return RunAnalysis(operation_importance(records), inheritance(records), best, len(records))
 
+
+def analyze_run(path: str) -> RunAnalysis:
+    """The analysis of the search in `path`; RunError when no candidate has finished successfully."""
     from .runs import Run, RunError
 
-    run = Run.open(path)
-    records = run.history.records
-    ok = sorted((r for r in records if r.get("fitness") is not None and r.get("reused_from") is None),
-                key=lambda r: (-(r.get("rung") or 0), -r["fitness"]))   # full-budget figures first
-    if not ok:
+    records = Run.open(path).history.records
+    result = analyze(records)
+    if not result.best:
         raise RunError(f"{path}: no candidate has finished successfully "
                        f"({len(records)} recorded): nothing to analyze yet")
-    imp = operation_importance(records)
-    out_dir = out_dir or os.path.join(run.path, "analysis")
+    return result
+
+
+def write_dot_files(result: RunAnalysis, out_dir: str, top: int) -> list:
+    """A Graphviz DOT file of each of the `top` best architectures in `out_dir`; their paths."""
     os.makedirs(out_dir, exist_ok=True)
-
-    t = Table(title="learned layer-sum weight by operation")
-    for c in ("operation", "nodes", "mean weight", "mean share of |w|", "mean P@5 of candidates"):
-        t.add_column(c, justify="right" if c != "operation" else "left")
-    for op, v in sorted(imp["by_operation"].items(), key=lambda kv: -(kv[1]["mean_share"] or -1)):
-        t.add_row(op, str(v["nodes"]), _fmt(v["mean_weight"]), _fmt(v["mean_share"], True),
-                  _fmt(v["mean_fitness"], True))
-    console.print(t)
-
-    t = Table(title="by position")
-    for c in ("node", "nodes", "mean weight", "mean share of |w|"):
-        t.add_column(c)
-    for name, v in imp["by_input"].items():
-        t.add_row(name, str(v["nodes"]), _fmt(v["mean_weight"]), _fmt(v["mean_share"], True))
-    console.print(t)
-
-    t = Table(title="validation P@5 by number of layers")
-    for c in ("layers", "candidates", "mean P@5", "best P@5"):
-        t.add_column(c, justify="right")
-    for d, v in imp["by_depth"].items():
-        t.add_row(str(d), str(v["candidates"]), _fmt(v["mean_p5"], True), _fmt(v["best_p5"], True))
-    console.print(t)
-
-    inh = inheritance(records)
-    if any(v["children"] for v in inh.values()):
-        t = Table(title="children: steps to reach their parent's validation P@5")
-        for c in ("children", "number", "reached it", "median steps", "mean P@5"):
-            t.add_column(c, justify="right" if c != "children" else "left")
-        for name, v in inh.items():
-            t.add_row(name, str(v["children"]), str(v["reached"]),
-                      "-" if v["median_steps"] is None else f"{v['median_steps']:.0f}", _fmt(v["mean_p5"], True))
-        console.print(t)
-    imp["inheritance"] = inh
-
-    for rank, r in enumerate(ok[:top], start=1):
-        g = Genotype.from_dict(r["genotype"])
-        test = r.get("test") or {}
-        fused = r.get("fused")
-        if fused:      # the figure that ranked it is the fused model's; its network alone beside it
-            test = fused.get("test") or {}
-        console.print(f"\n[bold]#{rank}[/bold] candidate {r['id']}: validation P@5 {_fmt(r['fitness'], True)}"
-                      + (" fused with the lexical stage (the network alone: "
-                         f"{_fmt((r.get('valid') or {}).get('P@5'), True)})" if fused else "")
-                      + (f", test P@1/3/5 {_fmt(test.get('P@1'), True)}/{_fmt(test.get('P@3'), True)}/"
-                         f"{_fmt(test.get('P@5'), True)}" if test else ""))
-        console.print(g.draw(r.get("layer_weights")))
-        dot = os.path.join(out_dir, f"top{rank}-cand{r['id']}.dot")
-        with open(dot, "w") as f:
-            f.write(to_dot(g, r.get("layer_weights"), f"candidate {r['id']}, P@5 {_fmt(r['fitness'], True)}"))
-    _plots(records, imp, out_dir, console)
-    if top >= 1:
-        first = shlex.quote(os.path.join(out_dir, f"top1-cand{ok[0]['id']}"))
-        console.print(f"\nDOT files of the best {min(top, len(ok))} in {out_dir}; render one with Graphviz:",
-                      soft_wrap=True)
-        console.print(f"  dot -Tpng {first}.dot -o {first}.png", soft_wrap=True)
-    return imp
+    paths = []
+    for rank, r in enumerate(result.best[:top], start=1):
+        path = os.path.join(out_dir, f"top{rank}-cand{r['id']}.dot")
+        title = f"candidate {r['id']}, P@5 {100 * r['fitness']:.2f}"
+        with open(path, "w") as f:
+            f.write(to_dot(Genotype.from_dict(r["genotype"]), r.get("layer_weights"), title))
+        paths.append(path)
+    return paths
 
 
-def _plots(records, imp, out_dir, console) -> None:
+def write_plots(records: list, result: RunAnalysis, out_dir: str) -> Optional[str]:
+    """importance.png in `out_dir` (weight share by operation; fitness by candidate, with the best so
+    far); None, and nothing written, without matplotlib (PLOT_INSTALL_HINT says what to install)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        console.print(Text(PLOT_INSTALL_HINT, style="dim"))
-        return
+        return None
+    imp = result.importance
+    os.makedirs(out_dir, exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ops = [op for op, v in imp["by_operation"].items() if v["nodes"]]
     axes[0].bar(ops, [100 * imp["by_operation"][op]["mean_share"] for op in ops])
@@ -203,5 +171,7 @@ def _plots(records, imp, out_dir, console) -> None:
     axes[1].set_ylabel("validation P@5 (%)")
     axes[1].legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "importance.png"), dpi=120)
+    path = os.path.join(out_dir, "importance.png")
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+    return path

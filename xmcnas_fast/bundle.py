@@ -29,7 +29,9 @@ from . import __version__
 from .model import ModelConfig, build_model
 from .runs import public_mode
 
-FORMAT = 1
+#: the bundle layout; load_bundle reads this one and, through migrate_bundle_config, the older ones.
+#: 2: "train" holds no device/threads (where it trained is no setting) and "precision", never "amp".
+FORMAT = 2
 
 
 #: data settings a bundle records, so that `evaluate` reads its data as training did
@@ -240,6 +242,26 @@ def read_json_file(p: str):
         raise ValueError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
 
 
+def migrate_bundle_config(config: dict, where: str = "config.json") -> dict:
+    """A bundle's config.json in the present layout (FORMAT); ValueError (naming `where`) for a
+    format this code does not know. Format 1 -> 2: train's "device" and "threads" dropped, "amp":
+    false read as "precision": "fp32"."""
+    version = config.get("format")
+    if not isinstance(version, int) or not 1 <= version <= FORMAT:
+        raise ValueError(f"{where}: bundle format {version!r} is not one this xmcnas-fast reads (1 to {FORMAT}; "
+                         f"written by xmcnas-fast {config.get('xmcnas_fast')})")
+    config = dict(config)
+    if version < 2 and isinstance(config.get("train"), dict):
+        train = dict(config["train"])
+        if "precision" not in train and train.get("amp") is False:
+            train["precision"] = "fp32"
+        for gone in ("amp", "device", "threads"):
+            train.pop(gone, None)
+        config["train"] = train
+    config["format"] = FORMAT
+    return config
+
+
 def load_bundle(path: str, device: str = "cpu", use_kernels: bool = True) -> Bundle:
     """Load a bundle on CPU or CUDA. Raises ValueError naming the file on a malformed bundle."""
     from .data import Vocab
@@ -252,9 +274,7 @@ def load_bundle(path: str, device: str = "cpu", use_kernels: bool = True) -> Bun
         hint = " (a search run: pass its best model, models/cand-N, or the run itself to predict)" \
             if "search" in config else ""
         raise ValueError(f"{path} is not a model bundle: its config.json has no bundle format{hint}")
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{os.path.join(path, 'config.json')}: bundle format {config.get('format')} "
-                         f"is not {FORMAT} (written by xmcnas-fast {config.get('xmcnas_fast')})")
+    config = migrate_bundle_config(config, os.path.join(path, "config.json"))
     labels = read("labels.json")
     metrics = read("metrics.json") if os.path.exists(os.path.join(path, "metrics.json")) else {}
     vocab = Vocab.load(os.path.join(path, "vocab.json"))

@@ -1,9 +1,10 @@
 """One candidate, trained in a worker: data, model, inherited weights, training, bundle.
 
-What the search loop hands a worker is a payload (a dict of JSON values); what comes back is the
-candidate's result record. This side knows nothing of the strategy or the run directory's logs:
-the payload says where to save the bundle, which parent's weights to start from, and how short
-the first run is and what figure it must reach to go on.
+The search loop hands a worker a `CandidateTask` and gets back a `CandidateResult` (contract.py).
+This side knows nothing of the strategy or the run directory's logs: the task says where to save
+the bundle, which parent's weights to start from, and how short the first run is and what figure
+it must reach to go on. The worker is bound to its device and threads before any task runs
+(scheduler.devices.bind); the device comes with the task's context.
 """
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .model import ModelConfig, build_model, inherit_weights
+from .contract import CandidateResult, CandidateTask, LexicalPart, ParentWeights
+from .fitness import fitness
+from .model import build_model, inherit_weights
 from .space import Genotype
-from .train import LexicalLists, TrainConfig, record_fitness, train_model
+from .train import LexicalLists, train_model
 
 
 def worker_init(cache_path: str, vectors_path: Optional[str]):
@@ -27,62 +30,53 @@ def worker_init(cache_path: str, vectors_path: Optional[str]):
     return {"data": data, "vectors": vectors}
 
 
-def inherit_from(model, parent: Optional[dict]) -> Optional[dict]:
-    """Start `model` from the weights of the parent the payload names, where the two agree.
-    Returns what the history records: {"from": parent id, "parts": [...]} (parts empty when the
-    parent's bundle is gone), or None when there is no parent to inherit from."""
-    if not parent:
+def inherit_from(model, parent: Optional[ParentWeights]) -> Optional[dict]:
+    """Start `model` from the weights of `parent`, where the two agree. Returns what the history
+    records: {"from": parent id, "parts": [...]} (parts empty when the parent's bundle is gone), or
+    None when there is no parent to inherit from."""
+    if parent is None:
         return None
-    weights = os.path.join(parent["model_dir"] or "", "weights.pt")
-    if not parent.get("model_dir") or not os.path.isfile(weights):
-        return {"from": parent["id"], "parts": []}
+    weights = os.path.join(parent.model_dir or "", "weights.pt")
+    if not parent.model_dir or not os.path.isfile(weights):
+        return {"from": parent.id, "parts": []}
     state = torch.load(weights, map_location="cpu", weights_only=True)
-    return {"from": parent["id"], "parts": inherit_weights(model, state, Genotype.from_dict(parent["genotype"]))}
+    return {"from": parent.id, "parts": inherit_weights(model, state, Genotype.from_dict(parent.genotype))}
 
 
-def train_candidate(payload: dict, ctx) -> dict:
-    """Train one candidate in a worker. Returns its result record; saves its bundle if its validation
-    P@5 beats payload["save_above"].
-
-    Optional payload keys: "parent" {id, genotype, model_dir}: inherit its weights; "short"
-    {steps, promote_above}: train `steps` steps first and go on to the full budget only if the
-    validation P@5 reached is at least `promote_above`; "lexical" {folder, residual}: fuse with that
-    lexical stage (the fitness is the fused validation P@5; the bundle carries the stage)."""
+def train_candidate(task: CandidateTask, ctx) -> CandidateResult:
+    """Train one candidate in a worker (the scheduler's task function). Saves its bundle if its
+    fitness beats task.save_above; with task.lexical, fused with that lexical stage (the fitness is
+    the fused model's, and the bundle carries the stage)."""
     from .bundle import save_bundle
 
     data, vectors = ctx.shared["data"], ctx.shared["vectors"]
-    mcfg = ModelConfig.from_dict(payload["model"])
-    tcfg = TrainConfig.from_dict(payload["train"])
-    tcfg.device = str(ctx.device)
-    model = build_model(mcfg, len(data.vocab), data.num_labels,
-                        vectors=None if vectors is None else np.asarray(vectors), seed=tcfg.seed)
-    inherited = inherit_from(model, payload.get("parent"))
-    short = payload.get("short") or {}
-    threshold = short.get("promote_above")
-    lexical = payload.get("lexical")
-    lists = lexical_lists(ctx.shared, lexical) if lexical else None
-    res = train_model(model, data, tcfg, report=ctx.report, should_stop=ctx.should_stop,
-                      short_steps=short.get("steps"),
-                      go_on=None if threshold is None else (lambda p5: p5 >= threshold), lexical=lists)
-    rec = res.record
-    if inherited is not None:
-        rec["inherited"] = inherited
-    fitness = record_fitness(rec)
-    if res.state is not None and fitness is not None and fitness > payload["save_above"]:
+    model = build_model(task.model, len(data.vocab), data.num_labels,
+                        vectors=None if vectors is None else np.asarray(vectors), seed=task.train.seed)
+    inherited = inherit_from(model, task.parent)
+    short = task.short
+    threshold = None if short is None else short.promote_above
+    lists = lexical_lists(ctx.shared, task.lexical) if task.lexical else None
+    res = train_model(model, data, task.train, device=ctx.device, threads=task.threads,
+                      on_progress=ctx.report, should_stop=ctx.should_stop,
+                      short_steps=None if short is None else short.steps,
+                      go_on=None if threshold is None else (lambda figure: figure >= threshold), lexical=lists)
+    result = CandidateResult.from_training(res.record, inherited)
+    figure = fitness(res.record)
+    if res.state is not None and figure is not None and figure > task.save_above:
         fusion = None
-        if rec.get("fused"):
+        if result.fused:
             from .lexical import Fusion
 
-            fusion = Fusion.from_dict(rec["fused"]["fusion"])
-        save_bundle(payload["model_dir"], model, mcfg, data, train_cfg=tcfg.to_dict(), record=rec,
-                    lexical=lexical["folder"] if rec.get("fused") else None, fusion=fusion)
-        rec["model_dir"] = payload["model_dir"]
-    return rec
+            fusion = Fusion.from_dict(result.fused["fusion"])
+        save_bundle(task.model_dir, model, task.model, data, train_cfg=task.train.to_dict(),
+                    record=result.to_dict(), lexical=task.lexical.folder if result.fused else None, fusion=fusion)
+        result.model_dir = task.model_dir
+    return result
 
 
-def lexical_lists(shared: dict, lexical: dict) -> LexicalLists:
+def lexical_lists(shared: dict, lexical: LexicalPart) -> LexicalLists:
     """The lexical stage's top lists, read once per worker."""
-    key = ("lexical", lexical["folder"], bool(lexical.get("residual")))
+    key = ("lexical", lexical.folder, lexical.residual)
     if key not in shared:
-        shared[key] = LexicalLists.from_stage(lexical["folder"], residual=bool(lexical.get("residual")))
+        shared[key] = LexicalLists.from_stage(lexical.folder, residual=lexical.residual)
     return shared[key]

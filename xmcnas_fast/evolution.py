@@ -1,10 +1,10 @@
 """Regularized evolution (Real et al. 2019) and random search, as pure logic.
 
 No torch, no files: a strategy proposes architectures and is told their
-fitness (validation P@5). The interface is asynchronous so that W workers keep
-W candidates in flight: `propose()` gives the next candidate to train (or None
-when none can be proposed yet), `report(id, fitness)` takes a finished one.
-With one worker, propose and report alternate and the loop is exactly Real et
+fitness (fitness.fitness: validation P@5). The interface is asynchronous so that W
+workers keep W candidates in flight: `propose()` gives the next candidate to train
+(or None when none can be proposed yet), `tell(id, fitness)` takes a finished one.
+With one worker, propose and tell alternate and the loop is exactly Real et
 al.'s: a population of P random architectures, then C cycles of sample S,
 take the best as parent, mutate, train the child, add it, drop the oldest.
 
@@ -19,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Optional
 
+from .fitness import rank_key
 from .space import DEFAULT_MAX_DEPTH, Genotype, mutate, random_genotype
 
 
@@ -29,7 +30,7 @@ class Candidate:
     parent: Optional[int] = None          # None: drawn at random
     mutation: Optional[str] = None        # "input" | "operation" | "add"
     constrained: bool = False             # node 1 fixed by the constraint (kept by its children)
-    fitness: Optional[float] = None       # validation P@5; None until reported (or a failed run)
+    fitness: Optional[float] = None       # fitness.fitness of its result; None until told (or a failed run)
     reused_from: Optional[int] = None     # an identical network trained before: its result is reused
     stands_in_for: Optional[int] = None   # drawn at random for this parent: its mutations were all in flight
     rung: int = 0                         # the budget `fitness` comes from: 0 the short one, 1 the full one
@@ -37,9 +38,8 @@ class Candidate:
 
 
 def _key(c: Candidate) -> tuple:
-    """Candidates are ranked by the budget their figure comes from, then by the figure: a figure of
-    one budget is never weighed against a figure of another (successive halving)."""
-    return (-math.inf, -math.inf) if c.fitness is None else (c.rung, c.fitness)
+    """How candidates rank: fitness.rank_key, the one order of the search."""
+    return rank_key(c.rung, c.fitness)
 
 
 def _finite(x: Optional[float]) -> Optional[float]:
@@ -48,7 +48,7 @@ def _finite(x: Optional[float]) -> Optional[float]:
 
 class Strategy:
     """What every strategy shares: the budget of P + C candidates, the seeded generator, the record
-    of every candidate (by id and by network), the reported history, random draws without repeats."""
+    of every candidate (by id and by network), the history of results told, random draws without repeats."""
 
     def __init__(self, population_size: int = 20, cycles: int = 50, *, max_depth: int = DEFAULT_MAX_DEPTH,
                  seed: int = 0, constraint: Optional[tuple] = None, constraint_fraction: float = 0.0,
@@ -61,8 +61,8 @@ class Strategy:
         self.max_redraws = max_redraws
         self.candidates: dict[int, Candidate] = {}
         self.by_hash: dict[str, int] = {}          # canonical hash -> first candidate with it
-        self.history: list[Candidate] = []         # reported, in report order
-        self.reported: set[int] = set()
+        self.history: list[Candidate] = []         # told, in the order told
+        self.told: set[int] = set()
         self.proposed = 0
 
     @property
@@ -82,18 +82,24 @@ class Strategy:
         """The candidates the strategy currently draws on (shown as the search's population)."""
         return self.history
 
+    @property
+    def parents(self) -> list[Candidate]:
+        """The candidates a later proposal may be a child of (with weight inheritance their bundles
+        are kept): none here, every draw is random."""
+        return []
+
     def propose(self) -> Optional[Candidate]:
         raise NotImplementedError
 
-    def report(self, cand_id: int, fitness: Optional[float], *, rung: int = 0,
-               short_fitness: Optional[float] = None) -> Candidate:
+    def tell(self, cand_id: int, fitness: Optional[float], *, rung: int = 0,
+             short_fitness: Optional[float] = None) -> Candidate:
         """A finished candidate: its fitness at budget `rung` (1: it went on to the full budget after
         its short run), and its figure at the short budget when it had one."""
-        if cand_id in self.reported:
-            raise ValueError(f"candidate {cand_id} was reported twice")
+        if cand_id in self.told:
+            raise ValueError(f"candidate {cand_id} was told twice")
         c = self.candidates[cand_id]
         c.fitness, c.rung, c.short_fitness = _finite(fitness), int(rung), _finite(short_fitness)
-        self.reported.add(cand_id)
+        self.told.add(cand_id)
         self.history.append(c)
         return c
 
@@ -153,19 +159,24 @@ class RegularizedEvolution(Strategy):
     def population(self) -> deque[Candidate]:
         return self._population
 
+    @property
+    def parents(self) -> list[Candidate]:
+        """The population: every tournament draws from it."""
+        return list(self._population)
+
     def propose(self) -> Optional[Candidate]:
         if self.exhausted:
             return None
         if self.proposed < self.P:                       # the initial population: random architectures
             return self._random_candidate()
-        if not self.population:                          # nothing reported yet to breed from
+        if not self.population:                          # no result told yet to breed from
             return None
         sample = [self.rng.choice(self.population) for _ in range(self.S)]   # with replacement, as Real et al.
         parent = max(sample, key=_key)
         return self._child_of(parent)
 
-    def report(self, cand_id: int, fitness: Optional[float], **kw) -> Candidate:
-        c = super().report(cand_id, fitness, **kw)
+    def tell(self, cand_id: int, fitness: Optional[float], **kw) -> Candidate:
+        c = super().tell(cand_id, fitness, **kw)
         self.population.append(c)
         if len(self.population) > self.P:
             self.population.popleft()                    # the oldest dies, whatever its fitness
@@ -180,7 +191,7 @@ class RegularizedEvolution(Strategy):
             if child.hash() not in self.by_hash:
                 return self._new(child, parent=parent.id, mutation=kind, constrained=parent.constrained)
         prior = self.candidates[self.by_hash[child.hash()]]
-        if prior.id in self.reported:
+        if prior.id in self.told:
             return self._reuse(prior, child, parent, kind)
         return self._stand_in(parent)
 

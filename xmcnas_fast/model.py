@@ -11,7 +11,6 @@ and so the scores, unchanged.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -21,34 +20,12 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from . import ops
+from .model_config import ModelConfig
 from .space import Genotype
+from .tfidf import TfidfMLP
 
 
-# ---- configuration ------------------------------------------------------------------------------
-
-@dataclass
-class ModelConfig:
-    """Everything needed to rebuild a model (saved in a bundle's config.json)."""
-    kind: str = "dag"                     # "dag" | "tfidf-mlp"
-    genotype: Optional[dict] = None       # Genotype.to_dict() for kind "dag"
-    emb_dim: int = 300
-    width: int = 512                      # D: every node's output width
-    fc: list = field(default_factory=lambda: [256])
-    dropout_emb: float = 0.2
-    dropout: float = 0.5
-    freeze_emb: bool = False
-    # tfidf-mlp only
-    hidden: list = field(default_factory=lambda: [512, 256])
-    max_features: int = 60000
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
-        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
-
+# ---- presets --------------------------------------------------------------------------------------
 
 PRESETS = {
     # AttentionXML-1: one BiLSTM over the embedding (hidden 256 a direction), attention, FC [256]
@@ -150,7 +127,7 @@ def build_node(op: str, d_in: int, d_out: int) -> nn.Module:
 # ---- the network ------------------------------------------------------------------------------
 
 def state_dtype(x: torch.Tensor) -> torch.dtype:
-    """The one dtype of the states a network hands between its parts (DESIGN.md "Precision"):
+    """The one dtype of the states a network hands between its parts (docs/design.md "Precision"):
     autocast's dtype on x's device when autocast is on there, else x's own."""
     device = x.device.type
     if torch.is_autocast_enabled(device):
@@ -297,8 +274,6 @@ def build_model(cfg: ModelConfig, vocab_size: int, num_labels: int, vectors=None
             torch.manual_seed(seed)
         if cfg.kind == "dag":
             return XMCModel(cfg, vocab_size, num_labels, vectors, use_kernels)
-        from .tfidf import TfidfMLP
-
         return TfidfMLP(cfg, vocab_size, num_labels)
 
 

@@ -11,7 +11,7 @@ Each operator has
     torch (a warning says so once, at import). The references check their
     inputs as the kernels do, with the very same messages.
 
-Public functions: label_attention, topk_metrics, layer_sum, dropout. Use these,
+Public functions: label_attention, topk_metrics, layer_sum, dropout, relu_dropout_dot. Use these,
 never torch.ops.xmcnas_fast directly: they choose the compiled op or the reference.
 """
 from __future__ import annotations

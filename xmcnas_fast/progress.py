@@ -96,6 +96,11 @@ class SearchProgress:
         return False
 
     # ---- what the search tells us ---------------------------------------------------------------
+    def set_workers(self, devices: list) -> None:
+        """The workers' labels, once the scheduler has placed them (a row each, idle until a task)."""
+        self.workers = {d: self.workers.get(d, {}) for d in devices}
+        self._refresh()
+
     def started(self, cand_id: int, device: str, label: str) -> None:
         self.workers[device] = {"id": cand_id, "label": label, "t0": time.monotonic()}
         self._event(f"start  #{cand_id} on {device}: {label}")

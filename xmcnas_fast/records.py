@@ -1,15 +1,20 @@
 """What a run's logs record about a candidate: who it is and where it came from (proposals.jsonl and
-history.jsonl both), its result (history.jsonl), how candidates rank, and the search's clock."""
+history.jsonl both) and its result (history.jsonl), made from the worker's CandidateResult. The
+record's "fitness" is fitness.fitness of it, computed here once."""
 from __future__ import annotations
 
 import math
 import time
 from typing import Optional
 
+from .contract import CandidateResult
 from .evolution import Candidate
-from .runs import Run
+from .fitness import fitness
 from .scheduler import TaskResult
-from .train import record_fitness
+
+#: what a reused candidate takes from the record of the identical network trained before it
+REUSED_FIELDS = ("status", "error", "valid", "test", "fused", "layer_weights", "params", "epochs", "steps", "rung",
+                 "short")
 
 
 def candidate_fields(c: Candidate) -> dict:
@@ -19,24 +24,28 @@ def candidate_fields(c: Candidate) -> dict:
             "stands_in_for": c.stands_in_for}
 
 
-def proposal_record(c: Candidate, after_reports: int) -> dict:
-    return {**candidate_fields(c), "after_reports": after_reports, "time": time.time()}
+def proposal_record(c: Candidate, after_results: int) -> dict:
+    """A line of proposals.jsonl: the candidate, and how many results the strategy had been told
+    when it proposed it (what replaying the search needs)."""
+    return {**candidate_fields(c), "after_reports": after_results, "time": time.time()}
 
 
-def result_record(c: Candidate, res: Optional[TaskResult], rec: Optional[dict], prior: Optional[dict]) -> dict:
+def result_record(c: Candidate, res: Optional[TaskResult], result: Optional[CandidateResult],
+                  prior: Optional[dict]) -> dict:
+    """A line of history.jsonl: the candidate, then the task's outcome (`res`, from the scheduler)
+    and the worker's `result`; for a reused candidate (`prior`: the record of the same network
+    trained before), that record's result instead."""
     base = {**candidate_fields(c), "depth": c.genotype.depth}
-    if prior is not None:  # the same network was trained before: its result, not a new training
-        keep = ("status", "error", "valid", "test", "fused", "layer_weights", "params", "epochs", "steps", "rung",
-                "short")
-        return {**base, **{k: prior.get(k) for k in keep}, "fitness": prior.get("fitness"),
+    if prior is not None:
+        return {**base, **{k: prior.get(k) for k in REUSED_FIELDS}, "fitness": prior.get("fitness"),
                 "seconds": 0.0, "device": None, "attempts": 0, "finished": time.time()}
     out = {**base, "status": res.status, "error": res.error, "device": res.device,
            "attempts": res.attempts, "seconds": round(res.seconds, 3), "finished": time.time()}
-    if res.status == "ok" and isinstance(rec, dict):
-        out.update({k: v for k, v in rec.items() if k not in ("status", "error", "device", "seconds")})
-        out["status"], out["error"] = rec["status"], rec.get("error")
-        out["train_seconds"] = rec.get("seconds")
-    out["fitness"] = record_fitness(out)
+    if res.status == "ok" and isinstance(result, CandidateResult):
+        trained = result.to_dict()
+        out.update({k: v for k, v in trained.items() if k not in ("device", "seconds")})
+        out["train_seconds"] = trained["seconds"]
+    out["fitness"] = fitness(out)
     return _json_safe(out)
 
 
@@ -50,30 +59,9 @@ def _json_safe(x):
     return x
 
 
-def ranked(records: dict) -> list[dict]:
-    """The finished candidates with a fitness, best first: by the budget their figure comes from
-    (the full one before the short one), then by the figure."""
-    return sorted((r for r in records.values() if r.get("fitness") is not None),
-                  key=lambda r: (r.get("rung") or 0, r["fitness"]), reverse=True)
-
-
 def steps_to_reach(curve: Optional[list], target: Optional[float]) -> Optional[int]:
     """The first step at which a validation curve reaches the fitness `target` (its rows: [step, epoch, P@1,
     P@5] and, when fused with the lexical stage, the fused P@5: the fitness is the last column)."""
     if not curve or target is None:
         return None
     return next((row[0] for row in curve if row[-1] >= target), None)
-
-
-class SearchClock:
-    """The search's wall-clock seconds over all its sessions: those recorded with the last finished
-    candidate, plus this session's since it started (time between sessions does not count)."""
-
-    def __init__(self, run: Run, start: float = 0.0):
-        """`start`: seconds spent before the first candidate (the lexical stage), counted in a new search."""
-        recs = run.history.records
-        self.before = float(recs[-1].get("elapsed") or 0.0) if recs else start
-        self.t0 = time.monotonic()
-
-    def seconds(self) -> float:
-        return round(self.before + time.monotonic() - self.t0, 3)

@@ -1,7 +1,8 @@
 """A search's directory.
 
     runs/NAME/
-      config.json       everything needed to reproduce the search (written once, atomically)
+      config.json       everything needed to reproduce the search (written once, atomically; an older
+                        layout is brought up to date in memory on open: config.migrate)
       proposals.jsonl   one line per candidate proposed, in order (what resume replays)
       history.jsonl     one line per finished candidate: genotype, hash, status, metrics, weights, ...
                         and model_dir while its bundle is kept
@@ -72,7 +73,8 @@ def _line(record: dict) -> str:
 
 
 class JsonLog:
-    """An append-only JSON-lines file that survives being killed mid-write."""
+    """A JSON-lines file that survives being killed mid-write: lines are appended one at a time;
+    `rewrite` replaces the whole file atomically (the only change to lines already written)."""
 
     def __init__(self, path: str):
         self.path = path
@@ -146,7 +148,12 @@ class Run:
             raise RunError(f"{path} is not a search directory (no config.json)") from None
         except json.JSONDecodeError as e:
             raise RunError(f"{cfg_path}:{e.lineno}: invalid JSON ({e.msg})") from None
-        return cls(path, config)
+        from .config import migrate   # (the config's layout is the search's business, not the directory's)
+
+        try:
+            return cls(path, migrate(config))
+        except ValueError as e:
+            raise RunError(f"{cfg_path}: {e}") from None
 
     def started(self) -> bool:
         """Whether a search has proposed a candidate here, or runs here now."""
@@ -240,10 +247,11 @@ class Run:
     def set_lexical(self, record: dict) -> None:
         write_json_atomic(os.path.join(self.path, "lexical.json"), record)
 
-    def keep_models(self, ids: set) -> None:
+    def keep_models(self, ids: set) -> list:
         """Delete the bundles of candidates not in `ids`, and the `model_dir` of their records in the
-        history, so that no record points to a deleted bundle. Anything else under models/ may be a
-        bundle a worker is writing now: it is left alone (remove_stray_files clears it at the start)."""
+        history, so that no record points to a deleted bundle; returns the ids of the records changed.
+        Anything else under models/ may be a bundle a worker is writing now: it is left alone
+        (remove_stray_files clears it at the start)."""
         for name in os.listdir(self.models_dir):
             full = os.path.join(self.models_dir, name)
             if name.startswith("cand-") and name[5:].isdigit() and int(name[5:]) not in ids and os.path.isdir(full):
@@ -253,6 +261,7 @@ class Run:
             del r["model_dir"]
         if stale:
             self.history.rewrite()
+        return [r["id"] for r in stale]
 
     def remove_stray_files(self) -> None:
         """Half-written bundles (temporary directories) left by a search that was killed; call it

@@ -12,7 +12,7 @@ import torch.nn as nn
 from . import ops
 
 if TYPE_CHECKING:
-    from .model import ModelConfig
+    from .model_config import ModelConfig
 
 
 class TfidfMLP(nn.Module):

@@ -1,6 +1,6 @@
 """Train and evaluate one candidate; return a result record.
 
-The protocol (DESIGN.md "Training a candidate"): BCE-with-logits, Adam lr
+The protocol (docs/design.md "Training a candidate"): BCE-with-logits, Adam lr
 1e-3, batch 40, at most 30 epochs, validation P@5 every `eval_every` steps,
 early stop after `patience` evaluations without a better one, best weights
 kept, AttentionXML's adaptive gradient clipping, bf16 autocast on CUDA.
@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fitness import validation_figure
 from .lexical.fusion import Fusion, LexicalLists, fused_metrics
 from .metrics import MetricAccumulator, inv_propensity
 
@@ -35,24 +36,24 @@ class TrainConfig:
     min_steps: Optional[int] = None      # the time limit ends no training before this many steps
     max_len: Optional[int] = None        # tokens per text while training and evaluating (None: the data's)
     eval_every: int = 100                # steps between validation evaluations
-    patience: int = 50                   # evaluations without a better validation P@5 before stopping
+    patience: int = 50                   # evaluations without a better validation figure before stopping
     warmup_steps: int = 0                # linear learning-rate warm-up
     lr_schedule: str = "constant"        # "constant", or "cosine": down to 0 at the end of the budget
     clip: Optional[float] = 5.0          # AttentionXML's adaptive gradient clipping factor (None: off)
     seed: int = 0
-    device: str = "cpu"
     precision: str = "auto"              # "auto" (bf16 autocast on CUDA, float32 on CPU), "bf16", "fp32"
     eval_batch_size: int = 200
-    threads: Optional[int] = None        # torch CPU threads (None: leave as is)
+    # Where it runs (device, CPU threads) is no setting: train_model is told at run time, so that a
+    # saved config says nothing about the machine it ran on (older configs' "device" and "threads"
+    # are ignored on load).
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        d = dict(d)
-        if "precision" not in d and d.get("amp") is False:    # written before `precision` existed
-            d["precision"] = "fp32"
+        """The settings of a dict (unknown keys ignored: an older config's "device" and "threads";
+        older layouts are brought up to date by config.migrate and bundle.migrate_bundle_config)."""
         cfg = cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
         autocast_dtype(cfg.precision, "cpu")                  # refuses an unknown precision
         if cfg.lr_schedule not in LR_SCHEDULES:
@@ -85,7 +86,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 def autocast_dtype(precision: str, device_type: str) -> Optional[torch.dtype]:
     """The autocast dtype of a precision setting on a device type (None: no autocast).
 
-    DESIGN.md "Precision": bf16 autocast on CUDA, never float16 (there is no loss scaling);
+    docs/design.md "Precision": bf16 autocast on CUDA, never float16 (there is no loss scaling);
     "bf16" asks for it on the CPU too, "fp32" for none anywhere."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
@@ -154,23 +155,6 @@ def evaluate(model: nn.Module, ds, num_labels: int, *, inv_prop: Optional[np.nda
     return out
 
 
-def record_fitness(rec: dict) -> Optional[float]:
-    """The fitness of a training's result record: its fused validation P@5 when it was fused with the
-    lexical stage, else its network's; None unless it trained."""
-    valid = ((rec.get("fused") or {}).get("valid")) or rec.get("valid") or {}
-    if rec.get("status") not in ("ok", "stopped") or valid.get("P@5") is None:
-        return None
-    return valid["P@5"]
-
-
-def fitness_of(metrics: Optional[dict]) -> Optional[float]:
-    """What selects weights and candidates: validation P@5 of the fused model when there is one, else
-    of the network."""
-    if not metrics:
-        return None
-    return (metrics.get("fused") or metrics)["P@5"]
-
-
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -186,7 +170,7 @@ class TrainResult:
 @dataclass
 class BestWeights:
     """The validation curve, the best weights met on it, and the evaluations since (for early stopping)."""
-    p5: float = -1.0
+    figure: float = -1.0                  # the best validation figure (fitness.validation_figure)
     valid: Optional[dict] = None          # the metrics of the best evaluation
     step: int = 0
     state: Optional[dict] = None          # its weights, on the CPU
@@ -196,8 +180,9 @@ class BestWeights:
     def update(self, model: nn.Module, v: dict, step: int, epoch: int) -> None:
         self.curve.append([step, epoch, round(v["P@1"], 6), round(v["P@5"], 6)]
                           + ([round(v["fused"]["P@5"], 6)] if "fused" in v else []))
-        if fitness_of(v) > self.p5:
-            self.p5, self.valid, self.step, self.stale = fitness_of(v), v, step, 0
+        figure = validation_figure(v)
+        if figure > self.figure:
+            self.figure, self.valid, self.step, self.stale = figure, v, step, 0
             self.state = {k: t.detach().to("cpu", copy=True) for k, t in model.state_dict().items()}
         else:
             self.stale += 1
@@ -217,12 +202,13 @@ def _optimizers(model: nn.Module, lr: float) -> tuple[list, list]:
     return dense, [torch.optim.Adam(dense, lr=lr)] + ([torch.optim.SparseAdam(sparse, lr=lr)] if sparse else [])
 
 
-def _prepare(model: nn.Module, data, cfg: TrainConfig, label_bias: bool = True) -> torch.device:
+def _prepare(model: nn.Module, data, cfg: TrainConfig, device, threads: Optional[int],
+             label_bias: bool = True) -> torch.device:
     """Threads, seed, label biases (the labels' log-odds; zero for a residual network, whose offset
     already holds what the lexical model knows), device: everything before the optimizers exist."""
-    device = torch.device(cfg.device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    device = torch.device(device)
+    if threads:
+        torch.set_num_threads(threads)
     torch.manual_seed(cfg.seed)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -237,8 +223,9 @@ class Trainer:
     """One training run of a model: its optimizers, clipper, best-weights tracker and counters."""
 
     def __init__(self, model: nn.Module, data, cfg: TrainConfig, device: torch.device,
-                 report: Optional[Callable[..., None]] = None, lexical: Optional[LexicalLists] = None):
-        self.model, self.data, self.cfg, self.device, self.report = model, data, cfg, device, report
+                 on_progress: Optional[Callable[..., None]] = None, lexical: Optional[LexicalLists] = None):
+        self.model, self.data, self.cfg, self.device = model, data, cfg, device
+        self.on_progress = on_progress
         self.lexical = lexical
         self.dense, self.opts = _optimizers(model, cfg.lr)
         self.clipper = GradientClipper(cfg.clip)
@@ -372,10 +359,10 @@ class Trainer:
         v = self.evaluate(self.data.valid, self.lexical.valid if self.lexical else None)
         self.eval_seconds_per_doc = (time.monotonic() - t0) / max(1, len(self.data.valid))
         self.best.update(self.model, v, self.step, self.epoch)
-        if self.report:
+        if self.on_progress:
             loss = float(np.mean(self.running_loss)) if self.running_loss else None
-            self.report(epoch=self.epoch, step=self.step, loss=loss, valid_p1=v["P@1"], valid_p5=fitness_of(v),
-                        best_p5=self.best.p5)
+            self.on_progress(epoch=self.epoch, step=self.step, loss=loss, valid_p1=v["P@1"],
+                             valid_p5=validation_figure(v), best_p5=self.best.figure)
 
     def result(self, evaluate_test: bool = True) -> TrainResult:
         """The record of the run; the model is left holding its best weights."""
@@ -414,8 +401,8 @@ class Trainer:
         return out
 
 
-def train_model(model: nn.Module, data, cfg: TrainConfig, *,
-                report: Optional[Callable[..., None]] = None,
+def train_model(model: nn.Module, data, cfg: TrainConfig, *, device="cpu", threads: Optional[int] = None,
+                on_progress: Optional[Callable[..., None]] = None,
                 should_stop: Optional[Callable[[], bool]] = None,
                 evaluate_test: bool = True,
                 short_steps: Optional[int] = None,
@@ -423,21 +410,22 @@ def train_model(model: nn.Module, data, cfg: TrainConfig, *,
                 lexical: Optional[LexicalLists] = None) -> TrainResult:
     """Train `model` on data.train, select on data.valid, evaluate the best weights on data.test.
 
-    report(**fields) is called after every evaluation (epoch, step, loss, valid P@5, ...);
+    `device` and `threads` (torch CPU threads; None leaves them as they are) say where it runs.
+    on_progress(**fields) is called after every evaluation (epoch, step, loss, valid P@5, ...);
     should_stop() is polled every step (a cooperative stop: the record says "stopped").
     With `short_steps`, training stops after that many steps and goes on to its full budget only if
     go_on(best validation P@5 so far) says so; the record's "short" holds the short run's figure and
     "rung" says which budget its metrics come from (0 the short one, 1 the full one).
     With `lexical`, weights and the short run's figure are chosen by the fused model's validation P@5
-    (`fitness_of`), and the record's "fused" holds its validation and test metrics and the fusion.
+    (`fitness.validation_figure`), and the record's "fused" holds its validation and test metrics and the fusion.
     Never raises for a diverging run: a NaN/inf loss ends it with status "nan".
     """
-    device = _prepare(model, data, cfg, label_bias=not (lexical is not None and lexical.residual))
-    trainer = Trainer(model, data, cfg, device, report, lexical)
+    device = _prepare(model, data, cfg, device, threads, label_bias=not (lexical is not None and lexical.residual))
+    trainer = Trainer(model, data, cfg, device, on_progress, lexical)
     short = None
     if short_steps:
         trainer.fit(should_stop, max_steps=short_steps)
-        short = {"steps": trainer.step, "P@5": trainer.best.p5 if trainer.best.valid else None}
+        short = {"steps": trainer.step, "P@5": trainer.best.figure if trainer.best.valid else None}
         promoted = trainer.status == "ok" and short["P@5"] is not None and (go_on is None or go_on(short["P@5"]))
         if promoted:
             trainer.fit(should_stop)

@@ -42,17 +42,20 @@ def check_tfidf_flags(args, kind: str) -> None:
 
 
 def train_config(args):
-    """TrainConfig: the preset's known-good settings, then the flags given."""
-    import torch
-
+    """TrainConfig: the preset's known-good settings, then the flags given (where it runs, --device and
+    --threads, is no setting: train_model is told)."""
     from ..model import PRESET_TRAINING
     from ..train import TrainConfig
 
     given = {TRAIN_FLAGS[k]: v for k, v in pick(args, TRAIN_FLAGS).items()}
-    tcfg = TrainConfig(**{**PRESET_TRAINING.get(args.arch, {}), **given,
-                          **pick(args, ["seed", "max_minutes", "threads", "max_len"])})
-    tcfg.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return tcfg
+    return TrainConfig(**{**PRESET_TRAINING.get(args.arch, {}), **given,
+                          **pick(args, ["seed", "max_minutes", "max_len"])})
+
+
+def train_device(args) -> str:
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def word_vectors(args, data, seed: int, out):
@@ -106,7 +109,7 @@ def cmd_train(args) -> int:
     if args.arch == "plt":
         return cmd_train_lexical(args, out)
     mcfg, name = model_config(args)
-    tcfg = train_config(args)
+    tcfg, device = train_config(args), train_device(args)
     data = load_data(args.dataset, out, **data_kwargs(args))
     lexical = lists = None
     if args.lexical:
@@ -119,8 +122,9 @@ def cmd_train(args) -> int:
     if mcfg.kind == "tfidf-mlp":
         model.fit(data.train.token_ids, data.train.offsets)
     out.print(f"[bold]{name}[/bold]: {count_parameters(model):,} parameters, "
-              f"{len(data.train)} training documents, {data.num_labels} labels, device {tcfg.device}")
-    rec = train_with_progress(model, data, tcfg, out, args.quiet, lists).record
+              f"{len(data.train)} training documents, {data.num_labels} labels, device {device}")
+    rec = train_with_progress(model, data, tcfg, out, args.quiet, device=device, threads=args.threads,
+                              lexical=lists).record
     if rec["status"] not in ("ok", "stopped"):
         raise CLIError(f"training failed: {rec['status']}: {rec.get('error')}")
     path = args.out or os.path.join("models", name + ("+plt" if lexical else ""))
@@ -154,7 +158,7 @@ def print_training(out, rec: dict, path: str) -> None:
     out.print(f"saved: {path}", soft_wrap=True)
 
 
-def train_with_progress(model, data, tcfg, out, quiet: bool, lexical=None):
+def train_with_progress(model, data, tcfg, out, quiet: bool, *, device="cpu", threads=None, lexical=None):
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..train import train_model
@@ -173,7 +177,7 @@ def train_with_progress(model, data, tcfg, out, quiet: bool, lexical=None):
             if not out.is_terminal and not quiet:
                 out.print(f"step {step}: {info}")
 
-        return train_model(model, data, tcfg, report=report, lexical=lexical)
+        return train_model(model, data, tcfg, device=device, threads=threads, on_progress=report, lexical=lexical)
 
 
 # ---- evaluate / predict -----------------------------------------------------------------------------

@@ -32,7 +32,8 @@ SETTINGS = [
 ]
 #: data settings stored beside the budget's (CSV columns)
 COLUMNS = ("text_column", "labels_column")
-#: how this invocation runs the search: allowed with --resume, not saved as the run's settings
+#: how this invocation runs the search: allowed with --resume (a new search saves them as the run's
+#: defaults, which a resume's flags override)
 RUN_FLAGS = ("backend", "devices", "candidate_timeout")
 
 
@@ -59,7 +60,7 @@ def settings_changed(args, cfg: dict) -> list:
 
 
 def new_run_config(args) -> dict:
-    from ..search import make_config
+    from ..config import make_config
 
     try:
         cfg = make_config(args.budget or "demo", dataset=args.dataset or "debtags", overrides=overrides(args))
@@ -71,15 +72,25 @@ def new_run_config(args) -> dict:
     return cfg
 
 
-def check_before_creating(cfg: dict, devices: str, out) -> None:
-    """Devices, word vectors and data, checked in that order (data errors name the file and line);
-    loading the data here also fills the cache the search reads it from."""
-    from ..scheduler import parse_devices
+def device_request(devices: str, backend: str):
+    """The --devices spec parsed (the one parse of it: the search is handed the result). Whether the
+    GPUs it names exist is checked here against this machine's, except with Ray, whose workers run
+    on the cluster's GPUs: the scheduler checks those when it opens."""
+    from ..scheduler.devices import parse_request
 
     try:
-        parse_devices(devices)
+        request = parse_request(devices)
+        if backend != "ray":
+            request.resolve()
     except ValueError as e:
-        raise CLIError(str(e)) from None
+        raise CLIError(f"--devices {devices}: {e}") from None
+    return request
+
+
+def check_before_creating(cfg: dict, devices: str, backend: str, out) -> None:
+    """Devices, word vectors and data, checked in that order (data errors name the file and line);
+    loading the data here also fills the cache the search reads it from."""
+    device_request(devices, backend)
     d = cfg["data"]
     if d.get("vectors") and not os.path.isfile(d["vectors"]):
         raise CLIError(f"{d['vectors']}: no such file (--vectors)")
@@ -98,8 +109,8 @@ def check_backend(backend) -> None:
 
 
 def open_or_create(args, out):
+    from ..config import devices_text
     from ..runs import Run
-    from ..search import resolve_devices
 
     if args.resume:
         run = Run.open(args.resume)
@@ -107,13 +118,13 @@ def open_or_create(args, out):
         if changed:
             raise CLIError(f"--resume continues {args.resume} with its saved settings; drop {' '.join(changed)} "
                            f"(or start a new search with them)")
-        check_backend(args.backend or (run.config.get("run") or {}).get("backend"))
+        check_backend(args.backend or run.config["run"]["backend"])
         return run
     cfg = new_run_config(args)
     check_backend(args.backend or cfg["run"]["backend"])
     path = os.path.join(args.runs_dir, args.name or time.strftime(f"{cfg['budget']}-%Y%m%d-%H%M%S"))
     Run.check_free(path)   # before the data is read, which may take a while
-    check_before_creating(cfg, resolve_devices(cfg, args.devices), out)
+    check_before_creating(cfg, devices_text(cfg, args.devices), args.backend or cfg["run"]["backend"], out)
     return Run.create(path, cfg)
 
 
@@ -134,14 +145,14 @@ def header(run, devices: str) -> list:
 
 def final_line(cfg: dict) -> list:
     """The header's line on the final model (none for a run made before it existed, or without one)."""
-    f = cfg.get("final") or {}
-    if not f.get("enabled"):
+    f = cfg["final"]
+    if not f["enabled"]:
         return []
-    width = f.get("width") or cfg["model"]["width"]
-    epochs = f.get("max_epochs") or cfg["train"]["max_epochs"]
-    limit = (f" and {f['max_minutes']} min" if f.get("max_minutes") else "") + \
-        (f", until minute {f['total_minutes']}" if f.get("total_minutes") else "")
-    start = "" if f.get("inherit", True) else ", from scratch"
+    width = f["width"] or cfg["model"]["width"]
+    epochs = f["max_epochs"] or cfg["train"]["max_epochs"]
+    limit = (f" and {f['max_minutes']} min" if f["max_minutes"] else "") + \
+        (f", until minute {f['total_minutes']}" if f["total_minutes"] else "")
+    start = "" if f["inherit"] else ", from scratch"
     lines = [f"  then the best to the end: width {width}, at most {epochs} epochs{limit}{start}"]
     deadline = search_deadline(cfg)
     if deadline is not None:
@@ -151,24 +162,21 @@ def final_line(cfg: dict) -> list:
 
 
 def cmd_search(args) -> int:
+    from ..config import candidate_total, devices_text
     from ..progress import SearchProgress
-    from ..scheduler import parse_devices
-    from ..search import candidate_total, resolve_devices, run_search
+    from ..search import run_search
 
     out = console()   # --quiet silences the header and the progress, not the summary
     run = open_or_create(args, out)
     run.lock()
     try:
-        devices = resolve_devices(run.config, args.devices)
+        devices = devices_text(run.config, args.devices)
+        request = device_request(devices, args.backend or run.config["run"]["backend"])
         for line in [] if args.quiet else header(run, devices):
             out.print(line, soft_wrap=True)
-        try:
-            workers = parse_devices(devices)
-        except ValueError as e:
-            raise CLIError(str(e)) from None
-        with SearchProgress(candidate_total(run.config), workers, done=len(run.history.records), quiet=args.quiet,
+        with SearchProgress(candidate_total(run.config), [], done=len(run.history.records), quiet=args.quiet,
                             console=out, live=False if args.plain else None) as progress:
-            outcome = run_search(run, progress=progress, backend=args.backend, devices=devices,
+            outcome = run_search(run, progress=progress, backend=args.backend, devices=request,
                                  candidate_timeout=args.candidate_timeout)
     finally:
         run.unlock()
@@ -181,7 +189,7 @@ def cmd_search(args) -> int:
 
 
 def print_summary(out, run) -> None:
-    from ..search import candidate_total
+    from ..config import candidate_total
     from ..space import Genotype
 
     best, final = run.best(), run.final()

@@ -65,19 +65,21 @@ What crosses process boundaries, and how:
 Process hygiene: workers ignore SIGINT (Ctrl-C reaches the main process,
 which shuts them down), exit on their own when the main process goes away,
 are killed at interpreter exit if still running, and are always joined (no
-zombies). No CUDA context is created in the main process: CUDA workers call
-``torch.cuda.set_device`` on their own device before ``init_fn``.
+zombies). No CUDA context is created in the main process: every backend's worker binds itself
+to its device and threads (:func:`.devices.bind`) before ``init_fn``.
 
-Modules, by the process their code runs in: :mod:`.api` (the main process: the
-interface and :func:`make_scheduler`), :mod:`.devices` (device specs),
+Modules, by the process their code runs in: :mod:`.interface` (the main process: results,
+events, the Scheduler interface), :mod:`.api` (:func:`make_scheduler`), :mod:`.devices` (device
+specs, parsed once and resolved where the workers run; :func:`.devices.bind`),
 :mod:`.task` (a task and its execution, in any process), :mod:`.inline`,
 :mod:`.pool` (slots, retries, timeouts: every backend with workers),
 :mod:`.worker` (the local backend's child process alone), :mod:`.local` (the
 local backend's main-process side), :mod:`.ray_backend` (imported only when
 the ray backend is asked for).
 """
-from .api import Event, Scheduler, TaskResult, make_scheduler
+from .api import make_scheduler
 from .devices import parse_devices
+from .interface import Event, Scheduler, TaskResult
 from .task import WorkerContext
 
 __all__ = [

@@ -1,5 +1,7 @@
-"""Device specs (main process): which workers a spec such as ``"cuda:0x4,cpu"`` asks for,
-and what each worker is told (its device, its share of the CPU cores)."""
+"""Device specs: which workers a spec such as ``"cuda:0x4,cpu"`` asks for (parsed once, by
+:func:`parse_request`, then resolved against the GPUs there are), what each worker is told (its
+device, its share of the CPU cores), and :func:`bind`, which every backend's worker calls to take
+its device and threads."""
 from __future__ import annotations
 
 import dataclasses
@@ -27,6 +29,24 @@ class WorkerSpec:
     timeout: float | None
     report_interval: float
     share: int = 1      # how many workers share this device (Ray: each asks 1/share of a GPU)
+
+
+def threads_each(workers: int, cores: int | None = None) -> int:
+    """The torch CPU threads each of `workers` workers gets: the cores (default: those this
+    process may use) split evenly, at least one each."""
+    return max(1, (cores or visible_cores()) // max(1, workers))
+
+
+def bind(device, threads: int = 0) -> torch.device:
+    """Bind the calling process (its current thread, for the CUDA device) to `device` and `threads`
+    torch CPU threads (0 leaves them alone): what every backend does before a worker runs a task.
+    Returns the torch device."""
+    device = torch.device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 def visible_cores() -> int:
@@ -61,19 +81,6 @@ def _cpu_workers(item: str, arg: str, sep: str) -> int:
     raise ValueError(f"bad device {item!r}: cpu:W takes a number of workers W >= 1")
 
 
-def _gpu_indices(item: str, arg: str, sep: str, count: int) -> list[int]:
-    if not sep:
-        if count == 0:
-            raise ValueError(f"device {item!r}: no CUDA GPU is visible to this process")
-        return list(range(count))
-    if not arg.isdigit():
-        raise ValueError(f"bad device {item!r}: {_GPU_INDEX}")
-    if int(arg) >= count:
-        seen = f"only {count} visible" if count else "none is visible"
-        raise ValueError(f"device {item!r}: no such CUDA GPU ({seen})")
-    return [int(arg)]
-
-
 def _items(devices) -> list[str]:
     if isinstance(devices, str):
         items = devices.split(",")
@@ -87,15 +94,54 @@ def _items(devices) -> list[str]:
     return items
 
 
-def parse(devices: str | list[str] | tuple[str, ...],
-          gpu_count: Callable[[], int] | None = None) -> list[tuple[str, str, int]]:
-    """(label, torch device, workers on that device) per worker, GPUs first.
+@dataclasses.dataclass(frozen=True)
+class DeviceRequest:
+    """A device spec, parsed (by :func:`parse_request`, the one parser of the text) but not yet
+    placed on GPUs: which GPUs exist is known only where the workers run (this machine, or the Ray
+    cluster), so :meth:`resolve` is told how many there are."""
 
-    ``gpu_count`` counts the GPUs ``"cuda"`` stands for (default: the GPUs this
-    process sees); it is asked only when a CUDA device is named.
-    """
+    text: str                                   # as given, for messages
+    gpus: tuple = ()                            # ((GPU index, or None for every GPU, workers on each), ...)
+    cpu_workers: int = 0
+
+    @property
+    def wants_cuda(self) -> bool:
+        return bool(self.gpus)
+
+    def resolve(self, gpu_count: Callable[[], int] | None = None) -> list[tuple[str, str, int]]:
+        """(label, torch device, workers on that device) per worker, GPUs first. ``gpu_count``
+        counts the GPUs there are (default: those this process sees); it is asked only when a
+        CUDA device is named."""
+        count = (gpu_count or cuda_count)() if self.gpus else 0
+        placed: dict[int, int] = {}             # GPU index -> workers on it, in the order given
+        for index, per_device, item in self.gpus:
+            if index is None and count == 0:
+                raise ValueError(f"device {item!r}: no CUDA GPU is visible to this process")
+            if index is not None and index >= count:
+                seen = f"only {count} visible" if count else "none is visible"
+                raise ValueError(f"device {item!r}: no such CUDA GPU ({seen})")
+            for i in range(count) if index is None else [index]:
+                if i in placed:
+                    raise ValueError(f"GPU cuda:{i} given twice in {self.text!r}; "
+                                     f"several workers on one GPU are written cuda:{i}x2")
+                placed[i] = per_device
+        out = []
+        for index, n in placed.items():
+            device = f"cuda:{index}"
+            out.extend((device if n == 1 else f"{device}#{k}", device, n) for k in range(n))
+        n = self.cpu_workers
+        out.extend(("cpu" if n == 1 else f"cpu#{k}", "cpu", n) for k in range(n))
+        return out
+
+
+def parse_request(devices) -> DeviceRequest:
+    """Parse a device spec (a string, a list of strings, or a request already parsed); ValueError
+    names what is wrong. Needs no GPU: whether the GPUs named exist is :meth:`DeviceRequest.resolve`'s
+    question."""
+    if isinstance(devices, DeviceRequest):
+        return devices
     cpu_workers = None
-    gpus: dict[int, int] = {}  # GPU index -> workers on it, in the order given
+    gpus = []
     for item in _items(devices):
         head, per_device = _workers_per_device(item) if item.startswith("cuda") else (item, 1)
         kind, sep, arg = head.partition(":")
@@ -104,24 +150,21 @@ def parse(devices: str | list[str] | tuple[str, ...],
                 raise ValueError(f"CPU workers given twice in {devices!r}; give them once, as cpu or cpu:W")
             cpu_workers = _cpu_workers(item, arg, sep)
         elif kind == "cuda":
-            for index in _gpu_indices(item, arg, sep, (gpu_count or cuda_count)()):
-                if index in gpus:
-                    raise ValueError(f"GPU cuda:{index} given twice in {devices!r}; "
-                                     f"several workers on one GPU are written cuda:{index}x2")
-                gpus[index] = per_device
+            if sep and not arg.isdigit():
+                raise ValueError(f"bad device {item!r}: {_GPU_INDEX}")
+            gpus.append((int(arg) if sep else None, per_device, item))
         else:
             raise ValueError(f"unknown device {item!r}; use {FORMS}")
-    out = []
-    for index, n in gpus.items():
-        device = f"cuda:{index}"
-        out.extend((device if n == 1 else f"{device}#{k}", device, n) for k in range(n))
-    if cpu_workers:
-        out.extend(("cpu" if cpu_workers == 1 else f"cpu#{k}", "cpu", cpu_workers)
-                   for k in range(cpu_workers))
-    return out
+    text = devices if isinstance(devices, str) else ",".join(devices)
+    return DeviceRequest(text, tuple(gpus), cpu_workers or 0)
 
 
-def parse_devices(devices: str | list[str], gpu_count: Callable[[], int] | None = None) -> list[str]:
+def parse(devices, gpu_count: Callable[[], int] | None = None) -> list[tuple[str, str, int]]:
+    """(label, torch device, workers on that device) per worker: the spec parsed and resolved."""
+    return parse_request(devices).resolve(gpu_count)
+
+
+def parse_devices(devices, gpu_count: Callable[[], int] | None = None) -> list[str]:
     """The worker labels a device spec gives, one per worker (ValueError when malformed).
 
     ``"cpu"`` -> ``["cpu"]``; ``"cpu:2"`` -> ``["cpu#0", "cpu#1"]``;
@@ -137,6 +180,6 @@ def worker_specs(devices, init_fn, init_args, timeout, report_interval, *,
     """One spec per worker. The cores (default: those this process may use) are split evenly
     among all the workers, GPU workers included: each gets ``max(1, cores // workers)`` threads."""
     parsed = parse(devices, gpu_count)
-    threads = max(1, (cores or visible_cores()) // len(parsed))
+    threads = threads_each(len(parsed), cores)
     return [WorkerSpec(label, device, threads, init_fn, tuple(init_args), timeout, report_interval, share)
             for label, device, share in parsed]

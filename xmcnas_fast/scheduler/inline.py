@@ -7,10 +7,8 @@ import os
 import pickle
 import time
 
-import torch
-
-from .api import Event, Scheduler, TaskResult
-from .devices import WorkerSpec
+from .interface import Event, Scheduler, TaskResult
+from .devices import WorkerSpec, bind
 from .task import Merger, Task, deadline_after, execute, pickle_task
 
 
@@ -20,9 +18,7 @@ class InlineScheduler(Scheduler):
     def __init__(self, spec: WorkerSpec):
         self.devices = [spec.label]
         self._spec = spec
-        self._device = torch.device(spec.device)
-        if self._device.type == "cuda":
-            torch.cuda.set_device(self._device)
+        self._device = bind(spec.device, spec.threads)
         self._shared = spec.init_fn(*spec.init_args) if spec.init_fn is not None else None
         self._queue: collections.deque[Task] = collections.deque()
         self._out: list[TaskResult | Event] = []

@@ -8,7 +8,7 @@ import pickle
 import time
 from typing import Any, Callable
 
-from .api import Event, Scheduler, TaskResult
+from .interface import Event, Scheduler, TaskResult
 from .devices import WorkerSpec
 from .task import Task, describe, pickle_task
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 import torch
 
-from .devices import WorkerSpec
+from .devices import WorkerSpec, bind
 from .pool import PoolScheduler, Slot
 from .task import Merger, deadline_after, describe, execute
 from .worker import init_worker
@@ -46,8 +46,7 @@ class RayWorker:
             self._cv.notify_all()
 
     def run(self, task_id, attempt, blob):
-        if self._device.type == "cuda":
-            torch.cuda.set_device(self._device)  # the current device is per thread
+        bind(self._device)  # the current CUDA device is per thread: this call's thread takes it too
         outcome = execute(blob, self._device, shared=self._shared, task_id=task_id,
                           worker=self._spec.label, attempt=attempt,
                           deadline=deadline_after(self._spec.timeout), emit=self._report,

@@ -11,16 +11,14 @@ from typing import Any
 
 import torch
 
-from .devices import WorkerSpec
+from .devices import WorkerSpec, bind
 from .task import Merger, deadline_after, describe, execute
 
 
 def init_worker(spec: WorkerSpec, device: torch.device) -> Any:
-    """Set up this worker process (threads, current CUDA device); returns ``init_fn``'s result."""
-    if spec.threads:
-        torch.set_num_threads(spec.threads)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    """Set up this worker process (:func:`.devices.bind`: threads, current CUDA device); returns
+    ``init_fn``'s result."""
+    bind(device, spec.threads)
     return spec.init_fn(*spec.init_args) if spec.init_fn is not None else None
 
 

@@ -1,0 +1,62 @@
+"""What the search optimizes, in one place (docs/design.md "The candidate contract").
+
+`validation_figure(metrics)` is the figure a validation evaluation is judged by: the trainer keeps
+the weights where it is highest and a short run's promotion bar is set in it. It is P@5 of the model
+the search serves: the network fused with the lexical stage when there is one (the evaluation's
+"fused" metrics; a record's "fused" "valid"), else the network alone. `fitness(record)` is a
+finished training's figure as the search sees it: the validation figure of its best weights when
+the training ended "ok" or "stopped", else None (a failed candidate has no fitness). The search
+stores it in each record's "fitness" field when the record is made, and everything downstream (the
+strategy, the ranking, best.json, the bundles kept, the final model's test, the analysis) reads that
+field through `rank_key`.
+
+To optimize another figure, change `validation_figure` (and what the trainer's evaluation
+computes): nothing else decides what "better" means.
+
+No imports from the package: the strategy (pure logic) and the worker both use it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Optional
+
+#: the key of the figure in a validation evaluation's metrics (and in a record's "valid")
+FIGURE = "P@5"
+#: training statuses whose best weights are a result (a "stopped" run kept the weights it reached)
+SCORED_STATUSES = ("ok", "stopped")
+
+
+def validation_figure(metrics: Optional[Mapping]) -> Optional[float]:
+    """The figure a validation evaluation (a metrics dict, with "fused" metrics when the network was
+    fused with the lexical stage) is judged by; None without one."""
+    if not metrics:
+        return None
+    return (metrics.get("fused") or metrics).get(FIGURE)
+
+
+def fitness(record: Mapping) -> Optional[float]:
+    """The fitness of a training's record ({"status", "valid": metrics, "fused": {"valid": ...}?,
+    ...}): its validation figure when the training ended well, else None."""
+    if record.get("status") not in SCORED_STATUSES:
+        return None
+    fused = (record.get("fused") or {}).get("valid")
+    x = validation_figure(fused or record.get("valid"))
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+def rank_key(rung: Optional[int], figure: Optional[float]) -> tuple:
+    """Higher is better. A figure ranks first by the budget it comes from (rung 1, the full budget,
+    above rung 0, a short run: figures of different budgets are never weighed against each other,
+    as in successive halving), then by the figure; no figure ranks below every figure."""
+    return (-math.inf, -math.inf) if figure is None else (rung or 0, figure)
+
+
+def record_rank(record: Mapping) -> tuple:
+    """`rank_key` of a history record (or anything with "rung" and "fitness" keys)."""
+    return rank_key(record.get("rung"), record.get("fitness"))
+
+
+def ranked(records) -> list:
+    """The records (an iterable, or a dict of them) with a fitness, best first."""
+    values = records.values() if isinstance(records, Mapping) else records
+    return sorted((r for r in values if r.get("fitness") is not None), key=record_rank, reverse=True)
