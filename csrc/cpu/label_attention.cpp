@@ -16,15 +16,17 @@
 // and tiles allocates or goes through ATen's dispatcher.
 //
 // float32 (and the 16-bit types, which accumulate in float32) on a CPU with
-// AVX-512: the products are avx512.h's register-tiled GEMM, which reads a
-// transposed operand in place and takes any size (a tile covers the real
-// tokens only, unpadded), and the exponentials are its vectorized exp. Any
-// other CPU: float32 tiles go to oneDNN's batch-reduce GEMM micro-kernel
-// through ATen (cpublas::brgemm, JIT-compiled for the running CPU; it caches
-// one kernel per shape, so rows are padded with zeros to a multiple of
-// kTokenQuantum tokens), or ATen's BLAS; float64 (kept for gradcheck) goes
-// through at::mm, with std::exp. Accumulation is float32 for float32,
-// bfloat16 and float16, float64 for float64.
+// AVX-512: the exponentials are avx512.h's vectorized exp, and on short rows
+// (at most kShortRow tokens, D and Dv at most kShortWidth) the products are
+// its register-tiled GEMM, which reads a transposed operand in place and takes
+// any size (a tile covers the real tokens only, unpadded). Longer rows and
+// wider states, and any other CPU: float32 tiles go to oneDNN's batch-reduce
+// GEMM micro-kernel through ATen (cpublas::brgemm, JIT-compiled for the
+// running CPU; it caches one kernel per shape, so rows are padded with zeros
+// to a multiple of kTokenQuantum tokens), or ATen's BLAS; float64 (kept for
+// gradcheck) goes through at::mm, with std::exp. Accumulation is float32 for
+// float32, bfloat16 and float16, float64 for float64. The [B,L,Dv] output
+// comes from output_buffers.h (recycled, huge pages).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -47,7 +49,7 @@
 
 #include "../checks.h"
 #include "avx512.h"
-#include "huge_pages.h"
+#include "output_buffers.h"
 
 namespace {
 
@@ -58,6 +60,8 @@ constexpr int64_t kMaxLabelBlock = 4096;     // the most
 constexpr int64_t kTileElems = 128 * 256;    // scores per tile: labels per task x tokens per tile
 constexpr int64_t kTokenTile = 256;          // tokens per score tile (a multiple of kTokenQuantum)
 constexpr int64_t kTokenQuantum = 16;        // rows are padded to a multiple of this many tokens
+constexpr int64_t kShortRow = 64;            // the register-tiled products up to this many tokens a row
+constexpr int64_t kShortWidth = 128;         // and this D and Dv (oneDNN's kernels are faster past them)
 
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -77,7 +81,8 @@ void gemm_aten(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam, int64_t
 }
 
 // The arithmetic of a task, for the accumulation type: the products, the row maximum and the
-// exponentials, on AVX-512 when `fast` (float32 only) and portably otherwise.
+// exponentials. The products: avx512.h's when `small` (float32 on AVX-512, short rows), else oneDNN's,
+// BLAS or at::mm.
 template <typename acc_t>
 struct Tiles;
 
@@ -91,10 +96,10 @@ struct Tiles<double> {
 
 template <>
 struct Tiles<float> {
-  static void gemm(bool fast, int64_t M, int64_t N, int64_t K, const float* A, int64_t sam, int64_t sak,
+  static void gemm(bool small, int64_t M, int64_t N, int64_t K, const float* A, int64_t sam, int64_t sak,
                    const float* B, int64_t ldb, float* C, int64_t ldc, bool add) {
 #if XMCNAS_HAS_AVX512_CODE
-    if (fast) {
+    if (small) {
       xmcnas_fast::cpu::gemm_avx512(M, N, K, A, sam, sak, B, ldb, C, ldc, add);
       return;
     }
@@ -152,17 +157,19 @@ std::vector<int64_t> balanced_split(const std::vector<double>& cost, int64_t par
 // padded tokens times its labels, plus a little for the fixed work on empty rows.
 struct Plan {
   int64_t B, N, D, L, np_max, tile, lb, nlb, parts;
-  bool fast;  // float32 arithmetic on AVX-512
+  bool vec;    // float32 on AVX-512: the exponentials vectorized here
+  bool small;  // and short rows: the register-tiled products, on the real tokens only
   RealTokens rt;
   at::Tensor Wa;
   std::vector<int64_t> bounds;  // thread range p covers tasks [bounds[p], bounds[p+1])
 
-  Plan(const at::Tensor& h, const at::Tensor& mask, const at::Tensor& W, at::ScalarType acc_dtype)
+  Plan(const at::Tensor& h, const at::Tensor& mask, const at::Tensor& W, int64_t Dv, at::ScalarType acc_dtype)
       : B(h.size(0)), N(h.size(1)), D(h.size(2)), L(W.size(0)), rt(mask),
         Wa(W.to(acc_dtype)) {  // W.to: no-op for f32/f64
-    fast = acc_dtype == at::kFloat && has_avx512();
+    vec = acc_dtype == at::kFloat && has_avx512();
     np_max = 0;
     for (int64_t b = 0; b < B; ++b) np_max = std::max(np_max, rt.padded(b));
+    small = vec && np_max <= kShortRow && D <= kShortWidth && Dv <= kShortWidth;
     tile = std::clamp<int64_t>(np_max, kTokenQuantum, kTokenTile);
     lb = std::clamp<int64_t>(kTileElems / tile / kTokenQuantum * kTokenQuantum, kLabelBlock, kMaxLabelBlock);
     nlb = (L + lb - 1) / lb;
@@ -175,9 +182,9 @@ struct Plan {
     bounds = balanced_split(cost, std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks)));
     parts = static_cast<int64_t>(bounds.size()) - 1;
   }
-  // Columns of a score tile of n tokens, `real` of them real: on AVX-512 the real ones only (the
-  // products take any size); otherwise the padded tile, whose few shapes oneDNN caches.
-  int64_t cols(int64_t n, int64_t real) const { return fast ? real : n; }
+  // Columns of a score tile of n tokens, `real` of them real: with the register-tiled products the
+  // real ones only (they take any size); otherwise the padded tile, whose few shapes oneDNN caches.
+  int64_t cols(int64_t n, int64_t real) const { return small ? real : n; }
 };
 
 // The real tokens of row b of x [B,N,D] (h or v), in the accumulation type,
@@ -256,10 +263,12 @@ void exp_grad_portable(acc_t* p, acc_t* ds, int64_t rows, int64_t cols, int64_t 
 }
 
 #if XMCNAS_HAS_AVX512_CODE
-// The two on AVX-512, float32, cols == real.
-XMCNAS_AVX512 void online_softmax_avx512(float* s, int64_t rows, int64_t n, float* mx, float* sum, float* scale) {
+// The two on AVX-512, float32.
+XMCNAS_AVX512 void online_softmax_avx512(float* s, int64_t rows, int64_t cols, int64_t n, float* mx, float* sum,
+                                         float* scale) {
   for (int64_t i = 0; i < rows; ++i) {
-    float* row = s + i * n;
+    float* row = s + i * cols;
+    std::fill(row + n, row + cols, 0.0f);
     __m512 vm = _mm512_set1_ps(mx[i]);
     int64_t j = 0;
     for (; j + 16 <= n; j += 16) vm = _mm512_max_ps(vm, _mm512_loadu_ps(row + j));
@@ -280,11 +289,13 @@ XMCNAS_AVX512 void online_softmax_avx512(float* s, int64_t rows, int64_t n, floa
   }
 }
 
-XMCNAS_AVX512 void exp_grad_avx512(float* p, float* ds, int64_t rows, int64_t n, const float* lse, float* delta,
-                                   bool whole) {
+XMCNAS_AVX512 void exp_grad_avx512(float* p, float* ds, int64_t rows, int64_t cols, int64_t n, const float* lse,
+                                   float* delta, bool whole) {
   for (int64_t i = 0; i < rows; ++i) {
-    float* pr = p + i * n;
-    float* dr = ds + i * n;
+    float* pr = p + i * cols;
+    float* dr = ds + i * cols;
+    std::fill(pr + n, pr + cols, 0.0f);
+    std::fill(dr + n, dr + cols, 0.0f);
     const __m512 l = _mm512_set1_ps(lse[i]);
     __m512 pd = _mm512_setzero_ps();
     for (int64_t j = 0; j < n; j += 16) {
@@ -309,7 +320,7 @@ void online_softmax(const Plan& plan, acc_t* s, int64_t rows, int64_t cols, int6
                     acc_t* scale) {
 #if XMCNAS_HAS_AVX512_CODE
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (plan.fast) return online_softmax_avx512(s, rows, cols, mx, sum, scale);
+    if (plan.vec) return online_softmax_avx512(s, rows, cols, real, mx, sum, scale);
   }
 #endif
   online_softmax_portable(s, rows, cols, real, mx, sum, scale);
@@ -320,10 +331,25 @@ void exp_grad(const Plan& plan, acc_t* p, acc_t* ds, int64_t rows, int64_t cols,
               acc_t* delta, bool whole) {
 #if XMCNAS_HAS_AVX512_CODE
   if constexpr (std::is_same_v<acc_t, float>) {
-    if (plan.fast) return exp_grad_avx512(p, ds, rows, cols, lse, delta, whole);
+    if (plan.vec) return exp_grad_avx512(p, ds, rows, cols, real, lse, delta, whole);
   }
 #endif
   exp_grad_portable(p, ds, rows, cols, real, lse, delta, whole);
+}
+
+// P^T and dS^T [n, rows] of P and dS [rows, n], in blocks of 16 rows that stay in L1 (a transposing
+// pass over whole rows is several times slower).
+template <typename acc_t>
+void transpose_pair(const acc_t* P, const acc_t* dS, acc_t* PT, acc_t* dST, int64_t rows, int64_t n) {
+  constexpr int64_t kBlock = 16;
+  for (int64_t i0 = 0; i0 < rows; i0 += kBlock) {
+    const int64_t i1 = std::min(rows, i0 + kBlock);
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t i = i0; i < i1; ++i) {
+        PT[j * rows + i] = P[i * n + j];
+        dST[j * rows + i] = dS[i * n + j];
+      }
+  }
 }
 
 // v: the values [B,N,Dv], or undefined for h itself (Dv = D).
@@ -333,8 +359,8 @@ void forward_impl(const at::Tensor& h, const at::Tensor& mask, const at::Tensor&
   using acc_t = acc_type<scalar_t>;
   using T = Tiles<acc_t>;
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
-  const Plan plan(h, mask, W, acc_dtype);
   const bool has_v = v.defined();
+  const Plan plan(h, mask, W, has_v ? v.size(2) : h.size(2), acc_dtype);
   const int64_t D = plan.D, Dv = has_v ? v.size(2) : D, L = plan.L, lbk = plan.lb, nlb = plan.nlb,
                 np_max = plan.np_max, tile = plan.tile;
   const RealTokens& rt = plan.rt;
@@ -376,12 +402,12 @@ void forward_impl(const at::Tensor& h, const at::Tensor& mask, const at::Tensor&
         std::fill(sum, sum + lb, acc_t(0));
         for (int64_t t0 = 0; t0 < np; t0 += tile) {
           const int64_t n = std::min(tile, np - t0), real = std::min(n, nr - t0), c = plan.cols(n, real);
-          T::gemm(plan.fast, lb, c, D, Wb, D, 1, hT + t0, np, s, c, false);  // scores of this tile
+          T::gemm(plan.small, lb, c, D, Wb, D, 1, hT + t0, np, s, c, false);  // scores of this tile
           online_softmax(plan, s, lb, c, real, mx, sum, scale);
           if (t0 > 0)
             for (int64_t i = 0; i < lb; ++i)
               for (int64_t d = 0; d < Dv; ++d) acc[i * Dv + d] *= scale[i];
-          T::gemm(plan.fast, lb, Dv, c, s, c, 1, vc + t0 * Dv, Dv, acc, Dv, t0 > 0);
+          T::gemm(plan.small, lb, Dv, c, s, c, 1, vc + t0 * Dv, Dv, acc, Dv, t0 > 0);
         }
         for (int64_t i = 0; i < lb; ++i) {
           const acc_t inv = acc_t(1) / sum[i];
@@ -401,8 +427,7 @@ std::tuple<at::Tensor, at::Tensor> label_attention_cpu(const at::Tensor& h_in, c
   const at::Tensor h = h_in.contiguous(), mask = mask_in.contiguous(), W = W_in.contiguous();
   const at::Tensor v = v_in ? v_in->contiguous() : at::Tensor();
   const int64_t B = h.size(0), Dv = v.defined() ? v.size(2) : h.size(2), L = W.size(0);
-  at::Tensor ctx = at::empty({B, L, Dv}, h.options());
-  xmcnas_fast::cpu::advise_huge_pages(ctx);
+  at::Tensor ctx = xmcnas_fast::cpu::empty_output({B, L, Dv}, h.options());
   at::Tensor lse = at::empty({B, L}, h.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "label_attention", [&] {
     forward_impl<scalar_t>(h, mask, W, v, ctx, lse);
@@ -431,8 +456,8 @@ void backward_impl(const at::Tensor& grad_ctx, const at::Tensor& h, const at::Te
   using acc_t = acc_type<scalar_t>;
   using T = Tiles<acc_t>;
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
-  const Plan plan(h, mask, W, acc_dtype);
   const bool has_v = v.defined();
+  const Plan plan(h, mask, W, has_v ? v.size(2) : h.size(2), acc_dtype);
   const int64_t B = plan.B, D = plan.D, Dv = has_v ? v.size(2) : D, L = plan.L, lbk = plan.lb, nlb = plan.nlb,
                 np_max = plan.np_max, tile = plan.tile;
   const RealTokens& rt = plan.rt;
@@ -451,8 +476,10 @@ void backward_impl(const at::Tensor& grad_ctx, const at::Tensor& h, const at::Te
   at::parallel_for(0, plan.parts, 1, [&](int64_t p0, int64_t p1) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: set in each worker
     // per thread, once per call: hc, hT, gh [Np, D] each, then with v: vT, gv [Np, Dv] each; the
-    // tiles P and dS [lb, tile] each; grad_ctx widened [lb, Dv]; delta and lse [lb]
-    std::vector<acc_t> buf(3 * np_max * D + (has_v ? 2 * np_max * Dv : 0) + 2 * lbk * tile + lbk * Dv + 2 * lbk);
+    // tiles P and dS [lb, tile] each (and their transposes, but for the register-tiled products, which
+    // read them in place); grad_ctx widened [lb, Dv]; delta and lse [lb]
+    const int64_t tiles = plan.small ? 2 : 4;
+    std::vector<acc_t> buf(3 * np_max * D + (has_v ? 2 * np_max * Dv : 0) + tiles * lbk * tile + lbk * Dv + 2 * lbk);
     acc_t* const hc = buf.data();
     acc_t* const hT = hc + np_max * D;
     acc_t* const gh = hT + np_max * D;                          // grad of the current row's real tokens, [Np, D]
@@ -460,7 +487,9 @@ void backward_impl(const at::Tensor& grad_ctx, const at::Tensor& h, const at::Te
     acc_t* const gv = has_v ? vT + np_max * Dv : gh;            // grad of the values, [Np, Dv]
     acc_t* const pp = gh + np_max * D + (has_v ? 2 * np_max * Dv : 0);  // [lb, tile]: P
     acc_t* const ds = pp + lbk * tile;                          // [lb, tile]: dP, then dS
-    acc_t* const gbuf = ds + lbk * tile;
+    acc_t* const pT = ds + lbk * tile;                          // [tile, lb]
+    acc_t* const dsT = pT + lbk * tile;                         // [tile, lb]
+    acc_t* const gbuf = ds + (tiles - 1) * lbk * tile;
     acc_t* const delta = gbuf + lbk * Dv;
     acc_t* const lse_b = delta + lbk;
     for (int64_t p = p0; p < p1; ++p) {
@@ -512,12 +541,18 @@ void backward_impl(const at::Tensor& grad_ctx, const at::Tensor& h, const at::Te
         }
         for (int64_t t0 = 0; t0 < np; t0 += tile) {
           const int64_t n = std::min(tile, np - t0), real = std::min(n, nr - t0), c = plan.cols(n, real);
-          T::gemm(plan.fast, lb, c, D, Wb, D, 1, hT + t0, np, pp, c, false);   // scores
-          T::gemm(plan.fast, lb, c, Dv, go, Dv, 1, vT + t0, np, ds, c, false);  // dP = grad_ctx . u_n
+          T::gemm(plan.small, lb, c, D, Wb, D, 1, hT + t0, np, pp, c, false);   // scores
+          T::gemm(plan.small, lb, c, Dv, go, Dv, 1, vT + t0, np, ds, c, false);  // dP = grad_ctx . u_n
           exp_grad(plan, pp, ds, lb, c, real, lse_b, delta, whole);             // P = exp(S - lse), dS
-          T::gemm(plan.fast, c, Dv, lb, pp, 1, c, go, Dv, gv + t0 * Dv, Dv, true);      // grad_v += P^T grad_ctx
-          T::gemm(plan.fast, c, D, lb, ds, 1, c, Wb, D, gh + t0 * D, D, true);          // grad_h += dS^T W
-          T::gemm(plan.fast, lb, D, c, ds, c, 1, hc + t0 * D, D, gW + l0 * D, D, true);  // grad_W += dS h
+          if (plan.small) {  // P^T and dS^T read in place
+            T::gemm(true, c, Dv, lb, pp, 1, c, go, Dv, gv + t0 * Dv, Dv, true);  // grad_v += P^T grad_ctx
+            T::gemm(true, c, D, lb, ds, 1, c, Wb, D, gh + t0 * D, D, true);      // grad_h += dS^T W
+          } else {
+            transpose_pair(pp, ds, pT, dsT, lb, c);
+            T::gemm(false, c, Dv, lb, pT, lb, 1, go, Dv, gv + t0 * Dv, Dv, true);
+            T::gemm(false, c, D, lb, dsT, lb, 1, Wb, D, gh + t0 * D, D, true);
+          }
+          T::gemm(plan.small, lb, D, c, ds, c, 1, hc + t0 * D, D, gW + l0 * D, D, true);  // grad_W += dS h
         }
       }
       flush();

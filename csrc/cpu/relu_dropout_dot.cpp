@@ -30,7 +30,7 @@
 #include "../checks.h"
 #include "avx512.h"
 #include "dropout_mask.h"
-#include "huge_pages.h"
+#include "output_buffers.h"
 
 namespace {
 
@@ -272,8 +272,7 @@ std::tuple<at::Tensor, at::Tensor> relu_dropout_dot_backward_cpu(const at::Tenso
   const Tail t = prepare("relu_dropout_dot_backward", x, w, p, seed);
   xmcnas_fast::checks::relu_dropout_dot_grad(grad_, x);
   const at::Tensor grad = grad_.contiguous().to(t.x.scalar_type());
-  at::Tensor gx = at::empty_like(t.x);
-  xmcnas_fast::cpu::advise_huge_pages(gx);
+  at::Tensor gx = xmcnas_fast::cpu::empty_output(t.x.sizes(), t.x.options());
   at::Tensor gw = at::empty_like(t.w);
   dispatch(t, [&]<typename S, typename WS>() { backward<S, WS>(t, grad, gx, gw); });
   return {gx, gw};
