@@ -365,6 +365,22 @@ def test_cpu_short_rows_cut_between_threads(threads):
         torch.set_num_threads(saved)
 
 
+def test_cpu_large_outputs_are_recycled_not_shared():
+    """CPU: a [B,L,Dv] output of 8 MB or more comes from a cache of buffers that dead outputs return to:
+    a live output is never handed out again, and a recycled one gives the same results."""
+    h, mask, W, v = make_inputs(40, 6, 16, 4190, Dv=16, padding="end", seed=7)
+    first, _ = OP(h, mask, W, v)
+    assert first.numel() * 4 >= 8 << 20
+    second, _ = OP(h, mask, W, v)
+    assert first.data_ptr() != second.data_ptr() and torch.equal(first, second)
+    del second  # back to the cache: the next call takes it (or another of the same size)
+    third, lse = OP(h, mask, W, v)
+    assert third.data_ptr() != first.data_ptr() and torch.equal(third, first)
+    third.mul_(0)  # writable like any output, and the live first output untouched
+    assert torch.equal(first, OP(h, mask, W, v)[0])
+    assert_matches_reference(h[:4], mask[:4], W, v[:4])
+
+
 def test_cpu_portable_path():
     """CPU: the tests of the tiling paths again with XMCNAS_CPU_ISA=generic, the kernels a CPU without
     AVX-512 runs (oneDNN or BLAS tiles padded to 16 tokens, std::exp)."""

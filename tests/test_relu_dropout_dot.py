@@ -108,6 +108,17 @@ def test_the_kernel_the_fake_and_the_reference_refuse_alike(device, case, messag
     assert str(fake.value).splitlines()[0] == str(compiled.value).splitlines()[0]
 
 
+def test_large_grad_x_is_recycled_not_shared():
+    """grad_x of 8 MB or more comes from the cache of output buffers: never one that is still alive."""
+    x, w, seed = torch.randn(40, 4190, 16), torch.randn(16), torch.tensor(3)
+    grad = torch.randn(40, 4190)
+    first = XOPS.relu_dropout_dot_backward(grad, x, w, 0.5, seed)[0]
+    second = XOPS.relu_dropout_dot_backward(grad, x, w, 0.5, seed)[0]
+    assert first.data_ptr() != second.data_ptr() and torch.equal(first, second)
+    keep = XOPS.dropout(torch.ones_like(x), 0.5, seed, False) > 0
+    close(first, grad.unsqueeze(-1) * w * (x > 0) * keep * 2.0, 1e-6, "grad_x")
+
+
 def test_cpu_portable_path():
     """The forward and backward tests again with XMCNAS_CPU_ISA=generic: the rows a CPU without AVX-512
     runs (the float32 ones vectorized there otherwise)."""
