@@ -22,6 +22,19 @@ case, test_head_interleaved calls the three in turn in each round (the order
 rotating), so that a burst of load on the shared machine falls on all three
 alike; its ratios are medians of the per-round ratios.
 
+Short texts (test_short_texts, ids "short-..."): N in {8, 16, 32, 64} tokens
+a row (30% padding as above), L in {4,190, 31,000}, D = Dv in {64, 256}
+(values v = a second [B,N,D] tensor, as the model folds its first FC layer);
+"train" is forward+backward at B = 40, "eval" forward only at B = 500; one
+thread and two. Beside ours: eager, "today" (an earlier revision's kernels,
+when XMCNAS_BASELINE_LIB names them: see baseline.py), and the FLOP floor:
+the case's multiply-adds (2 L R D forward, 5 more backward, R the real
+tokens of the batch) at the rate of a 1024^3 float32 torch.mm measured in the
+same run on the same threads. The summary prints each peer's time over ours
+and floor/ours (the fraction of the floor reached). Cases whose [B,L,Dv]
+output (or eager's [B,L,N] scores) passes 2.2 GB are left out (B = 500 at
+L = 31,000). Select a subset with -k, e.g. -k "short and n16 and l4190".
+
 Peak memory is the extra resident memory of one call, measured in a fresh
 subprocess: the RSS high-water mark (VmHWM, reset through
 /proc/self/clear_refs once the inputs exist and a call on two rows has set up
@@ -45,6 +58,9 @@ if ROOT not in sys.path:  # the in-place build of this checkout, also when run a
     sys.path.insert(0, ROOT)
 
 from xmcnas_fast import ops  # noqa: E402
+
+import baseline  # noqa: E402  (benchmarks/baseline.py: an earlier revision's kernels, if built)
+from floor import floor_seconds  # noqa: E402
 
 THREADS = 2
 PADDING = 0.3
@@ -79,6 +95,8 @@ def sdpa(h, mask, W):
 
 
 IMPLS = {"ours": ops.label_attention, "eager": ops.label_attention_reference, "sdpa": sdpa}
+if baseline.kernels() is not None:
+    IMPLS["today"] = baseline.kernels().label_attention
 
 # the attention and the head's first layer, Linear(D, FC) with weight A [FC, D] and bias c
 HEAD_IMPLS = {
@@ -156,6 +174,7 @@ def peak_in_subprocess(impl, mode, shape):
 
 
 RESULTS = {}  # (shape, mode) -> impl -> {"median_s", "peak_extra_mib"}
+SHORT = {}  # (short case, threads) -> impl or "floor" -> median seconds
 INTERLEAVED = {}  # head shape -> impl -> median over rounds of (its time / fused's time in that round)
 
 
@@ -166,7 +185,7 @@ def summary(request):
     yield
     tr = request.config.pluginmanager.getplugin("terminalreporter")
     capture = request.config.pluginmanager.getplugin("capturemanager")
-    if not (RESULTS or INTERLEAVED) or tr is None:
+    if not (RESULTS or INTERLEAVED or SHORT) or tr is None:
         return
     lines = ["", f"label_attention (CPU, {THREADS} threads, torch {torch.__version__}): medians and extra peak RSS"]
     for (shape, mode), r in RESULTS.items():
@@ -175,12 +194,20 @@ def summary(request):
             continue
         ours = r[base]
         parts = [f"{shape:12s} {mode:17s} {base} {ours['median_s']:.3f} s {ours['peak_extra_mib']:.0f} MiB"]
-        for peer in ("eager", "sdpa", "unfused"):
+        for peer in ("today", "eager", "sdpa", "unfused"):
             if peer in r:
                 p = r[peer]
                 parts.append(f"{peer} {p['median_s'] / ours['median_s']:.2f}x slower, "
                              f"{p['median_s']:.3f} s, {p['peak_extra_mib']:.0f} MiB "
                              f"({base} {ours['peak_extra_mib'] / p['peak_extra_mib']:.2f} of it)")
+        lines.append(" | ".join(parts))
+    for (case, threads), r in sorted(SHORT.items()):
+        if "ours" not in r:
+            continue
+        ours = r["ours"]
+        parts = [f"{case:32s} {threads} thread{'s' if threads > 1 else ' '} ours {ours * 1e3:9.2f} ms",
+                 f"floor/ours {r['floor'] / ours:.2f}"]
+        parts += [f"{peer} {r[peer] / ours:.2f}x slower" for peer in ("today", "eager") if peer in r]
         lines.append(" | ".join(parts))
     for shape, ratios in INTERLEAVED.items():
         lines.append(f"{shape:12s} forward+backward interleaved, per-round ratios to fused: " +
@@ -275,6 +302,72 @@ def test_head_interleaved(benchmark, shape):
     ratios = {impl: statistics.median(t / f for t, f in zip(times[impl][1:], fused)) for impl in ("eager", "unfused")}
     benchmark.extra_info.update({f"{impl}_over_fused": round(r, 3) for impl, r in ratios.items()})
     INTERLEAVED[shape] = ratios
+
+
+SHORT_N = [8, 16, 32, 64]
+SHORT_L = [4190, 31000]
+SHORT_D = [64, 256]
+SHORT_MODES = {"train": (40, "forward+backward"), "eval": (500, "forward")}
+SHORT_MAX_BYTES = 2.2e9
+def short_inputs(B, N, D, L, requires_grad):
+    """h, mask, W, v and a gradient for ctx: rows of random lengths, PADDING of the tokens padding."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(B, N, D, generator=g)
+    v = torch.randn(B, N, D, generator=g)
+    W = torch.randn(L, D, generator=g) / D ** 0.5
+    lengths = (torch.rand(B, generator=g) * 2 * (1 - PADDING) * N).round().long().clamp(1, N)
+    mask = torch.arange(N).unsqueeze(0) < lengths.unsqueeze(1)
+    grad = torch.randn(B, L, D, generator=g) if requires_grad else None
+    for t in (h, v, W):
+        t.requires_grad_(requires_grad)
+    return h, mask, W, v, grad
+
+
+def _short_cases():
+    for mode, (B, _) in SHORT_MODES.items():
+        for N in SHORT_N:
+            for L in SHORT_L:
+                for D in SHORT_D:
+                    if B * L * max(D, N) * 4 <= SHORT_MAX_BYTES:
+                        yield f"short-n{N}-l{L}-d{D}-{mode}", (B, N, D, L, mode)
+
+
+SHORT_CASES = dict(_short_cases())
+
+
+@pytest.mark.parametrize("impl", ["ours", "today", "eager"])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", list(SHORT_CASES))
+def test_short_texts(benchmark, case, threads, impl):
+    if impl != "eager" and not ops.has_kernel("label_attention", "cpu"):
+        pytest.skip(f"compiled kernel not in use: {ops.extension_status()}")
+    if impl == "today" and "today" not in IMPLS:
+        pytest.skip(f"no earlier revision's kernels: set {baseline.ENV} (benchmarks/baseline.py)")
+    B, N, D, L, mode = SHORT_CASES[case]
+    fn = IMPLS[impl]
+    h, mask, W, v, grad = short_inputs(B, N, D, L, requires_grad=mode == "train")
+    if mode == "eval":
+        def run():
+            with torch.no_grad():
+                return fn(h, mask, W, v)
+    else:
+        def run():
+            h.grad = W.grad = v.grad = None
+            fn(h, mask, W, v).backward(grad)
+    benchmark.group = f"label_attention {case} {threads} thread(s)"
+    if benchmark.disabled:
+        if B * L * D <= 40 * 4190 * 64:  # a plain test run: one call of the small cases only
+            benchmark(run)
+        return
+    torch.set_num_threads(threads)
+    try:
+        macs = (2 if mode == "eval" else 7) * L * int(mask.sum()) * D
+        floor = floor_seconds(macs, threads)
+        benchmark.extra_info["floor_s"] = floor
+        benchmark.pedantic(run, rounds=5 if B * L * D < 2e8 else 3, iterations=1, warmup_rounds=1)
+    finally:
+        torch.set_num_threads(THREADS)
+    SHORT.setdefault((case, threads), {"floor": floor})[impl] = benchmark.stats.stats.median
 
 
 if __name__ == "__main__":  # python benchmarks/bench_label_attention.py IMPL MODE SHAPE

@@ -3,8 +3,9 @@
 Written once and parametrized, as pytorch/extension-cpp does: over the device
 (`cpu`; `cuda`, marked and skipped without a GPU) and over the values (None:
 the values are h; or separate values v of width Dv). The shapes reach every
-code path of both devices: on the CPU its label blocks (128) and token tiles
-(256, rows padded to 16); on CUDA the tensor-core kernels (float16/bfloat16,
+code path of both devices: on the CPU its label blocks (128 labels at 256
+tokens a tile, up to 2,048 at 16) and token tiles (256), on AVX-512 and, through
+XMCNAS_CPU_ISA=generic, on the portable path (rows padded to 16); on CUDA the tensor-core kernels (float16/bfloat16,
 D and Dv multiples of 8 up to 1024: D = 136 is two 128-wide warp slices, the
 second mostly padding; D = 520 five; D = 1024 eight; Dv = 264 three slices,
 more than D = 136 has), the simple kernels (float64; 16-bit inputs at D = 100,
@@ -14,6 +15,9 @@ block size: tests/test_label_attention_gemm.py). The input contract (what is ref
 tests/test_op_contract.py's.
 """
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -335,6 +339,57 @@ def test_misaligned_view_takes_the_simple_path(device, dtype, Dv):
     tensor_cores = assert_matches_reference(h, mask, W, v)
     for what, a, b in zip(("ctx", "grad_h", "grad_W", "grad_v"), simple, tensor_cores):
         close(a, b, 5 * TOL[dtype], what + ", simple vs tensor cores")
+
+
+@pytest.mark.parametrize("N", [1, 2, 15, 16, 17])
+@pytest.mark.parametrize("Dv", [None, 24])
+@pytest.mark.parametrize("device", DEVICES)
+def test_short_rows_many_labels(device, Dv, N):
+    """Short texts against many labels: on the CPU, label blocks of up to 2,048 labels (L = 2,500 is a
+    multiple of no block, tile or vector width), score tiles of the real tokens only, rows of 1 to 17
+    tokens with padding anywhere, and an empty row."""
+    h, mask, W, v = make_inputs(6, N, 20, 2500, Dv=Dv, device=device, padding="anywhere" if N > 2 else "end",
+                                empty_rows=[2], seed=N)
+    ctx = assert_matches_reference(h, mask, W, v)[0]
+    assert (ctx[2] == 0).all()
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_cpu_short_rows_cut_between_threads(threads):
+    """CPU: 3 rows of 16 tokens, 2 label blocks each, over 2 or 3 threads: rows cut between thread ranges."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert_matches_reference(*make_inputs(3, 16, 32, 4190, Dv=8, padding="end"))
+    finally:
+        torch.set_num_threads(saved)
+
+
+def test_cpu_large_outputs_are_recycled_not_shared():
+    """CPU: a [B,L,Dv] output of 8 MB or more comes from a cache of buffers that dead outputs return to:
+    a live output is never handed out again, and a recycled one gives the same results."""
+    h, mask, W, v = make_inputs(40, 6, 16, 4190, Dv=16, padding="end", seed=7)
+    first, _ = OP(h, mask, W, v)
+    assert first.numel() * 4 >= 8 << 20
+    second, _ = OP(h, mask, W, v)
+    assert first.data_ptr() != second.data_ptr() and torch.equal(first, second)
+    del second  # back to the cache: the next call takes it (or another of the same size)
+    third, lse = OP(h, mask, W, v)
+    assert third.data_ptr() != first.data_ptr() and torch.equal(third, first)
+    third.mul_(0)  # writable like any output, and the live first output untouched
+    assert torch.equal(first, OP(h, mask, W, v)[0])
+    assert_matches_reference(h[:4], mask[:4], W, v[:4])
+
+
+def test_cpu_portable_path():
+    """CPU: the tests of the tiling paths again with XMCNAS_CPU_ISA=generic, the kernels a CPU without
+    AVX-512 runs (oneDNN or BLAS tiles padded to 16 tokens, std::exp)."""
+    env = {**os.environ, "XMCNAS_CPU_ISA": "generic"}
+    chosen = "short_rows or label_counts or row_lengths or any_thread or rows_longer or padding_is_never"
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", chosen],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(__file__))
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    assert " passed" in res.stdout and "failed" not in res.stdout
 
 
 @pytest.mark.parametrize("threads", [1, 3, 5])

@@ -6,8 +6,14 @@
 // dropout(relu(x)) and read it back three times, plus a [B, L, H] gradient;
 // this reads x once forward and once backward and writes grad_x once.
 //
-// The backward sums grad_w over rows in fixed chunks of kRowChunk rows, then
-// the chunks in order: the same bits whatever the thread count.
+// Both passes work a chunk of kRowChunk rows at a time: first the dropout bits
+// of the whole chunk into a per-thread buffer (one splitmix64 hash per four
+// elements; 8 hashes a vector on AVX-512), whose 64-bit words read as 16-bit
+// numbers are the elements' lanes in order; then the rows, vectorized over h
+// (AVX-512 for float32, plain loops otherwise). Out of training (p = 0) no
+// bits are made: a plain fused ReLU-dot. The backward sums grad_w over rows
+// in fixed chunks of kRowChunk rows, then the chunks in order: the same bits
+// whatever the thread count.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -16,11 +22,15 @@
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
+#include "avx512.h"
 #include "dropout_mask.h"
+#include "output_buffers.h"
 
 namespace {
 
@@ -47,34 +57,167 @@ Tail prepare(const char* op, const at::Tensor& x, const at::Tensor& w, double p,
   return t;
 }
 
-// keep_i * relu(x_i) * scale for the H elements of row r, handed to f(h, value, kept-and-positive).
-template <typename opmath_t, typename scalar_t, typename F>
-inline void for_row(const Tail& t, const scalar_t* xp, int64_t r, opmath_t sc, F&& f) {
-  const uint64_t i0 = static_cast<uint64_t>(r * t.H);
-  // A row starting inside a group of 4 lanes takes that group's bits; any other, the loop's.
-  uint64_t bits = (i0 & 3) ? xmcnas_fast::dropout_bits(t.seed, i0 >> 2) : 0;
-  for (int64_t h = 0; h < t.H; ++h) {
-    const uint64_t i = i0 + static_cast<uint64_t>(h);
-    if ((i & 3) == 0) bits = xmcnas_fast::dropout_bits(t.seed, i >> 2);
-    const opmath_t v = static_cast<opmath_t>(xp[i]);
-    const opmath_t gate = static_cast<opmath_t>(v > 0 && xmcnas_fast::dropout_lane_kept(bits, i, t.thr)) * sc;
-    f(h, v * gate, gate);
+// The rows [r0, r1) of a chunk and, in training, the dropout bits of its elements: those of
+// element i are lane i % 4 of words[i / 4 - g0].
+struct Chunk {
+  int64_t r0, r1;
+  const uint64_t* words = nullptr;  // null: nothing is dropped
+  int64_t g0 = 0;
+};
+
+void chunk_bits_portable(uint64_t seed, uint64_t g0, int64_t count, uint64_t* out) {
+  for (int64_t g = 0; g < count; ++g) out[g] = xmcnas_fast::dropout_bits(seed, g0 + static_cast<uint64_t>(g));
+}
+
+#if XMCNAS_HAS_AVX512_CODE
+XMCNAS_AVX512 void chunk_bits_avx512(uint64_t seed, uint64_t g0, int64_t count, uint64_t* out) {
+  const __m512i phi = _mm512_set1_epi64(static_cast<long long>(0x9e3779b97f4a7c15ULL));
+  const __m512i c1 = _mm512_set1_epi64(static_cast<long long>(0xbf58476d1ce4e5b9ULL));
+  const __m512i c2 = _mm512_set1_epi64(static_cast<long long>(0x94d049bb133111ebULL));
+  const __m512i s = _mm512_set1_epi64(static_cast<long long>(seed));
+  __m512i g = _mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(g0)), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
+  const __m512i eight = _mm512_set1_epi64(8);
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8, g = _mm512_add_epi64(g, eight)) {
+    __m512i z = _mm512_add_epi64(s, _mm512_mullo_epi64(g, phi));
+    z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 30)), c1);
+    z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 27)), c2);
+    _mm512_storeu_si512(out + i, _mm512_xor_si512(z, _mm512_srli_epi64(z, 31)));
   }
+  chunk_bits_portable(seed, g0 + static_cast<uint64_t>(i), count - i, out + i);
+}
+#endif
+
+// keep_i * relu(x_i) * scale, and the gate keep_i * (x_i > 0) * scale, for element i of a chunk.
+template <typename opmath_t>
+inline opmath_t gate(const Chunk& c, uint32_t thr, int64_t i, opmath_t v, opmath_t sc) {
+  const bool kept = c.words == nullptr ||
+                    xmcnas_fast::dropout_lane_kept(c.words[(i >> 2) - c.g0], static_cast<uint64_t>(i), thr);
+  return static_cast<opmath_t>(v > 0 && kept) * sc;
+}
+
+// Rows of a chunk, portable: out[r] = sum_h w[h] gate x.
+template <typename scalar_t, typename wscalar_t>
+void forward_rows_portable(const Tail& t, const Chunk& c, const scalar_t* xp, const wscalar_t* wp, scalar_t* op) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const opmath_t sc = static_cast<opmath_t>(t.scale);
+  for (int64_t r = c.r0; r < c.r1; ++r) {
+    opmath_t acc = 0;
+    for (int64_t h = 0; h < t.H; ++h) {
+      const int64_t i = r * t.H + h;
+      const opmath_t v = static_cast<opmath_t>(xp[i]);
+      acc += static_cast<opmath_t>(wp[h]) * v * gate(c, t.thr, i, v, sc);
+    }
+    op[r] = static_cast<scalar_t>(acc);
+  }
+}
+
+// Rows of a chunk, portable: gx = g w gate, acc[h] += g x gate.
+template <typename scalar_t, typename wscalar_t>
+void backward_rows_portable(const Tail& t, const Chunk& c, const scalar_t* xp, const scalar_t* gp,
+                            const wscalar_t* wp, scalar_t* gxp, at::opmath_type<scalar_t>* acc) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const opmath_t sc = static_cast<opmath_t>(t.scale);
+  for (int64_t r = c.r0; r < c.r1; ++r) {
+    const opmath_t g = static_cast<opmath_t>(gp[r]);
+    for (int64_t h = 0; h < t.H; ++h) {
+      const int64_t i = r * t.H + h;
+      const opmath_t v = static_cast<opmath_t>(xp[i]);
+      const opmath_t k = gate(c, t.thr, i, v, sc);
+      acc[h] += g * (v * k);
+      gxp[i] = static_cast<scalar_t>(g * static_cast<opmath_t>(wp[h]) * k);
+    }
+  }
+}
+
+#if XMCNAS_HAS_AVX512_CODE
+// The gate of 16 elements from i on (m: the ones that exist): sc where x > 0 and kept, else 0.
+XMCNAS_AVX512_INLINE __m512 gate16(const Chunk& c, uint32_t thr, int64_t i, __m512 x, __m512 sc, __mmask16 m) {
+  __mmask16 k = _mm512_mask_cmp_ps_mask(m, x, _mm512_setzero_ps(), _CMP_GT_OQ);
+  if (c.words != nullptr) {  // x86 is little-endian: the words read as 16-bit numbers are the lanes, in order
+    const uint16_t* lane = reinterpret_cast<const uint16_t*>(c.words) + (i - 4 * c.g0);
+    const __m512i lanes = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, lane));
+    k = _mm512_mask_cmpge_epu32_mask(k, lanes, _mm512_set1_epi32(static_cast<int>(thr)));
+  }
+  return _mm512_maskz_mov_ps(k, sc);
+}
+
+XMCNAS_AVX512 void forward_rows_avx512(const Tail& t, const Chunk& c, const float* xp, const float* wp, float* op) {
+  const __m512 sc = _mm512_set1_ps(static_cast<float>(t.scale));
+  for (int64_t r = c.r0; r < c.r1; ++r) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t h = 0; h < t.H; h += 16) {
+      const __mmask16 m = xmcnas_fast::cpu::first_lanes(t.H - h);
+      const int64_t i = r * t.H + h;
+      const __m512 x = _mm512_maskz_loadu_ps(m, xp + i);
+      const __m512 k = gate16(c, t.thr, i, x, sc, m);
+      acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, wp + h), _mm512_mul_ps(x, k), acc);
+    }
+    op[r] = _mm512_reduce_add_ps(acc);
+  }
+}
+
+XMCNAS_AVX512 void backward_rows_avx512(const Tail& t, const Chunk& c, const float* xp, const float* gp,
+                                        const float* wp, float* gxp, float* acc) {
+  const __m512 sc = _mm512_set1_ps(static_cast<float>(t.scale));
+  for (int64_t r = c.r0; r < c.r1; ++r) {
+    const __m512 g = _mm512_set1_ps(gp[r]);
+    for (int64_t h = 0; h < t.H; h += 16) {
+      const __mmask16 m = xmcnas_fast::cpu::first_lanes(t.H - h);
+      const int64_t i = r * t.H + h;
+      const __m512 x = _mm512_maskz_loadu_ps(m, xp + i);
+      const __m512 k = gate16(c, t.thr, i, x, sc, m);
+      _mm512_mask_storeu_ps(acc + h, m, _mm512_fmadd_ps(g, _mm512_mul_ps(x, k), _mm512_maskz_loadu_ps(m, acc + h)));
+      _mm512_mask_storeu_ps(gxp + i, m, _mm512_mul_ps(_mm512_mul_ps(g, _mm512_maskz_loadu_ps(m, wp + h)), k));
+    }
+  }
+}
+#endif
+
+// Whether the float32 rows run on AVX-512.
+template <typename scalar_t, typename wscalar_t>
+bool fast_rows() {
+  return std::is_same_v<scalar_t, float> && std::is_same_v<wscalar_t, float> && xmcnas_fast::cpu::has_avx512();
+}
+
+// Calls f(chunk) for every chunk of kRowChunk rows, in parallel, with the chunk's dropout lanes.
+template <typename F>
+void for_chunks(const Tail& t, bool fast, F&& f) {
+  const int64_t chunks = (t.rows + kRowChunk - 1) / kRowChunk;
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    std::vector<uint64_t> bits(t.thr == 0 ? 0 : static_cast<size_t>((kRowChunk * t.H + 7) / 4 + 2));
+    for (int64_t ci = cb; ci < ce; ++ci) {
+      Chunk c{ci * kRowChunk, std::min(t.rows, (ci + 1) * kRowChunk)};
+      if (t.thr != 0) {
+        const uint64_t g0 = static_cast<uint64_t>(c.r0 * t.H) >> 2;
+        const int64_t count = static_cast<int64_t>(((static_cast<uint64_t>(c.r1 * t.H) + 3) >> 2) - g0);
+#if XMCNAS_HAS_AVX512_CODE
+        if (fast)
+          chunk_bits_avx512(t.seed, g0, count, bits.data());
+        else
+#endif
+          chunk_bits_portable(t.seed, g0, count, bits.data());
+        c.words = bits.data();
+        c.g0 = static_cast<int64_t>(g0);
+      }
+      f(c);
+    }
+  });
 }
 
 template <typename scalar_t, typename wscalar_t>
 void forward(const Tail& t, at::Tensor& out) {
-  using opmath_t = at::opmath_type<scalar_t>;
   const scalar_t* xp = t.x.const_data_ptr<scalar_t>();
   const wscalar_t* wp = t.w.const_data_ptr<wscalar_t>();
   scalar_t* op = out.mutable_data_ptr<scalar_t>();
-  const opmath_t sc = static_cast<opmath_t>(t.scale);
-  at::parallel_for(0, t.rows, kRowChunk, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      opmath_t acc = 0;
-      for_row<opmath_t>(t, xp, r, sc, [&](int64_t h, opmath_t y, opmath_t) { acc += static_cast<opmath_t>(wp[h]) * y; });
-      op[r] = static_cast<scalar_t>(acc);
+  const bool fast = fast_rows<scalar_t, wscalar_t>();
+  for_chunks(t, fast, [&](const Chunk& c) {
+#if XMCNAS_HAS_AVX512_CODE
+    if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<wscalar_t, float>) {
+      if (fast) return forward_rows_avx512(t, c, xp, wp, op);
     }
+#endif
+    forward_rows_portable(t, c, xp, wp, op);
   });
 }
 
@@ -85,22 +228,17 @@ void backward(const Tail& t, const at::Tensor& grad, at::Tensor& gx, at::Tensor&
   const scalar_t* gp = grad.const_data_ptr<scalar_t>();
   const wscalar_t* wp = t.w.const_data_ptr<wscalar_t>();
   scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
-  const opmath_t sc = static_cast<opmath_t>(t.scale);
   const int64_t chunks = (t.rows + kRowChunk - 1) / kRowChunk;
   std::vector<opmath_t> partial(static_cast<size_t>(chunks * t.H), opmath_t(0));
-  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-    for (int64_t c = cb; c < ce; ++c) {
-      opmath_t* acc = partial.data() + c * t.H;
-      const int64_t end = std::min(t.rows, (c + 1) * kRowChunk);
-      for (int64_t r = c * kRowChunk; r < end; ++r) {
-        const opmath_t g = static_cast<opmath_t>(gp[r]);
-        scalar_t* gxr = gxp + r * t.H;
-        for_row<opmath_t>(t, xp, r, sc, [&](int64_t h, opmath_t y, opmath_t gate) {
-          acc[h] += g * y;
-          gxr[h] = static_cast<scalar_t>(g * static_cast<opmath_t>(wp[h]) * gate);
-        });
-      }
+  const bool fast = fast_rows<scalar_t, wscalar_t>();
+  for_chunks(t, fast, [&](const Chunk& c) {
+    opmath_t* acc = partial.data() + (c.r0 / kRowChunk) * t.H;
+#if XMCNAS_HAS_AVX512_CODE
+    if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<wscalar_t, float>) {
+      if (fast) return backward_rows_avx512(t, c, xp, gp, wp, gxp, acc);
     }
+#endif
+    backward_rows_portable(t, c, xp, gp, wp, gxp, acc);
   });
   std::vector<opmath_t> sum(static_cast<size_t>(t.H), opmath_t(0));
   for (int64_t c = 0; c < chunks; ++c)
@@ -134,7 +272,7 @@ std::tuple<at::Tensor, at::Tensor> relu_dropout_dot_backward_cpu(const at::Tenso
   const Tail t = prepare("relu_dropout_dot_backward", x, w, p, seed);
   xmcnas_fast::checks::relu_dropout_dot_grad(grad_, x);
   const at::Tensor grad = grad_.contiguous().to(t.x.scalar_type());
-  at::Tensor gx = at::empty_like(t.x);
+  at::Tensor gx = xmcnas_fast::cpu::empty_output(t.x.sizes(), t.x.options());
   at::Tensor gw = at::empty_like(t.w);
   dispatch(t, [&]<typename S, typename WS>() { backward<S, WS>(t, grad, gx, gw); });
   return {gx, gw};
