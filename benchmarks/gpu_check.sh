@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Checks a GPU machine end to end within a time budget (default 8 minutes on the GPU): build against
 # the torch present, every CUDA test over both kernel paths, compute-sanitizer (memcheck per test file,
-# racecheck per 16-bit dtype, synccheck), the CUDA benchmarks with few rounds, train + evaluate +
-# predict on CUDA, a search with several workers on one GPU, and CPU-vs-CUDA learning parity. Prints
-# a short table last, and which steps were cut short.
+# racecheck per 16-bit dtype, synccheck), the host-side build, device-path and precision tests, the
+# CUDA benchmarks with few rounds, train + evaluate + predict on CUDA, a search with several workers
+# on one GPU, and CPU-vs-CUDA learning parity. Prints a short table last, and which steps were cut
+# short.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]          (default OUT_DIR: ./gpu-check)
 #
@@ -97,8 +98,7 @@ fi
 step build "$(lim 90 900)" "$PY" setup.py -q build_ext --inplace
 "$PY" -c "from xmcnas_fast import ops; print('kernels:', ops.extension_status())" 2>&1 | tee -a "$LOG"
 
-# ---- 2. every CUDA test, as the kernels are chosen and with the simple kernels forced; the build
-# check, the device-path and precision tests ------------------------------------------------------
+# ---- 2. every CUDA test, as the kernels are chosen and with the simple kernels forced ---------------
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider)
 if cuda_only tests; then
   step tests 60 "${PYTEST[@]}" -m cuda tests
@@ -108,7 +108,6 @@ fi
 if cuda_only tests_simple; then
   step tests_simple 40 env XMCNAS_CUDA_SIMPLE_KERNELS=1 "${PYTEST[@]}" -m cuda tests/test_label_attention.py
 fi
-step host_paths "$(lim 30 420)" "${PYTEST[@]}" tests/test_build.py tests/test_device_paths.py tests/test_precision.py
 
 # ---- 3. compute-sanitizer: memory errors per test file, every dtype; shared-memory races of every
 # kernel with shared memory, per 16-bit dtype; barrier misuse once ----------------------------------
@@ -151,14 +150,17 @@ if cuda_only synccheck; then
   step synccheck 20 compute-sanitizer --tool synccheck --error-exitcode 3 --print-limit 20 "${PYTEST[@]}" "${SEL[@]}"
 fi
 
-# ---- 4. the CUDA benchmarks, few rounds ----------------------------------------------------------
+# ---- 4. the build check, the device-path and precision tests (host side; CI runs them too) --------
+step host_paths "$(lim 60 900)" "${PYTEST[@]}" tests/test_build.py tests/test_device_paths.py tests/test_precision.py
+
+# ---- 5. the CUDA benchmarks, few rounds ----------------------------------------------------------
 if cuda_only bench; then
   step bench 40 "${PYTEST[@]}" benchmarks/bench_cuda.py --benchmark-enable \
     --benchmark-min-rounds=3 --benchmark-max-time=0.05 --benchmark-warmup=on \
     --benchmark-columns=min,median,rounds --benchmark-sort=name --benchmark-json="$OUT_DIR/bench_cuda.json"
 fi
 
-# ---- 5. train, evaluate and predict on the device ------------------------------------------------
+# ---- 6. train, evaluate and predict on the device ------------------------------------------------
 BUNDLE=$WORK/models/axml
 if [ "$DEVICE" = cuda ]; then TRAIN_ARGS=(--max-minutes "$TRAIN_MIN"); else TRAIN_ARGS=(--max-steps 20 --eval-every 10 --width 32 --emb-dim 32); fi
 step train $(( ${TRAIN_MIN%.*} * 60 + $(lim 60 240) )) "${XMC[@]}" train --arch attentionxml --device "$DEVICE" \
@@ -167,15 +169,19 @@ step evaluate "$(lim 40 180)" "${XMC[@]}" evaluate "$BUNDLE" --device "$DEVICE" 
 step predict "$(lim 30 120)" "${XMC[@]}" predict "$BUNDLE" \
   "a text editor for the terminal, written in C" "python library to parse xml documents" --device "$DEVICE" -k 5 --json
 
-# ---- 6. a search with several workers on one GPU -------------------------------------------------
+# ---- 7. a search with several workers on one GPU -------------------------------------------------
 for w in $WORKERS; do
-  if [ "$DEVICE" = cuda ]; then DEVS="cuda:0x$w"; SEARCH_ARGS=(--population 4 --cycles 4 --epochs 1);
-  else DEVS="cpu:$w"; SEARCH_ARGS=(--population 2 --cycles 2 --sample 2 --max-steps 10 --eval-every 5 --width 16 --emb-dim 16); fi
+  # The final training of the best candidate: one epoch, at most a minute (the demo budget's default
+  # trains it until minute 9).
+  FINAL_ARGS=(--final-epochs 1 --final-minutes 1)
+  if [ "$DEVICE" = cuda ]; then DEVS="cuda:0x$w"; SEARCH_ARGS=(--population 4 --cycles 4 --epochs 1 "${FINAL_ARGS[@]}");
+  else DEVS="cpu:$w"; SEARCH_ARGS=(--population 2 --cycles 2 --sample 2 --max-steps 10 --eval-every 5 --width 16 --emb-dim 16
+                                   "${FINAL_ARGS[@]}"); fi
   step "search_x$w" 420 "${XMC[@]}" search --devices "$DEVS" --name "gpu-check-x$w" --runs-dir "$WORK/runs" --plain \
     "${SEARCH_ARGS[@]}"
 done
 
-# ---- 7. learning parity: the same preset, steps and seed on CPU and CUDA (the longest step) -------
+# ---- 8. learning parity: the same preset, steps and seed on CPU and CUDA (the longest step) -------
 if cuda_only parity; then
   step parity 420 "${PYTEST[@]}" -s --run-slow tests/test_learning_parity.py
 fi
