@@ -151,7 +151,7 @@ if cuda_only synccheck; then
 fi
 
 # ---- 4. the build check, the device-path and precision tests (host side; CI runs them too) --------
-step host_paths "$(lim 60 900)" "${PYTEST[@]}" tests/test_build.py tests/test_device_paths.py tests/test_precision.py
+step host_paths "$(lim 60 1800)" "${PYTEST[@]}" tests/test_build.py tests/test_device_paths.py tests/test_precision.py
 
 # ---- 5. the CUDA benchmarks, few rounds ----------------------------------------------------------
 if cuda_only bench; then
