@@ -8,8 +8,8 @@ code path of both devices: on the CPU its label blocks (128) and token tiles
 D and Dv multiples of 8 up to 1024: D = 136 is two 128-wide warp slices, the
 second mostly padding; D = 520 five; D = 1024 eight; Dv = 264 three slices,
 more than D = 136 has), the simple kernels (float64; 16-bit inputs at D = 100,
-Dv = 5, a misaligned view (test_label_attention_edges.py), or D = Dv = 1024,
-whose tiles do not fit in shared memory) and, for float32, cuBLAS a block of labels at a time (that path at every
+Dv = 5, a misaligned view, or D = Dv = 1024, whose tiles do not fit in shared
+memory) and, for float32, cuBLAS a block of labels at a time (that path at every
 block size: tests/test_label_attention_gemm.py). The input contract (what is refused, with which message) is
 tests/test_op_contract.py's.
 """
@@ -315,6 +315,26 @@ MODEL_WIDTHS = [(512, None, torch.float32), (512, 256, torch.bfloat16), (1024, 2
 def test_model_widths(device, D, Dv, dtype):
     """A realistic length (300 tokens) and label count (L = 257: a multiple of no tile)."""
     assert_matches_reference(*make_inputs(4, 300, D, 257, Dv=Dv, dtype=dtype, device=device, seed=3))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("Dv", [None, 24])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("device", ["cuda"])
+def test_misaligned_view_takes_the_simple_path(device, dtype, Dv):
+    """h and v as views 2 bytes off a 16-byte boundary: the simple kernels, same results as the tensor cores."""
+    h, mask, W, v = make_inputs(3, 40, 136, 33, Dv=Dv, dtype=dtype, device=device, seed=4)
+
+    def misaligned(t):
+        buf = torch.empty(t.numel() + 1, dtype=dtype, device=device)
+        return buf[1:].view_as(t).copy_(t)
+
+    hm, vm = misaligned(h), None if v is None else misaligned(v)
+    assert hm.data_ptr() % 16 != 0
+    simple = assert_matches_reference(hm, mask, W, vm)
+    tensor_cores = assert_matches_reference(h, mask, W, v)
+    for what, a, b in zip(("ctx", "grad_h", "grad_W", "grad_v"), simple, tensor_cores):
+        close(a, b, 5 * TOL[dtype], what + ", simple vs tensor cores")
 
 
 @pytest.mark.parametrize("threads", [1, 3, 5])
