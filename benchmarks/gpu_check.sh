@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Checks a GPU machine end to end in about 8 minutes (an H100/H200 with 16 cores):
-#   build against the torch present, the CUDA tests, a compute-sanitizer memcheck subset, the CUDA
-#   benchmarks with few rounds, CPU-vs-CUDA learning parity, train + evaluate + predict on CUDA,
-#   and a search with several workers on one GPU. Prints a short table last.
+# Checks a GPU machine end to end within a time budget (default 8 minutes on the GPU): build against
+# the torch present, every CUDA test over both kernel paths, compute-sanitizer (memcheck per test file,
+# racecheck per 16-bit dtype, synccheck), the host-side build, device-path and precision tests, the
+# CUDA benchmarks with few rounds, train + evaluate + predict on CUDA, a search with several workers
+# on one GPU, and CPU-vs-CUDA learning parity. Prints a short table last, and which steps were cut
+# short.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]          (default OUT_DIR: ./gpu-check)
 #
@@ -12,11 +14,19 @@
 # compute-sanitizer; no package registry (the build uses --no-build-isolation's logic: setup.py
 # build_ext --inplace against the torch present).
 #
+# Time: every step has its own limit, so a slow step cannot starve the others, and the steps share
+# one budget: a step gets at most what is left of it, and a step with nothing left is not started.
+# The kernel checks come first; the figures of the tool (bench, train, search, parity) take what
+# remains. A step stopped by its limit, or never started, is "cut short": the table says which, and
+# the check exits 2 when steps were cut short and none failed (1 when one failed).
+#
 # Environment:
 #   PYTHON                 the interpreter (default python3)
 #   GPU_CHECK_DEVICE       cuda (default) or cpu: a dry run of every step's plumbing without a GPU
 #                          (CUDA-only steps are skipped, budgets are tiny)
-#   GPU_CHECK_SKIP         steps to leave out, e.g. "racecheck bench"
+#   GPU_CHECK_BUDGET       seconds for all the steps together (default 480 on cuda, 3600 on cpu);
+#                          GPU_CHECK_BUDGET=1500 leaves the tool's figures room enough
+#   GPU_CHECK_SKIP         steps to leave out, e.g. "racecheck_bf16 bench parity"
 #   GPU_CHECK_TRAIN_MIN    minutes of `train --arch attentionxml` (default 1; RESULTS.md quotes 5)
 #   GPU_CHECK_WORKERS      workers on one GPU for the search, one search each (default "4"; "1 2 4"
 #                          gives the candidates-per-hour comparison)
@@ -31,6 +41,8 @@ DEVICE=${GPU_CHECK_DEVICE:-cuda}
 SKIP=" ${GPU_CHECK_SKIP:-} "
 TRAIN_MIN=${GPU_CHECK_TRAIN_MIN:-1}
 WORKERS=${GPU_CHECK_WORKERS:-4}
+if [ "$DEVICE" = cuda ]; then BUDGET=${GPU_CHECK_BUDGET:-480}; else BUDGET=${GPU_CHECK_BUDGET:-3600}; fi
+START=$(date +%s)
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 LOG=$OUT_DIR/gpu_check.log
@@ -38,23 +50,35 @@ STEPS=$OUT_DIR/steps.tsv
 : > "$LOG"; : > "$STEPS"
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 XMCNAS_CACHE=$WORK/cache
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+unset XMCNAS_CUDA_SIMPLE_KERNELS  # the steps that force the simple kernels say so
 XMC=("$PY" -m xmcnas_fast)
 
-# step NAME SECONDS CMD...: run CMD with a time limit, its output appended to the log under a header;
-# record pass/fail and seconds. A failed step does not stop the check.
+# lim CUDA CPU: a step's own limit in seconds, on the GPU or in the CPU dry run.
+lim() { if [ "$DEVICE" = cuda ]; then echo "$1"; else echo "$2"; fi; }
+
+# step NAME SECONDS CMD...: run CMD with a time limit (at most what is left of the budget), its output
+# appended to the log under a header; record pass / fail / cut short and seconds. A failed step does
+# not stop the check.
 step() {
   local name=$1 limit=$2; shift 2
   if [[ "$SKIP" == *" $name "* ]]; then printf '%s\tskipped\t0\n' "$name" >> "$STEPS"; return 0; fi
+  local left=$(( BUDGET - ($(date +%s) - START) ))
+  if [ "$left" -lt 5 ]; then
+    printf '%s\tCUT(no time left)\t0\n' "$name" >> "$STEPS"
+    echo "== $name: cut short, no time left of the ${BUDGET}s budget" | tee -a "$LOG"
+    return 124
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   echo "== $name: $*" | tee -a "$LOG"
   local t0 rc
   t0=$(date +%s.%N)
-  timeout --kill-after=10 "$limit" "$@" >> "$LOG" 2>&1
+  timeout --kill-after=5 "$limit" "$@" >> "$LOG" 2>&1
   rc=$?
   local secs
   secs=$("$PY" -c "print(round($(date +%s.%N) - $t0, 1))")
   local status=pass
   [ "$rc" = 0 ] || status="FAIL(rc=$rc)"
-  [ "$rc" = 124 ] && status="FAIL(timeout ${limit}s)"
+  { [ "$rc" = 124 ] || [ "$rc" = 137 ]; } && status="CUT(timeout ${limit}s)"
   printf '%s\t%s\t%s\n' "$name" "$status" "$secs" >> "$STEPS"
   echo "   $status in ${secs}s" | tee -a "$LOG"
   return "$rc"
@@ -71,58 +95,96 @@ if [ "$DEVICE" = cuda ]; then
 else
   export XMCNAS_NO_CUDA=1
 fi
-step build 600 "$PY" setup.py -q build_ext --inplace
+step build "$(lim 90 900)" "$PY" setup.py -q build_ext --inplace
 "$PY" -c "from xmcnas_fast import ops; print('kernels:', ops.extension_status())" 2>&1 | tee -a "$LOG"
 
-# ---- 2. every CUDA test; the build check, the device-path and precision tests ---------------------
+# ---- 2. every CUDA test, as the kernels are chosen and with the simple kernels forced ---------------
+PYTEST=("$PY" -m pytest -q -p no:cacheprovider)
 if cuda_only tests; then
-  step tests 420 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests
+  step tests 60 "${PYTEST[@]}" -m cuda tests
 fi
-step host_paths 420 "$PY" -m pytest -q -p no:cacheprovider tests/test_build.py tests/test_device_paths.py \
-  tests/test_precision.py
-
-# ---- 3. memory and shared-memory hazards in the kernels: compute-sanitizer on subsets -------------
-KERNEL_TESTS=(tests/test_label_attention.py tests/test_label_attention_gemm.py tests/test_layer_sum.py tests/test_dropout.py tests/test_cuda_ops.py)
-if cuda_only sanitizer; then
-  step sanitizer 240 compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 20 \
-    "$PY" -m pytest -q -x -p no:cacheprovider -m cuda "${KERNEL_TESTS[@]}" \
-    -k "not float64 and not eurlex and not many_rows and not large and not gradcheck and not opcheck"
-fi
-if cuda_only racecheck; then   # the tensor-core kernels' shared-memory tiles, bf16 with and without values;
-  # the cuBLAS path's softmax, whose token groups meet in shared memory
-  step racecheck 180 compute-sanitizer --tool racecheck --error-exitcode 3 --print-limit 20 \
-    "$PY" -m pytest -q -x -p no:cacheprovider -m cuda tests/test_label_attention.py tests/test_label_attention_gemm.py \
-    -k "(values_and_gradients and bfloat16 and (5x37x24x50 or 3x65x520x40)) or (any_block and float32)"
+# The 16-bit shapes the tensor cores take on this GPU, again on the simple kernels (the edge cases of
+# tests/test_label_attention_edges.py run on both paths in the step above: `cuda` and `cuda-simple`).
+if cuda_only tests_simple; then
+  step tests_simple 40 env XMCNAS_CUDA_SIMPLE_KERNELS=1 "${PYTEST[@]}" -m cuda tests/test_label_attention.py
 fi
 
-# ---- 4. the CUDA benchmarks, few rounds ----------------------------------------------------------
+# ---- 3. compute-sanitizer: memory errors per test file, every dtype; shared-memory races of every
+# kernel with shared memory, per 16-bit dtype; barrier misuse once ----------------------------------
+# memcheck NAME SECONDS FILE: the file's CUDA tests, every dtype (float64 included), stopping at the first failure.
+memcheck() {
+  local name=$1 limit=$2 file=$3
+  cuda_only "$name" && step "$name" "$limit" compute-sanitizer --tool memcheck --error-exitcode 3 --print-limit 20 \
+    "${PYTEST[@]}" -x -m cuda "$file"
+}
+memcheck memcheck_label_attention 50 tests/test_label_attention.py
+memcheck memcheck_edges 45 tests/test_label_attention_edges.py
+memcheck memcheck_gemm 25 tests/test_label_attention_gemm.py
+memcheck memcheck_layer_sum 15 tests/test_layer_sum.py
+memcheck memcheck_dropout 10 tests/test_dropout.py
+memcheck memcheck_topk 15 tests/test_cuda_ops.py
+
+# The tests that reach each kernel with shared memory in dtype $1, appended to SEL: the tensor-core
+# forward, grad_W and grad_h kernels without and with separate values (L = 129: several label tiles);
+# the cuBLAS path's softmax (16-bit probabilities out; the private op, so on any GPU); layer_sum's
+# backward; top-k's selection (k = 5: warp lists) and sort (k = 77) paths.
+SEL=()
+shared_memory_tests() {
+  local dt=torch.$1
+  SEL+=("tests/test_label_attention_edges.py::test_label_counts_around_the_tiles[cuda-None-129-$dt]"
+        "tests/test_label_attention_edges.py::test_label_counts_around_the_tiles[cuda-40-129-$dt]"
+        "tests/test_label_attention_gemm.py::test_values_and_gradients_for_any_block_of_labels[cuda-24-7-$dt]"
+        "tests/test_layer_sum.py::test_values_and_gradients[cuda-$dt-4-(7, 33, 9)]"
+        "tests/test_cuda_ops.py::test_topk_metrics_matches_reference[$dt-5]"
+        "tests/test_cuda_ops.py::test_topk_metrics_matches_reference[$dt-77]")
+}
+for dt in bfloat16 float16; do
+  name=racecheck_${dt/bfloat16/bf16}; name=${name/float16/fp16}
+  if cuda_only "$name"; then
+    SEL=(); shared_memory_tests "$dt"
+    step "$name" 25 compute-sanitizer --tool racecheck --error-exitcode 3 --print-limit 20 "${PYTEST[@]}" "${SEL[@]}"
+  fi
+done
+if cuda_only synccheck; then
+  SEL=(); shared_memory_tests bfloat16; shared_memory_tests float16
+  step synccheck 20 compute-sanitizer --tool synccheck --error-exitcode 3 --print-limit 20 "${PYTEST[@]}" "${SEL[@]}"
+fi
+
+# ---- 4. the build check, the device-path and precision tests (host side; CI runs them too) --------
+step host_paths "$(lim 60 1800)" "${PYTEST[@]}" tests/test_build.py tests/test_device_paths.py tests/test_precision.py
+
+# ---- 5. the CUDA benchmarks, few rounds ----------------------------------------------------------
 if cuda_only bench; then
-  step bench 300 "$PY" -m pytest -q -p no:cacheprovider benchmarks/bench_cuda.py --benchmark-enable \
+  step bench 40 "${PYTEST[@]}" benchmarks/bench_cuda.py --benchmark-enable \
     --benchmark-min-rounds=3 --benchmark-max-time=0.05 --benchmark-warmup=on \
     --benchmark-columns=min,median,rounds --benchmark-sort=name --benchmark-json="$OUT_DIR/bench_cuda.json"
-fi
-
-# ---- 5. learning parity: the same preset, steps and seed on CPU and CUDA -------------------------
-if cuda_only parity; then
-  step parity 420 "$PY" -m pytest -q -s -p no:cacheprovider --run-slow tests/test_learning_parity.py
 fi
 
 # ---- 6. train, evaluate and predict on the device ------------------------------------------------
 BUNDLE=$WORK/models/axml
 if [ "$DEVICE" = cuda ]; then TRAIN_ARGS=(--max-minutes "$TRAIN_MIN"); else TRAIN_ARGS=(--max-steps 20 --eval-every 10 --width 32 --emb-dim 32); fi
-step train $(( ${TRAIN_MIN%.*} * 60 + 240 )) "${XMC[@]}" train --arch attentionxml --device "$DEVICE" --out "$BUNDLE" \
-  --quiet "${TRAIN_ARGS[@]}"
-step evaluate 180 "${XMC[@]}" evaluate "$BUNDLE" --device "$DEVICE" --json
-step predict 120 "${XMC[@]}" predict "$BUNDLE" \
+step train $(( ${TRAIN_MIN%.*} * 60 + $(lim 60 240) )) "${XMC[@]}" train --arch attentionxml --device "$DEVICE" \
+  --out "$BUNDLE" --quiet "${TRAIN_ARGS[@]}"
+step evaluate "$(lim 40 180)" "${XMC[@]}" evaluate "$BUNDLE" --device "$DEVICE" --json
+step predict "$(lim 30 120)" "${XMC[@]}" predict "$BUNDLE" \
   "a text editor for the terminal, written in C" "python library to parse xml documents" --device "$DEVICE" -k 5 --json
 
 # ---- 7. a search with several workers on one GPU -------------------------------------------------
 for w in $WORKERS; do
-  if [ "$DEVICE" = cuda ]; then DEVS="cuda:0x$w"; SEARCH_ARGS=(--population 4 --cycles 4 --epochs 1);
-  else DEVS="cpu:$w"; SEARCH_ARGS=(--population 2 --cycles 2 --sample 2 --max-steps 10 --eval-every 5 --width 16 --emb-dim 16); fi
+  # The final training of the best candidate: one epoch, at most a minute (the demo budget's default
+  # trains it until minute 9).
+  FINAL_ARGS=(--final-epochs 1 --final-minutes 1)
+  if [ "$DEVICE" = cuda ]; then DEVS="cuda:0x$w"; SEARCH_ARGS=(--population 4 --cycles 4 --epochs 1 "${FINAL_ARGS[@]}");
+  else DEVS="cpu:$w"; SEARCH_ARGS=(--population 2 --cycles 2 --sample 2 --max-steps 10 --eval-every 5 --width 16 --emb-dim 16
+                                   "${FINAL_ARGS[@]}"); fi
   step "search_x$w" 420 "${XMC[@]}" search --devices "$DEVS" --name "gpu-check-x$w" --runs-dir "$WORK/runs" --plain \
     "${SEARCH_ARGS[@]}"
 done
+
+# ---- 8. learning parity: the same preset, steps and seed on CPU and CUDA (the longest step) -------
+if cuda_only parity; then
+  step parity 420 "${PYTEST[@]}" -s --run-slow tests/test_learning_parity.py
+fi
 
 # ---- the table -----------------------------------------------------------------------------------
 "$PY" benchmarks/gpu_check_report.py --steps "$STEPS" --log "$LOG" --bundle "$BUNDLE" --runs "$WORK/runs" \

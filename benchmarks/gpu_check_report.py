@@ -1,7 +1,8 @@
 """The figures of a benchmarks/gpu_check.sh run: one table printed, gpu_check.md and gpu_check.json written.
 
 Reads the steps file (name, status, seconds), the combined log, the trained bundle, the search runs
-and the pytest-benchmark JSON. Exits non-zero when a step failed.
+and the pytest-benchmark JSON. Exits 1 when a step failed, else 2 when steps were cut short (stopped
+by their time limit, or never started for want of time), else 0.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ def sections(log: str) -> dict:
 
 
 def pytest_summary(text: str) -> str | None:
-    lines = [ln.strip("= ") for ln in text.splitlines() if re.search(r"\d+ (passed|failed|error)", ln)]
+    lines = [ln.strip("= ") for ln in text.splitlines()
+             if re.search(r"\d+ (passed|failed|error)", ln) and not ln.startswith("========= ")]  # not the sanitizer's
     return lines[-1] if lines else None
 
 
@@ -38,6 +40,23 @@ def parity(text: str) -> dict | None:
     steps, cpu, cuda, prior = int(m.group(1)), *map(float, m.groups()[1:])
     return {"steps": steps, "cpu_valid_P@5": cpu, "cuda_valid_P@5": cuda, "label_prior_P@5": prior,
             "difference": round(cuda - cpu, 2)}
+
+
+# compute-sanitizer's reports: the summary line it prints at exit, and each finding as it goes (a step
+# cut short by its time limit has findings but no summary).
+SUMMARY = re.compile(r"(?:ERROR|RACECHECK) SUMMARY: (\d+) (?:error|hazard)")
+FINDING = re.compile(r"^========= (?:Invalid |Program hit |Race reported|.*[Hh]azard|Barrier error|Uninitialized |"
+                     r"Error: |Leaked )", re.M)
+
+
+def sanitizer(text: str) -> dict | None:
+    """compute-sanitizer's findings in one step's output: {"errors": n, "complete": whether it summed them
+    up at exit}, or None when the step shows no sign of the sanitizer."""
+    summaries = [int(n) for n in SUMMARY.findall(text)]
+    if summaries:
+        return {"errors": sum(summaries), "complete": True}
+    found = len(FINDING.findall(text))
+    return {"errors": found, "complete": False} if found or "COMPUTE-SANITIZER" in text else None
 
 
 def trained(bundle: str) -> dict | None:
@@ -89,6 +108,12 @@ def benchmarks(path: str) -> list:
     return rows
 
 
+def sanitizer_note(found: dict | None) -> str | None:
+    if found is None:
+        return None
+    return f"{found['errors']} sanitizer findings" + ("" if found["complete"] else " before it was stopped")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     for flag in ("--steps", "--log", "--bundle", "--runs", "--bench", "--out"):
@@ -109,16 +134,18 @@ def main(argv=None) -> int:
     except ImportError:
         versions = {}
     kernels = re.search(r"^kernels: (.*)$", log, re.M)
-    sanitizer = re.search(r"ERROR SUMMARY: (\d+) error", sec.get("sanitizer", ""))
-    racecheck = re.search(r"(?:RACECHECK|ERROR) SUMMARY: (\d+) (?:hazard|error)", sec.get("racecheck", ""))
+    checked = {name: sanitizer(sec.get(name, "")) for name in steps
+               if name.split("_")[0] in ("memcheck", "racecheck", "synccheck")}
+    cut = [n for n, st in steps.items() if st["status"].startswith("CUT")]
     figures = {
         "machine": {"gpu": gpu, "device": a.device, "cpu_cores": os.cpu_count(), "host": platform.node(),
                     **versions, "kernels": kernels.group(1) if kernels else None},
         "steps": steps,
         "tests": pytest_summary(sec.get("tests", "")),
-        "sanitizer_memcheck_errors": int(sanitizer.group(1)) if sanitizer else None,
-        "sanitizer_tests": pytest_summary(sec.get("sanitizer", "")),
-        "racecheck_hazards": int(racecheck.group(1)) if racecheck else None,
+        "tests_simple_kernels": pytest_summary(sec.get("tests_simple", "")),
+        "sanitizer": {name: {**(found or {}), "tests": pytest_summary(sec.get(name, ""))}
+                      for name, found in checked.items()},
+        "cut_short": cut,
         "parity": parity(sec.get("parity", "")),
         "train": trained(a.bundle),
         "evaluate": next((json.loads(ln) for ln in reversed(sec.get("evaluate", "").splitlines())
@@ -128,9 +155,10 @@ def main(argv=None) -> int:
     }
     md = [f"# GPU check: {gpu or 'no GPU'} ({a.device}), torch {versions.get('torch')}", "",
           "| step | status | seconds | figure |", "|---|---|---|---|"]
-    notes = {"tests": figures["tests"], "host_paths": pytest_summary(sec.get("host_paths", "")), "sanitizer": f"{figures['sanitizer_memcheck_errors']} memcheck errors; "
-             f"{figures['sanitizer_tests']}" if sanitizer else figures["sanitizer_tests"],
-             "racecheck": f"{figures['racecheck_hazards']} racecheck hazards" if racecheck else None,
+    notes = {"tests": figures["tests"], "tests_simple": figures["tests_simple_kernels"],
+             "host_paths": pytest_summary(sec.get("host_paths", "")),
+             **{name: "; ".join(x for x in (sanitizer_note(found), pytest_summary(sec.get(name, ""))) if x)
+                for name, found in checked.items()},
              "parity": json.dumps(figures["parity"]) if figures["parity"] else None,
              "train": json.dumps(figures["train"]) if figures["train"] else None,
              "bench": f"{len(figures['bench_cuda'])} cases in bench_cuda.json" if figures["bench_cuda"] else None}
@@ -143,6 +171,8 @@ def main(argv=None) -> int:
         md += ["", "## bench_cuda (median of few rounds)", "", "```"]
         md += [json.dumps(r) for r in figures["bench_cuda"]]
         md += ["```"]
+    if cut:
+        md += ["", f"Cut short (stopped by their time limit, or never started within the budget): {', '.join(cut)}"]
     text = "\n".join(md) + "\n"
     with open(os.path.join(a.out, "gpu_check.md"), "w", encoding="utf-8") as f:
         f.write(text)
@@ -152,7 +182,10 @@ def main(argv=None) -> int:
     failed = [n for n, st in steps.items() if st["status"].startswith("FAIL")]
     if failed:
         print(f"failed steps: {', '.join(failed)} (see {os.path.join(a.out, 'gpu_check.log')})", file=sys.stderr)
-    return 1 if failed else 0
+    if cut:
+        print(f"steps cut short: {', '.join(cut)} (raise GPU_CHECK_BUDGET, or run them alone with GPU_CHECK_SKIP)",
+              file=sys.stderr)
+    return 1 if failed else 2 if cut else 0
 
 
 if __name__ == "__main__":

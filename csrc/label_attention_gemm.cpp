@@ -15,6 +15,7 @@
 #include "label_attention_gemm.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
@@ -114,9 +115,14 @@ std::tuple<at::Tensor, at::Tensor> block_softmax_backward(const Blocked& x, at::
   return {p.to(x.dtype), ds.to(x.dtype)};
 }
 
-// Off for the products inside: under torch.autocast they would otherwise run in autocast's dtype.
-struct NoAutocast {
-  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+// The products inside run in the inputs' dtype, as chosen, whatever the caller's settings: off for
+// autocast (under torch.autocast they would otherwise run in autocast's dtype), and IEEE float32 for
+// float32 inputs whatever torch.backends.cuda.matmul allows. TF32 keeps 10 bits of mantissa, so a score
+// near 5000 would move by about 2 (a factor e^2 in its weight); the same goes for dP in the backward,
+// where dP - delta cancels. at::NoTF32Guard is thread-local: other threads keep their setting.
+struct ExactProducts {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast{c10::autocast_dispatch_keyset};
+  at::NoTF32Guard no_tf32;
 };
 
 }  // namespace
@@ -130,7 +136,7 @@ int64_t labels_per_block(int64_t B, int64_t N, int64_t L) {
 std::tuple<at::Tensor, at::Tensor> label_attention_gemm(const at::Tensor& h, const at::Tensor& mask,
                                                         const at::Tensor& W, const std::optional<at::Tensor>& v,
                                                         int64_t block) {
-  const NoAutocast no_autocast;
+  const ExactProducts exact;
   const Blocked x = prepare(h, mask, W, v, block);
   at::Tensor ctx = at::empty({x.B, x.L, x.Dv}, x.h.options());
   at::Tensor lse = at::empty({x.B, x.L}, x.h.options().dtype(at::kFloat));
@@ -147,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor> label_attention_gemm(const at::Tensor& h, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor> label_attention_gemm_backward(
     const at::Tensor& grad_ctx, const at::Tensor& h, const at::Tensor& mask, const at::Tensor& W,
     const std::optional<at::Tensor>& v, const at::Tensor& ctx, const at::Tensor& lse, int64_t block) {
-  const NoAutocast no_autocast;
+  const ExactProducts exact;
   const Blocked x = prepare(h, mask, W, v, block);
   const auto acc_options = x.h.options().dtype(x.acc);
   at::Tensor grad_h = at::zeros({x.B, x.N, x.D}, acc_options);
@@ -177,6 +183,7 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> checked_forward(const at::Tensor& h, const at::Tensor& mask, const at::Tensor& W,
                                                    const std::optional<at::Tensor>& v, int64_t block) {
   checks::label_attention_inputs(h, mask, W, v);
+  const c10::DeviceGuard guard(h.device());  // the softmax kernels launch on the current device
   return label_attention_gemm(h, mask, W, v, block);
 }
 
@@ -187,6 +194,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> checked_backward(const at::Tensor
                                                                 int64_t block) {
   checks::label_attention_inputs(h, mask, W, v);
   checks::label_attention_saved(h, W, v, grad_ctx, ctx, lse);
+  const c10::DeviceGuard guard(h.device());
   return label_attention_gemm_backward(grad_ctx, h, mask, W, v, ctx, lse, block);
 }
 

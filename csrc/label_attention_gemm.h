@@ -1,7 +1,6 @@
 // Label-wise attention through the device's matrix-product library (cuBLAS on
 // CUDA, the CPU BLAS otherwise), a block of labels at a time. What CUDA runs
-// for float32, where cuBLAS (TF32 tensor cores when PyTorch allows TF32 for
-// matrix products, exact float32 otherwise) outruns any SIMT kernel of ours;
+// for float32, where cuBLAS in IEEE float32 outruns any SIMT kernel of ours;
 // for float16 / bfloat16 the rival of the fused tensor-core kernels
 // (cuda/label_attention_mma.cu), which benchmarks/bench_cuda.py times beside
 // them. The same contract as label_attention / label_attention_backward
@@ -9,8 +8,11 @@
 // device, so that the CPU tests hold it to the reference; the private operators
 // _label_attention_gemm(_backward) expose it for that.
 //
-// Precision: the products accumulate in float32 (float64 for float64), and
-// the scores, their softmax and its gradient stay in float32. What the
+// Precision: float32 products are IEEE float32, never TF32, whatever PyTorch
+// allows for matrix products (TF32 would move scores near 5000 by about 2;
+// bfloat16 autocast is the fast path on a GPU). The products accumulate in
+// float32 (float64 for float64), and the scores, their softmax and its
+// gradient stay in float32. What the
 // products read is in the inputs' dtype: for 16-bit inputs the probabilities
 // and the score gradients are rounded to it once, as in FlashAttention's
 // backward; grad_h and grad_v are summed over the blocks in float32.

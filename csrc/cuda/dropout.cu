@@ -58,7 +58,7 @@ at::Tensor dropout_cuda(const at::Tensor& x_, double p, const at::Tensor& seed_,
   const double scale = dropout_scale(dropout_threshold(p));
   dispatch_float_types_and_double(x.scalar_type(), "dropout", [&](auto tag) {
     using T = typename decltype(tag)::type;
-    dropout_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(mptr<T>(x), mptr<T>(y), n, seed, dropout_threshold(p),
+    dropout_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(cptr<T>(x), mptr<T>(y), n, seed, dropout_threshold(p),
                                                               static_cast<acc_t<T>>(scale), relu);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -80,7 +80,7 @@ at::Tensor dropout_backward_cuda(const at::Tensor& grad_, const at::Tensor& y_, 
   dispatch_float_types_and_double(grad.scalar_type(), "dropout_backward", [&](auto tag) {
     using T = typename decltype(tag)::type;
     dropout_backward_kernel<T><<<blocks_for(n), kThreads, 0, stream>>>(
-        mptr<T>(grad), mptr<T>(y), mptr<T>(out), n, seed, dropout_threshold(p), static_cast<acc_t<T>>(scale), relu);
+        cptr<T>(grad), cptr<T>(y), mptr<T>(out), n, seed, dropout_threshold(p), static_cast<acc_t<T>>(scale), relu);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return out;

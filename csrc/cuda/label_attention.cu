@@ -1,9 +1,11 @@
 // Label-wise attention on CUDA: entry points and the simple kernels that
 // serve float64 always and float16/bfloat16 when the tensor-core kernels of
-// label_attention_mma.cu do not apply (they are built for these three only). float32 goes to cuBLAS, a block of
-// labels at a time (../label_attention_gemm.h): TF32 tensor cores when PyTorch
-// allows them for matrix products, exact SGEMM otherwise, either well above
-// what a SIMT kernel of ours reaches.
+// label_attention_mma.cu do not apply (a width they are not built for, too
+// little shared memory, an input off a 16-byte boundary) or when
+// XMCNAS_CUDA_SIMPLE_KERNELS=1 forces them (for the tests). float32 goes to
+// cuBLAS, a block of labels at a time (../label_attention_gemm.h), in IEEE
+// float32 whatever PyTorch allows for matrix products (no TF32: see there),
+// well above what a SIMT kernel of ours reaches.
 //
 // The values u_n are v[b,n] (width Dv), or h[b,n] itself (Dv = D):
 //   ctx[b,l] = sum_n softmax_n(W[l] . h[b,n] over real tokens) u_n
@@ -21,6 +23,8 @@
 // gradients are bitwise reproducible. Accumulation is float32, float64 for
 // float64 inputs.
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -93,7 +97,10 @@ __global__ void row_dot_kernel(const T* __restrict__ a, const T* __restrict__ o,
 // scores, Dv for grad_ctx . u) are lane-strided and summed with shuffles:
 // from operands cached in registers when the row fits in one slice,
 // otherwise from memory, once per output slice (correct for any width).
-// `vals == h` (then Dv == D) means the values are h itself.
+// `values_are_h` (v was not given: vals is h and Dv == D) says the values are h
+// itself; never the pointers, since a v that was given may share h's memory
+// (v = h, h.detach(), or a contiguous view such as h[..., :Dv] at B = N = 1)
+// and is then separate values all the same, with its own gradient.
 // ---------------------------------------------------------------------------
 
 template <typename T, int NV>
@@ -128,7 +135,7 @@ __device__ __forceinline__ acc_t<T> row_dot(bool cached, const acc_t<T> (&xv)[NV
 
 template <typename T, int R, int NV>
 __global__ void __launch_bounds__(kWarps * 32)
-    fwd_simple_kernel(const T* __restrict__ h, const T* vals, const int* __restrict__ idx,
+    fwd_simple_kernel(const T* __restrict__ h, const T* vals, bool values_are_h, const int* __restrict__ idx,
                       const int* __restrict__ cnt, const T* __restrict__ W, T* __restrict__ ctx,
                       float* __restrict__ lse, int N, int D, int Dv, int L, int tiles) {
   using A = acc_t<T>;
@@ -145,7 +152,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
   for (int r = 0; r < R; ++r) wrow[r] = W + static_cast<int64_t>(min(l0 + r, L - 1)) * D;
   const bool one_slice = D <= SW;                   // scores from cached slices
-  const bool reuse = vals == h && one_slice;        // the cached h slice is the values slice
+  const bool reuse = values_are_h && one_slice;     // the cached h slice is the values slice
 
   for (int d0 = 0; d0 == 0 || d0 < Dv; d0 += SW) {  // output slices of Dv (once even when Dv = 0: lse)
     A wv[R][NV], o[R][NV], m[R], sum[R];
@@ -198,7 +205,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 // grad_W partial sums over the batch items grp, grp + G, ...: ws[grp, l, :].
 template <typename T, int R, int NV>
 __global__ void __launch_bounds__(kWarps * 32)
-    dw_simple_kernel(const T* __restrict__ h, const T* vals, const int* __restrict__ idx,
+    dw_simple_kernel(const T* __restrict__ h, const T* vals, bool values_are_h, const int* __restrict__ idx,
                      const int* __restrict__ cnt, const T* __restrict__ W, const T* __restrict__ dO,
                      const float* __restrict__ lse, const acc_t<T>* __restrict__ delta, acc_t<T>* __restrict__ ws,
                      int G, int B, int N, int D, int Dv, int L, int tiles) {
@@ -213,7 +220,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   for (int r = 0; r < R; ++r) wrow[r] = W + static_cast<int64_t>(min(l0 + r, L - 1)) * D;
   const bool one_slice = D <= SW;
   const bool v_cached = Dv <= SW;                  // grad_ctx . u from cached slices
-  const bool reuse = vals == h && one_slice;       // then the h slice is the whole value row
+  const bool reuse = values_are_h && one_slice;    // then the h slice is the whole value row
 
   for (int d0 = 0; d0 < D; d0 += SW) {
     A wv[R][NV], acc[R][NV];
@@ -309,7 +316,7 @@ __device__ __forceinline__ void store_token_rows(T* out, const int64_t (&grow)[R
 // sum_l ds W[l], plus sum_l p grad_ctx[l] when the values are h.
 template <typename T, int R, int NV>
 __global__ void __launch_bounds__(kWarps * 32)
-    dh_simple_kernel(const T* __restrict__ h, const T* vals, const int* __restrict__ idx,
+    dh_simple_kernel(const T* __restrict__ h, const T* vals, bool values_are_h, const int* __restrict__ idx,
                      const int* __restrict__ cnt, const T* __restrict__ W, const T* __restrict__ dO,
                      const float* __restrict__ lse, const acc_t<T>* __restrict__ delta, T* __restrict__ gh, int N,
                      int D, int Dv, int L, int tiles) {
@@ -319,7 +326,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   int64_t grow[R];
   int b;
   if (!token_rows<R>(grow, b, idx, cnt, N, tiles)) return;
-  const bool alias = vals == h;  // then Dv == D, and grad_h also gets p grad_ctx
+  const bool alias = values_are_h;  // then Dv == D, and grad_h also gets p grad_ctx
   const T* hrow[R];
   const T* urow[R];
 #pragma unroll
@@ -462,7 +469,16 @@ std::tuple<at::Tensor, at::Tensor> compact_mask(const Inputs& in, cudaStream_t s
   return {idx, cnt};
 }
 
+// The private switch that forces the simple kernels (any value but "0"), so that the tests and
+// benchmarks/gpu_check.sh run every 16-bit case over both kernel families on any GPU (which shapes
+// the tensor cores take depends on the GPU's shared memory). Read at every call: a test may set it.
+bool simple_kernels_forced() {
+  const char* s = std::getenv("XMCNAS_CUDA_SIMPLE_KERNELS");
+  return s != nullptr && *s != '\0' && std::strcmp(s, "0") != 0;
+}
+
 bool use_mma(const Inputs& in, std::initializer_list<const at::Tensor*> tensors) {
+  if (simple_kernels_forced()) return false;
   if (!mma_eligible(in.h.scalar_type(), in.D, in.Dv, in.has_v(), in.h.get_device())) return false;
   for (const at::Tensor* t : tensors) {
     if (!aligned16(t->const_data_ptr())) return false;
@@ -507,8 +523,8 @@ std::tuple<at::Tensor, at::Tensor> label_attention_cuda(const at::Tensor& h_, co
     using T = typename decltype(tag)::type;
     const int tiles = static_cast<int>(ceil_div(L, kWarps * kRows));
     fwd_simple_kernel<T, kRows, kNV<T>><<<grid_of(static_cast<int64_t>(tiles) * B), kWarps * 32, 0, stream>>>(
-        cptr<T>(in.h), cptr<T>(in.values()), idx.const_data_ptr<int>(), cnt.const_data_ptr<int>(), cptr<T>(in.W),
-        mptr<T>(ctx), lse.mutable_data_ptr<float>(), N, D, Dv, L, tiles);
+        cptr<T>(in.h), cptr<T>(in.values()), !in.has_v(), idx.const_data_ptr<int>(), cnt.const_data_ptr<int>(),
+        cptr<T>(in.W), mptr<T>(ctx), lse.mutable_data_ptr<float>(), N, D, Dv, L, tiles);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {ctx, lse};
@@ -574,13 +590,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> label_attention_backward_cuda(
       const T* vals = cptr<T>(in.values());
       const int ltiles = static_cast<int>(ceil_div(L, kWarps * kRows));
       dw_simple_kernel<T, kRows, NV><<<grid_of(static_cast<int64_t>(ltiles) * G), kWarps * 32, 0, stream>>>(
-          cptr<T>(in.h), vals, idx.const_data_ptr<int>(), cnt.const_data_ptr<int>(), cptr<T>(in.W), cptr<T>(dO),
+          cptr<T>(in.h), vals, !in.has_v(), idx.const_data_ptr<int>(), cnt.const_data_ptr<int>(), cptr<T>(in.W),
+          cptr<T>(dO),
           lse.const_data_ptr<float>(), cptr<A>(delta), mptr<A>(ws), G, B, N, D, Dv, L, ltiles);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       const int ntiles = static_cast<int>(ceil_div(N, kWarps * kRows));
       const unsigned token_grid = grid_of(static_cast<int64_t>(ntiles) * B);
       dh_simple_kernel<T, kRows, NV><<<token_grid, kWarps * 32, 0, stream>>>(
-          cptr<T>(in.h), vals, idx.const_data_ptr<int>(), cnt.const_data_ptr<int>(), cptr<T>(in.W), cptr<T>(dO),
+          cptr<T>(in.h), vals, !in.has_v(), idx.const_data_ptr<int>(), cnt.const_data_ptr<int>(), cptr<T>(in.W),
+          cptr<T>(dO),
           lse.const_data_ptr<float>(), cptr<A>(delta), mptr<T>(grad_h), N, D, Dv, L, ntiles);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       if (in.has_v()) {
