@@ -321,26 +321,6 @@ def test_model_widths(device, D, Dv, dtype):
     assert_matches_reference(*make_inputs(4, 300, D, 257, Dv=Dv, dtype=dtype, device=device, seed=3))
 
 
-@pytest.mark.cuda
-@pytest.mark.parametrize("Dv", [None, 24])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("device", ["cuda"])
-def test_misaligned_view_takes_the_simple_path(device, dtype, Dv):
-    """h and v as views 2 bytes off a 16-byte boundary: the simple kernels, same results as the tensor cores."""
-    h, mask, W, v = make_inputs(3, 40, 136, 33, Dv=Dv, dtype=dtype, device=device, seed=4)
-
-    def misaligned(t):
-        buf = torch.empty(t.numel() + 1, dtype=dtype, device=device)
-        return buf[1:].view_as(t).copy_(t)
-
-    hm, vm = misaligned(h), None if v is None else misaligned(v)
-    assert hm.data_ptr() % 16 != 0
-    simple = assert_matches_reference(hm, mask, W, vm)
-    tensor_cores = assert_matches_reference(h, mask, W, v)
-    for what, a, b in zip(("ctx", "grad_h", "grad_W", "grad_v"), simple, tensor_cores):
-        close(a, b, 5 * TOL[dtype], what + ", simple vs tensor cores")
-
-
 @pytest.mark.parametrize("N", [1, 2, 15, 16, 17])
 @pytest.mark.parametrize("Dv", [None, 24])
 @pytest.mark.parametrize("device", DEVICES)
