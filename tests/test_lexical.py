@@ -265,3 +265,30 @@ def test_a_residual_network_trains_and_is_served_with_the_lexical_offset(crossfi
     same = Fusion("residual")(torch.zeros_like(z), ids, probs)
     np.testing.assert_array_equal(compute_metrics(same, data.valid.labels)["P@5"],
                                   compute_metrics(p_lex, data.valid.labels)["P@5"])
+
+
+# ---- the commands ------------------------------------------------------------------------------------
+
+def test_train_plt_and_a_fused_preset_evaluate_and_predict_from_the_command_line(debtags_slice, tmp_path,
+                                                                                monkeypatch, capsys):
+    from xmcnas_fast.cli import main
+
+    monkeypatch.setenv("XMCNAS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    common = ["--dataset", debtags_slice, "--max-len", "24", "--valid", "40", "--quiet"]
+    assert main(["train", "--arch", "plt", "--out", "m/plt", *common]) == 0
+    assert main(["evaluate", "m/plt", "--json"]) == 0
+    alone = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(alone) >= {"P@1", "P@5"} and "parts" not in alone
+    g = tmp_path / "g.json"
+    g.write_text('{"nodes": [["conv3", 0]], "merge": "sum"}')
+    assert main(["train", "--arch", str(g), "--lexical", "--out", "m/fused", "--max-steps", "6", "--eval-every", "3",
+                 "--width", "8", "--emb-dim", "8", "--fc", "8", *common]) == 0
+    assert main(["evaluate", "m/fused", "--json"]) == 0
+    fused = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert list(fused["parts"]) == ["network", "lexical", "fused"]
+    assert fused["parts"]["lexical"]["P@1"] == pytest.approx(alone["P@1"])      # the same cached stage
+    assert {k: fused[k] for k in fused if k != "parts"} == fused["parts"]["fused"]    # it serves the fused model
+    assert main(["predict", "m/fused", "a text editor for the terminal", "--json"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(line["labels"]) == 5

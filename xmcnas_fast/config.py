@@ -80,7 +80,7 @@ def strategy_of(cfg: dict, factory=make_strategy) -> Strategy:
 #: the lexical stage of a search (docs/design.md, "The lexical stage and fusion"): on, every candidate's
 #: fitness is the validation P@5 of the network fused with it; "residual": networks train with its
 #: logits as a fixed offset (its training split's top lists cross-fitted over 2 folds)
-LEXICAL_DEFAULTS = {"enabled": True, "mode": "fuse", "top_k": 50}
+LEXICAL_DEFAULTS = {"enabled": True, "mode": "fuse", "top_k": 50, "trees": 1}
 LEXICAL_MODES = ("fuse", "residual")
 
 

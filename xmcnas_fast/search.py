@@ -162,14 +162,15 @@ def prepare_lexical(run: Run, data, progress) -> Optional[dict]:
     """The search's lexical stage, fitted (or found in the cache) before the first candidate; its time and
     its own validation and test metrics are kept in the run's lexical.json (the time counts in the
     search's budget). None when the search has none."""
-    from .lexical import LexicalSettings, cached_stage, lexical_split_metrics
+    from .lexical import LexicalSettings, TreeSettings, cached_stage, lexical_split_metrics
 
     lex = run.config["lexical"]
     if not lex["enabled"]:
         return None
     residual = lex["mode"] == "residual"
     t0 = time.monotonic()
-    settings = LexicalSettings(top_k=lex["top_k"], crossfit=2 if residual else 0)
+    settings = LexicalSettings(tree=TreeSettings(ensemble=lex.get("trees", 1)), top_k=lex["top_k"],
+                               crossfit=2 if residual else 0)
     progress.note("lexical stage: TF-IDF uni+bigrams and a label tree (napkinXC), once per dataset and settings")
     stage = cached_stage(data, settings, threads=visible_cores(), log=progress.note)
     info = run.lexical()

@@ -68,10 +68,11 @@ def word_vectors(args, data, seed: int, out):
     return vectors
 
 
-def lexical_stage(data, out, threads):
-    from ..lexical import cached_stage
+def lexical_stage(data, out, args):
+    from ..lexical import LexicalSettings, TreeSettings, cached_stage
 
-    return cached_stage(data, threads=threads or 0, log=out.print)
+    settings = LexicalSettings(tree=TreeSettings(ensemble=args.lexical_trees or 1))
+    return cached_stage(data, settings, threads=args.threads or 0, log=out.print)
 
 
 def cmd_train_lexical(args, out) -> int:
@@ -81,7 +82,7 @@ def cmd_train_lexical(args, out) -> int:
     from ..lexical import lexical_split_metrics
 
     data = load_data(args.dataset, out, **data_kwargs(args))
-    stage = lexical_stage(data, out, args.threads)
+    stage = lexical_stage(data, out, args)
     rec = {"status": "ok", "model": "plt", **lexical_split_metrics(stage, data)}
     path = args.out or os.path.join("models", "plt")
     save_bundle(path, None, None, data, record=rec, lexical=stage.folder)
@@ -115,7 +116,7 @@ def cmd_train(args) -> int:
     if args.lexical:
         from ..train import LexicalLists
 
-        lexical = lexical_stage(data, out, args.threads)
+        lexical = lexical_stage(data, out, args)
         lists = LexicalLists(lexical.split_topk("valid"), lexical.split_topk("test"))
     vectors = word_vectors(args, data, tcfg.seed, out)
     model = build_model(mcfg, len(data.vocab), data.num_labels, vectors=vectors, seed=tcfg.seed)

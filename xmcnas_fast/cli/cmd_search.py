@@ -28,7 +28,7 @@ SETTINGS = [
     ("final", "final", "enabled"), ("final_width", "final", "width"), ("final_epochs", "final", "max_epochs"),
     ("final_minutes", "final", "max_minutes"), ("total_minutes", "final", "total_minutes"),
     ("final_min_minutes", "final", "min_minutes"), ("final_inherit", "final", "inherit"),
-    ("lexical", "lexical", "enabled"), ("lexical_mode", "lexical", "mode"),
+    ("lexical", "lexical", "enabled"), ("lexical_mode", "lexical", "mode"), ("lexical_trees", "lexical", "trees"),
 ]
 #: data settings stored beside the budget's (CSV columns)
 COLUMNS = ("text_column", "labels_column")
