@@ -10,7 +10,8 @@ import torch.nn as nn
 
 from xmcnas_fast.model import ModelConfig, build_model
 from xmcnas_fast.space import Genotype
-from xmcnas_fast.train import BestWeights, GradientClipper, Trainer, TrainConfig, evaluate, train_model
+from xmcnas_fast.optim import GradientClipper
+from xmcnas_fast.train import BestWeights, Trainer, TrainConfig, evaluate, train_model
 
 SMALL = dict(emb_dim=16, width=16, fc=[16])
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from .fitness import validation_figure
 from .lexical.fusion import Fusion, LexicalLists, fused_metrics
 from .metrics import MetricAccumulator, inv_propensity
+from .optim import GradientClipper, optimizers
 
 
 @dataclass
@@ -62,22 +63,6 @@ class TrainConfig:
 
 
 LR_SCHEDULES = ("constant", "cosine")
-
-
-class GradientClipper:
-    """AttentionXML's clipping: clip to `factor` x the largest of the last 5 (bounded) gradient norms."""
-
-    def __init__(self, factor: Optional[float]):
-        self.factor = factor
-        self.norms = deque([math.inf], maxlen=5)
-
-    def __call__(self, params) -> float:
-        if self.factor is None:
-            return float("nan")
-        max_norm = max(self.norms)
-        total = float(nn.utils.clip_grad_norm_(params, max_norm * self.factor))
-        self.norms.append(min(total, max_norm * 2.0, 1.0))
-        return total
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -191,17 +176,6 @@ class BestWeights:
         return bool(self.curve) and self.curve[-1][0] == step
 
 
-def _optimizers(model: nn.Module, lr: float) -> tuple[list, list]:
-    """AttentionXML's DenseSparseAdam, as two optimizers: Adam, and SparseAdam for sparse embedding rows.
-    Returns (the dense parameters, which are clipped; the optimizers)."""
-    sparse_ids = {id(m.weight) for m in model.modules()
-                  if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse}
-    params = [p for p in model.parameters() if p.requires_grad]
-    dense = [p for p in params if id(p) not in sparse_ids]
-    sparse = [p for p in params if id(p) in sparse_ids]
-    return dense, [torch.optim.Adam(dense, lr=lr)] + ([torch.optim.SparseAdam(sparse, lr=lr)] if sparse else [])
-
-
 def _prepare(model: nn.Module, data, cfg: TrainConfig, device, threads: Optional[int],
              label_bias: bool = True) -> torch.device:
     """Threads, seed, label biases (the labels' log-odds; zero for a residual network, whose offset
@@ -227,7 +201,7 @@ class Trainer:
         self.model, self.data, self.cfg, self.device = model, data, cfg, device
         self.on_progress = on_progress
         self.lexical = lexical
-        self.dense, self.opts = _optimizers(model, cfg.lr)
+        self.dense, self.opts = optimizers(model, cfg.lr)
         self.clipper = GradientClipper(cfg.clip)
         self.inv_prop = label_inv_propensity(data)
         self.deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
