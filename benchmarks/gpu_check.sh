@@ -170,6 +170,14 @@ step predict "$(lim 30 120)" "${XMC[@]}" predict "$BUNDLE" \
   "a text editor for the terminal, written in C" "python library to parse xml documents" --device "$DEVICE" -k 5 --json
 
 # ---- 7. a search with several workers on one GPU -------------------------------------------------
+# The search fuses its candidates with the lexical stage, which needs napkinXC: a machine without a
+# package registry may lack it (install its wheel first: pip install --no-index napkinxc-*.whl), and
+# then the search runs with the networks alone, as the log says.
+LEXICAL=()
+if ! "$PY" -c "import napkinxc" 2>/dev/null; then
+  LEXICAL=(--no-lexical)
+  echo "napkinXC is not installed: the search steps run without the lexical stage (--no-lexical)" | tee -a "$LOG"
+fi
 for w in $WORKERS; do
   # The final training of the best candidate: one epoch, at most a minute (the demo budget's default
   # trains it until minute 9).
@@ -178,7 +186,7 @@ for w in $WORKERS; do
   else DEVS="cpu:$w"; SEARCH_ARGS=(--population 2 --cycles 2 --sample 2 --max-steps 10 --eval-every 5 --width 16 --emb-dim 16
                                    "${FINAL_ARGS[@]}"); fi
   step "search_x$w" 420 "${XMC[@]}" search --devices "$DEVS" --name "gpu-check-x$w" --runs-dir "$WORK/runs" --plain \
-    "${SEARCH_ARGS[@]}"
+    "${SEARCH_ARGS[@]}" "${LEXICAL[@]}"
 done
 
 # ---- 8. learning parity: the same preset, steps and seed on CPU and CUDA (the longest step) -------

@@ -101,6 +101,20 @@ def test_the_ray_backend_without_ray_is_one_line_before_anything_is_created(tmp_
     assert not runs.exists()
 
 
+def test_a_search_without_napkinxc_is_one_line_before_anything_is_created(tmp_path, debtags_slice, capsys,
+                                                                          monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "napkinxc" else real(name, *a))
+    runs = tmp_path / "runs"
+    rc = main(["search", "--dataset", debtags_slice, "--runs-dir", str(runs), "--name", "r", *TINY])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0
+    assert "needs napkinXC" in err and "pip install napkinxc==0.7.2" in err and "--no-lexical" in err
+    assert not runs.exists()
+
+
 def test_analyze_of_a_run_without_a_finished_candidate_says_so(tmp_path, capsys):
     path = str(tmp_path / "bad1")
     Run.create(path, make_config("demo"))

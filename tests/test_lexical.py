@@ -9,6 +9,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
+pytest.importorskip("napkinxc", reason="napkinXC (a dependency) is not installed on this machine")
+
 from xmcnas_fast.bundle import load_bundle, save_bundle
 from xmcnas_fast.lexical import (FeatureSettings, Fusion, LexicalSettings, NgramTfidf, TreeSettings, cached_stage,
                                  choose_fusion, dense_lexical, fit_stage, stage_data)

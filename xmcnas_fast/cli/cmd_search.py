@@ -88,9 +88,14 @@ def device_request(devices: str, backend: str):
 
 
 def check_before_creating(cfg: dict, devices: str, backend: str, out) -> None:
-    """Devices, word vectors and data, checked in that order (data errors name the file and line);
-    loading the data here also fills the cache the search reads it from."""
+    """Devices, the lexical stage's library, word vectors and data, checked in that order (data errors
+    name the file and line); loading the data here also fills the cache the search reads it from."""
+    import importlib.util
+
     device_request(devices, backend)
+    if cfg["lexical"]["enabled"] and importlib.util.find_spec("napkinxc") is None:
+        raise CLIError("the lexical stage needs napkinXC, which is not installed: pip install napkinxc==0.7.2 "
+                       "(or search the networks alone: --no-lexical)")
     d = cfg["data"]
     if d.get("vectors") and not os.path.isfile(d["vectors"]):
         raise CLIError(f"{d['vectors']}: no such file (--vectors)")
