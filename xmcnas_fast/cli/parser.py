@@ -41,7 +41,7 @@ After the evolution, the best architecture is trained to the end of the budget (
 from the candidate's weights; paper trains it again from scratch); that model is the search's
 result (runs/NAME/models/final, best.json) when its validation P@5 is at least the candidate's.
 
-Budgets: demo (default; within 10 minutes on a 2-core CPU with debtags, about 5 on an idle one;
+Budgets: demo (default; 6 to 12 minutes on a 2-core CPU with debtags, as its candidates' speed says;
 longer on larger data, where every candidate trains at least 800 steps and the total time
 stretches with them) and paper (P=20, C=50, S=10, up to 30 epochs, width 512, the final model 30 epochs).
 Every setting below overrides the budget."""
