@@ -291,6 +291,12 @@ def test_train_plt_and_a_fused_preset_evaluate_and_predict_from_the_command_line
     assert list(fused["parts"]) == ["network", "lexical", "fused"]
     assert fused["parts"]["lexical"]["P@1"] == pytest.approx(alone["P@1"])      # the same cached stage
     assert {k: fused[k] for k in fused if k != "parts"} == fused["parts"]["fused"]    # it serves the fused model
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["evaluate", "m/fused"]) == 0                 # a column a model: every figure whole in 80 columns
+    table = capsys.readouterr().out
+    assert "fused (served)" in table and "…" not in table
+    for part in ("network", "lexical", "fused"):
+        assert f"{100 * fused['parts'][part]['PSP@5']:.2f}" in table
     assert main(["predict", "m/fused", "a text editor for the terminal", "--json"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(line["labels"]) == 5

@@ -206,13 +206,14 @@ def cmd_evaluate(args) -> int:
         rows = {"network": m, **rows}
         if "fused" in m:
             rows["fused"] = m.pop("fused")
+    # a column per model, a row per metric: three models fit in 80 columns
     t = Table(title=f"{args.bundle} on {name} (test, {len(test)} documents)")
-    t.add_column("model", no_wrap=True)
+    t.add_column("metric", no_wrap=True)
+    for label in rows:
+        t.add_column(label + (" (served)" if len(rows) > 1 and label == list(rows)[-1] else ""), justify="right",
+                     no_wrap=True)
     for n in METRIC_NAMES:
-        t.add_column(n, justify="right")
-    for label, m in rows.items():
-        t.add_row(label + (" (served)" if len(rows) > 1 and label == list(rows)[-1] else ""),
-                  *[f"{100 * m[n]:.2f}" for n in METRIC_NAMES])
+        t.add_row(n, *[f"{100 * m[n]:.2f}" for m in rows.values()])
     out.print(t)
     if "network" in rows:
         out.print(f"{rows['network']['docs_per_s']:.0f} documents/s (network)")
