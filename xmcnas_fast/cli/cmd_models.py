@@ -94,14 +94,6 @@ def cmd_train_lexical(args, out) -> int:
     return 0
 
 
-def lexical_metrics(lists, ds, num_labels: int, inv_prop) -> dict:
-    """Metrics of lexical top lists on a split (ds: its labels in the same order)."""
-    from ..lexical import dense_lexical
-    from ..metrics import compute_metrics
-
-    return compute_metrics(dense_lexical(lists[0], lists[1], num_labels, "cpu")[0], ds.labels, inv_prop)
-
-
 def cmd_train(args) -> int:
     from ..bundle import save_bundle
     from ..model import build_model, count_parameters
@@ -199,7 +191,9 @@ def cmd_evaluate(args) -> int:
     rows, lists = {}, None
     if bundle.lexical is not None:
         lists = bundle.lexical_lists(data)
-        rows["lexical"] = lexical_metrics(lists, test, len(bundle.label_names), inv_prop)
+        from ..lexical.fusion import lists_metrics
+
+        rows["lexical"] = lists_metrics(lists, test.labels, len(bundle.label_names), inv_prop)
     if bundle.model is not None:
         m = evaluate(bundle.model, test, len(bundle.label_names), inv_prop=inv_prop, device=bundle.device,
                      max_len=bundle.max_len, precision=bundle.precision, lexical=lists, fusion=bundle.fusion)

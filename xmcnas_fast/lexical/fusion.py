@@ -54,8 +54,11 @@ class Fusion:
 
     def __call__(self, logits: torch.Tensor, lex_ids: torch.Tensor, lex_probs: torch.Tensor) -> torch.Tensor:
         """Fused probabilities [B, L] (float32, on the logits' device)."""
+        return self.fuse(logits, *dense_lexical(lex_ids, lex_probs, logits.shape[1], logits.device))
+
+    def fuse(self, logits: torch.Tensor, p_lex: torch.Tensor, listed: torch.Tensor) -> torch.Tensor:
+        """The same, from the top lists made dense once (`dense_lexical`)."""
         z = logits.float()
-        p_lex, listed = dense_lexical(lex_ids, lex_probs, z.shape[1], z.device)
         if self.method == "weighted":
             return (1.0 - self.w) * torch.sigmoid(z) + self.w * p_lex
         if self.method == "residual":
@@ -74,6 +77,13 @@ def dense_lexical(lex_ids: torch.Tensor, lex_probs: torch.Tensor, num_labels: in
     p.scatter_add_(1, safe, torch.where(ok, probs, torch.zeros_like(probs)))
     listed.scatter_add_(1, safe, ok.float())
     return p, listed.clamp_(max=1.0)
+
+
+def lists_metrics(lists: tuple, truth, num_labels: int, inv_prop=None) -> dict:
+    """P@k, nDCG@k, PSP@k of lexical top lists (ids, probs) against a split's truth rows."""
+    from ..metrics import compute_metrics
+
+    return compute_metrics(dense_lexical(lists[0], lists[1], num_labels, "cpu")[0], truth, inv_prop)
 
 
 def lexical_logits(p_lex: torch.Tensor, listed: torch.Tensor) -> torch.Tensor:
@@ -129,7 +139,7 @@ def choose_fusion(logits: torch.Tensor, lex_ids, lex_probs, truth_csr, *, inv_pr
         candidates.append(Fusion("learned", coef=fit_learned(logits, p_lex, listed, truth)))
     best, best_m, table = None, None, {}
     for f in candidates:
-        m = compute_metrics(f(logits, lex_ids, lex_probs), truth_csr, inv_prop)
+        m = compute_metrics(f.fuse(logits, p_lex, listed), truth_csr, inv_prop)
         table[f.describe()] = m["P@5"]
         if best_m is None or m["P@5"] > best_m["P@5"] + 1e-12:
             best, best_m = f, m

@@ -235,10 +235,9 @@ def cached_stage(data, settings: Optional[LexicalSettings] = None, *, cache_dir=
 
 def lexical_split_metrics(stage: LexicalStage, data) -> dict:
     """{"valid": metrics, "test": metrics} of the stage alone on the data it was fitted on."""
-    from ..metrics import compute_metrics
     from ..train import label_inv_propensity
-    from .fusion import dense_lexical
+    from .fusion import lists_metrics
 
     inv_prop = label_inv_propensity(data)
-    return {split: compute_metrics(dense_lexical(*stage.split_topk(split), data.num_labels, "cpu")[0],
-                                   getattr(data, split).labels, inv_prop) for split in SPLITS}
+    return {split: lists_metrics(stage.split_topk(split), getattr(data, split).labels, data.num_labels, inv_prop)
+            for split in SPLITS}
