@@ -160,6 +160,17 @@ def test_the_total_time_stretches_as_the_candidates_step_floor_outlasts_their_ti
     assert stretch(cfg, slow) == 1.0
 
 
+def test_candidates_that_their_epochs_end_before_the_step_floor_stretch_nothing():
+    """debtags at the demo budget: an epoch is 581 steps, under the floor of 800, so the epoch ends every
+    candidate; slow ones (a BiGRU at 50 s against its half minute) must not stretch the 9 minutes."""
+    cfg = make_config("demo")
+    epoch_bound = [{"seconds": s, "fitness": 0.46, "reused_from": None, "steps": 581} for s in (22.0, 39.0, 50.0)]
+    assert stretch(cfg, epoch_bound) == 1.0
+    floor_bound = [{"seconds": s, "fitness": 0.3, "reused_from": None, "steps": 800} for s in (80.0, 90.0, 100.0)]
+    assert stretch(cfg, floor_bound) == 3.0
+    assert stretch(cfg, epoch_bound[:1] + floor_bound) == pytest.approx((80.0 + 90.0) / 2 / 30.0)
+
+
 def test_the_final_model_is_the_result_only_when_it_does_at_least_as_well_as_its_candidate():
     cand = {"id": 4, "fitness": 0.40}
     assert final_wins({"fitness": 0.41, "model_dir": "m"}, cand)

@@ -31,16 +31,19 @@ def _section(cfg: dict) -> dict:
 
 
 def stretch(cfg: dict, records: Iterable[dict] = ()) -> float:
-    """How many times their time limit the candidates took (the median of those trained, at least 1).
-    Above 1 when a step floor (train.min_steps) outlasts the limit: on data larger than the budget was
-    set for, every candidate trains its min_steps, and total_minutes and min_minutes stretch by as much,
-    so the search still trains its candidates and leaves its final model the same share."""
+    """How many times their time limit the candidates took, where the step floor kept them going (the
+    median over those trained, at least 1). Above 1 when a step floor (train.min_steps) outlasts the
+    limit: on data larger than the budget was set for, every candidate trains its min_steps, and
+    total_minutes and min_minutes stretch by as much, so the search still trains its candidates and
+    leaves its final model the same share. A candidate that ended before the floor (its epochs ended
+    it: the data is the budget's size) ran no longer for the floor and counts as 1, however slow."""
     limit, floor = cfg["train"].get("max_minutes"), cfg["train"].get("min_steps")
-    seconds = [r["seconds"] for r in records
-               if r.get("reused_from") is None and r.get("fitness") is not None and r.get("seconds")]
-    if not limit or not floor or not seconds:
+    if not limit or not floor:
         return 1.0
-    return max(1.0, statistics.median(seconds) / (60.0 * limit))
+    ratios = [r["seconds"] / (60.0 * limit) if (r.get("steps") is None or r["steps"] >= floor) else 1.0
+              for r in records
+              if r.get("reused_from") is None and r.get("fitness") is not None and r.get("seconds")]
+    return max(1.0, statistics.median(ratios)) if ratios else 1.0
 
 
 def final_settings(cfg: dict, elapsed: float, seed: int, records: Iterable[dict] = ()) -> tuple[dict, dict]:
