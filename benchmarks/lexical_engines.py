@@ -1,5 +1,6 @@
 """Which label-tree library for the lexical stage? napkinXC's PLT (with its defaults, and with the
-settings the stage uses) against omikuji (Parabel, 1 and 3 trees), on the same TF-IDF uni+bigram
+settings the stage uses), its one-vs-rest model and the two averaged (the stage where labels are
+few), against omikuji (Parabel, 1 and 3 trees), on the same TF-IDF uni+bigram
 features of the same split, test P@1/3/5 and the seconds to fit and to predict.
 
     pip install omikuji      # not a dependency of the tool: only this comparison needs it
@@ -24,15 +25,18 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
-def napkinxc_arm(settings):
+def napkinxc_arm(settings, engines=("plt",)):
+    """The stage's models: a tree, a one-vs-rest model ("br"), or both with their top lists averaged."""
     def run(X, Y, Xt, k, threads, folder):
         from xmcnas_fast.lexical import LabelTree
+        from xmcnas_fast.lexical.tree import average_lists
 
         t0 = time.monotonic()
-        tree = LabelTree(folder, settings, threads=threads).fit(X, Y)
+        models = [LabelTree(os.path.join(folder, e), settings, threads=threads, engine=e).fit(X, Y) for e in engines]
         fit = time.monotonic() - t0
         t0 = time.monotonic()
-        ids, probs = tree.topk(Xt, k)
+        lists = [m.topk(Xt, k) for m in models]
+        ids, probs = lists[0] if len(lists) == 1 else average_lists(*lists, k)
         return ids, probs, fit, time.monotonic() - t0
     return run
 
@@ -99,7 +103,9 @@ def main(argv=None) -> int:
     Xt = feats.transform(data.test.token_ids, data.test.offsets)
     arms = {"napkinXC PLT, library defaults": napkinxc_defaults,
             "napkinXC PLT, the stage's settings": napkinxc_arm(TreeSettings()),
-            "napkinXC PLT, the stage's settings, 3 trees": napkinxc_arm(TreeSettings(ensemble=3))}
+            "napkinXC PLT, the stage's settings, 3 trees": napkinxc_arm(TreeSettings(ensemble=3)),
+            "napkinXC one-vs-rest (BR), the stage's settings": napkinxc_arm(TreeSettings(), ("br",)),
+            "the stage with --lexical-ovr on: PLT and one-vs-rest averaged": napkinxc_arm(TreeSettings(), ("plt", "br"))}
     try:
         import omikuji  # noqa: F401
         arms.update({"omikuji Parabel, 1 tree": omikuji_arm(1), "omikuji Parabel, 3 trees": omikuji_arm(3)})

@@ -12,9 +12,10 @@ import torch
 pytest.importorskip("napkinxc", reason="napkinXC (a dependency) is not installed on this machine")
 
 from xmcnas_fast.bundle import load_bundle, save_bundle
-from xmcnas_fast.lexical import (FeatureSettings, Fusion, LexicalSettings, NgramTfidf, TreeSettings, cached_stage,
-                                 choose_fusion, dense_lexical, fit_stage, stage_data)
-from xmcnas_fast.lexical.tree import LabelTree, label_lists
+from xmcnas_fast.lexical import (FeatureSettings, Fusion, LexicalSettings, LexicalStage, NgramTfidf, TreeSettings,
+                                 cached_stage, choose_fusion, dense_lexical, fit_stage, stage_data)
+from xmcnas_fast.lexical.stage import OVR_MAX_LABELS
+from xmcnas_fast.lexical.tree import LabelTree, average_lists, label_lists
 from xmcnas_fast.metrics import compute_metrics
 from xmcnas_fast.model import ModelConfig, build_model
 from xmcnas_fast.space import Genotype
@@ -300,3 +301,43 @@ def test_train_plt_and_a_fused_preset_evaluate_and_predict_from_the_command_line
     assert main(["predict", "m/fused", "a text editor for the terminal", "--json"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(line["labels"]) == 5
+
+
+# ---- the one-vs-rest model beside the tree ----------------------------------------------------------
+
+def test_two_top_lists_average_label_by_label():
+    a = (np.array([[3, 1, -1]]), np.array([[0.8, 0.4, 0.0]], dtype=np.float32))
+    b = (np.array([[1, 2, 0]]), np.array([[0.9, 0.3, 0.1]], dtype=np.float32))
+    ids, probs = average_lists(a, b, 3)
+    assert ids.tolist() == [[1, 3, 2]]                      # 1: (0.4 + 0.9) / 2; 3: 0.8 / 2; 2: 0.3 / 2
+    assert probs[0].tolist() == pytest.approx([0.65, 0.4, 0.15])
+    ids, probs = average_lists((np.full((1, 2), -1), np.zeros((1, 2))), (np.array([[4, -1]]), np.array([[0.6, 0]])), 2)
+    assert ids.tolist() == [[4, -1]] and probs[0].tolist() == pytest.approx([0.3, 0.0])
+
+
+def test_the_stage_averages_its_tree_with_a_one_vs_rest_model_where_labels_are_few(stage, data):
+    full = stage_data(data)
+    assert SMALL_TREE.ovr == "auto" and data.num_labels <= OVR_MAX_LABELS and stage.ovr is not None
+    assert os.path.isfile(os.path.join(stage.folder, "ovr", "weights.bin"))
+    X = stage.features.transform(full.test.token_ids, full.test.offsets)
+    k = SMALL_TREE.top_k
+    expected = average_lists(stage.tree.topk(X, k), stage.ovr.topk(X, k), k)
+    np.testing.assert_array_equal(stage.split_topk("test")[0], expected[0])
+    # and the two models differ: the average is not one of them relabelled
+    assert (stage.ovr.topk(X, k)[0] != stage.tree.topk(X, k)[0]).any()
+    assert not LexicalSettings(ovr="auto").uses_ovr(OVR_MAX_LABELS + 1)
+    assert LexicalSettings(ovr="on").uses_ovr(10**6) and not LexicalSettings(ovr="off").uses_ovr(2)
+    with pytest.raises(ValueError, match="one-vs-rest 'maybe'"):
+        LexicalSettings(ovr="maybe")
+
+
+def test_a_stage_written_before_the_one_vs_rest_model_loads_without_it(stage, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(stage.folder, old)
+    shutil.rmtree(old / "ovr")
+    meta = json.loads((old / "lexical.json").read_text())
+    del meta["settings"]["ovr"]
+    meta["files"] = {k: v for k, v in meta["files"].items() if not k.startswith("ovr")}
+    (old / "lexical.json").write_text(json.dumps(meta))
+    loaded = LexicalStage.load(str(old))
+    assert loaded.ovr is None and loaded.settings.ovr == "off"

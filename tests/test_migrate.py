@@ -29,7 +29,8 @@ def test_an_old_run_opens_in_the_present_layout_and_replays_to_the_same_state(ol
     assert written["version"] == 1 and "device" in written["train"]     # what the fixture holds
     run = Run.open(old_run)
     cfg = run.config
-    assert cfg["version"] == CONFIG_VERSION == 2
+    assert cfg["version"] == CONFIG_VERSION == 3
+    assert cfg["lexical"]["enabled"] is False and cfg["lexical"]["ovr"] == "off"
     assert "device" not in cfg["train"] and "threads" not in cfg["train"]
     assert set(cfg) == set(make_config("demo"))
     assert set(cfg["train"]) == set(make_config("demo")["train"])
@@ -54,11 +55,21 @@ def test_an_old_bundle_loads_and_predicts(old_run):
     assert len(top) == 3 and all(name in b.label_names for name, _ in top)
 
 
+def test_a_version_2_run_keeps_its_lexical_stage_without_the_one_vs_rest_model():
+    cfg = make_config("demo")
+    cfg["version"] = 2
+    del cfg["lexical"]["ovr"]
+    cfg["lexical"]["trees"] = 3
+    now = migrate(cfg)
+    assert now["version"] == 3 and now["lexical"] == {**make_config("demo")["lexical"], "trees": 3, "ovr": "off"}
+    assert make_config("demo")["lexical"]["ovr"] == "auto"
+
+
 def test_newer_layouts_are_refused_by_name(tmp_path):
     cfg = make_config("demo")
     cfg["version"] = CONFIG_VERSION + 1
     Run.create(str(tmp_path / "new"), cfg)
-    with pytest.raises(RunError, match=r"config.json: config version 3 is newer"):
+    with pytest.raises(RunError, match=rf"config.json: config version {CONFIG_VERSION + 1} is newer"):
         Run.open(str(tmp_path / "new"))
     with pytest.raises(ValueError, match="bundle format 3 is not one this xmcnas-fast reads"):
         migrate_bundle_config({"format": 3})

@@ -16,8 +16,9 @@ __all__ = ["CONFIG_VERSION", "BUDGETS", "make_config", "migrate", "strategy_of",
            "devices_text", "default_devices"]
 
 #: the layout of a run's config.json; `migrate` brings an older one to it. 2: the "final" section
-#: always present, train without device/threads (where a training runs is no setting).
-CONFIG_VERSION = 2
+#: always present, train without device/threads (where a training runs is no setting). 3: the lexical
+#: stage's one-vs-rest model ("lexical" "ovr").
+CONFIG_VERSION = 3
 
 # Budgets: starting points for every knob (each is also a flag).
 BUDGETS = {
@@ -80,7 +81,9 @@ def strategy_of(cfg: dict, factory=make_strategy) -> Strategy:
 #: the lexical stage of a search (docs/design.md, "The lexical stage and fusion"): on, every candidate's
 #: fitness is the validation P@5 of the network fused with it; "residual": networks train with its
 #: logits as a fixed offset (its training split's top lists cross-fitted over 2 folds)
-LEXICAL_DEFAULTS = {"enabled": True, "mode": "fuse", "top_k": 50, "trees": 1}
+#: "ovr": a one-vs-rest linear model averaged with the tree ("auto": where the labels are at most
+#: lexical.stage.OVR_MAX_LABELS)
+LEXICAL_DEFAULTS = {"enabled": True, "mode": "fuse", "top_k": 50, "trees": 1, "ovr": "auto"}
 LEXICAL_MODES = ("fuse", "residual")
 
 
@@ -136,7 +139,8 @@ def migrate(config: dict) -> dict:
     Version 1 (and before it had a version) -> 2: sections and keys added since are filled with the
     values that reproduce what such a run did (a run made before the final phase existed has none:
     "final" is disabled); "amp": false becomes "precision": "fp32"; train's "device" and "threads"
-    (where it ran, not how) are dropped; such a run had no lexical stage ("lexical" disabled)."""
+    (where it ran, not how) are dropped; such a run had no lexical stage ("lexical" disabled).
+    2 -> 3: the lexical stage had no one-vs-rest model ("ovr": "off")."""
     version = config.get("version", 1)
     if not isinstance(version, int) or version > CONFIG_VERSION:
         raise ValueError(f"config version {version!r} is newer than this xmcnas-fast knows ({CONFIG_VERSION}): "
@@ -157,4 +161,7 @@ def migrate(config: dict) -> dict:
         cfg["train"] = {**TrainConfig().to_dict(), **train}
         cfg["lexical"] = {**LEXICAL_DEFAULTS, "enabled": False}
         cfg["version"] = 2
+    if cfg["version"] < 3:
+        cfg["lexical"] = {**LEXICAL_DEFAULTS, **cfg["lexical"], "ovr": "off"}
+        cfg["version"] = 3
     return cfg

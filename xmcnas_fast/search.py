@@ -169,9 +169,10 @@ def prepare_lexical(run: Run, data, progress) -> Optional[dict]:
         return None
     residual = lex["mode"] == "residual"
     t0 = time.monotonic()
-    settings = LexicalSettings(tree=TreeSettings(ensemble=lex.get("trees", 1)), top_k=lex["top_k"],
-                               crossfit=2 if residual else 0)
-    progress.note("lexical stage: TF-IDF uni+bigrams and a label tree (napkinXC), once per dataset and settings")
+    settings = LexicalSettings(tree=TreeSettings(ensemble=lex["trees"]), top_k=lex["top_k"],
+                               crossfit=2 if residual else 0, ovr=lex["ovr"])
+    progress.note("lexical stage: TF-IDF uni+bigrams, a label tree" + (" and a one-vs-rest model"
+                  if settings.uses_ovr(data.num_labels) else "") + " (napkinXC), once per dataset and settings")
     stage = cached_stage(data, settings, threads=visible_cores(), log=progress.note)
     info = run.lexical()
     if not info or info.get("folder") != stage.folder:

@@ -71,7 +71,7 @@ def word_vectors(args, data, seed: int, out):
 def lexical_stage(data, out, args):
     from ..lexical import LexicalSettings, TreeSettings, cached_stage
 
-    settings = LexicalSettings(tree=TreeSettings(ensemble=args.lexical_trees or 1))
+    settings = LexicalSettings(tree=TreeSettings(ensemble=args.lexical_trees or 1), ovr=args.lexical_ovr or "auto")
     return cached_stage(data, settings, threads=args.threads or 0, log=out.print)
 
 

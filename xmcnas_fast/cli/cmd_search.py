@@ -29,6 +29,7 @@ SETTINGS = [
     ("final_minutes", "final", "max_minutes"), ("total_minutes", "final", "total_minutes"),
     ("final_min_minutes", "final", "min_minutes"), ("final_inherit", "final", "inherit"),
     ("lexical", "lexical", "enabled"), ("lexical_mode", "lexical", "mode"), ("lexical_trees", "lexical", "trees"),
+    ("lexical_ovr", "lexical", "ovr"),
 ]
 #: data settings stored beside the budget's (CSV columns)
 COLUMNS = ("text_column", "labels_column")

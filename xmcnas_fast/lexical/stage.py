@@ -1,8 +1,9 @@
 """The lexical stage: its own vocabulary (texts are never cut for it), TF-IDF n-gram features and a
-label tree, trained once per dataset and settings and cached, with its top lists for the validation
-and test splits.
+label tree, with, where the labels are few enough, a one-vs-rest linear model averaged with it;
+trained once per dataset and settings and cached, with its top lists for the validation and test
+splits.
 
-A stage folder holds vocab.json, the feature tables, napkinXC's files under tree/, the top lists of
+A stage folder holds vocab.json, the feature tables, napkinXC's files under tree/ (and ovr/), the top lists of
 the splits (`<split>.ids.npy`, `<split>.probs.npy`) and lexical.json last, which lists every other
 file with its size and SHA-256: a folder whose files do not match is refused, naming the file,
 before napkinXC reads anything. Folders are written to a temporary sibling and renamed into place.
@@ -23,10 +24,14 @@ import numpy as np
 
 from ..data.sources import file_digest
 from .features import FeatureSettings, NgramTfidf
-from .tree import LabelTree, TreeSettings
+from .tree import LabelTree, TreeSettings, average_lists
 
 STAGE_FORMAT = 1
 SPLITS = ("valid", "test")
+OVR_CHOICES = ("auto", "on", "off")
+#: "auto" adds the one-vs-rest model up to this many labels (its cost grows with them: 17 s on debtags's
+#: 566 labels and 2 threads, against 20 s for the tree; at 4,190 labels and 68K texts, about 6 minutes)
+OVR_MAX_LABELS = 1000
 
 
 @dataclass
@@ -36,6 +41,15 @@ class LexicalSettings:
     top_k: int = 50                 # labels a document kept from the tree for fusion
     crossfit: int = 0               # folds of the training split's own top lists (0: none; a residual
                                     # network needs them: each from a tree that never saw the document)
+    ovr: str = "auto"               # a one-vs-rest model averaged with the tree: "on", "off", or "auto":
+                                    # on with at most OVR_MAX_LABELS labels
+
+    def __post_init__(self):
+        if self.ovr not in OVR_CHOICES:
+            raise ValueError(f"lexical one-vs-rest {self.ovr!r}: expected one of {', '.join(OVR_CHOICES)}")
+
+    def uses_ovr(self, num_labels: int) -> bool:
+        return self.ovr == "on" or (self.ovr == "auto" and num_labels <= OVR_MAX_LABELS)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -44,20 +58,21 @@ class LexicalSettings:
     def from_dict(cls, d: dict) -> "LexicalSettings":
         d = d or {}
         return cls(features=FeatureSettings(**d.get("features", {})), tree=TreeSettings(**d.get("tree", {})),
-                   top_k=int(d.get("top_k", 50)), crossfit=int(d.get("crossfit", 0)))
+                   top_k=int(d.get("top_k", 50)), crossfit=int(d.get("crossfit", 0)), ovr=d.get("ovr", "off"))
 
 
 class LexicalStage:
-    """A fitted stage: vocab + features + tree. `topk(texts)` for raw texts, `topk_tokens` for token ids."""
+    """A fitted stage: vocab + features + tree (+ one-vs-rest model). `topk(texts)` for raw texts,
+    `topk_tokens` for token ids."""
 
     def __init__(self, folder: str, vocab, features: NgramTfidf, tree: LabelTree, settings: LexicalSettings,
-                 num_labels: int):
-        self.folder, self.vocab, self.features, self.tree = folder, vocab, features, tree
+                 num_labels: int, ovr: Optional[LabelTree] = None):
+        self.folder, self.vocab, self.features, self.tree, self.ovr = folder, vocab, features, tree, ovr
         self.settings, self.num_labels = settings, num_labels
 
     def topk_tokens(self, token_ids, offsets, k: Optional[int] = None):
         X = self.features.transform(token_ids, offsets)
-        return self.tree.topk(X, k or self.settings.top_k)
+        return models_topk(self.tree, self.ovr, X, k or self.settings.top_k)
 
     def topk(self, texts: Sequence[str], k: Optional[int] = None):
         from ..data import tokenize
@@ -81,8 +96,17 @@ class LexicalStage:
         meta = verify(folder)
         settings = LexicalSettings.from_dict(meta["settings"])
         tree = LabelTree(os.path.join(folder, "tree"), settings.tree, threads=threads)
+        ovr = LabelTree(os.path.join(folder, "ovr"), settings.tree, threads=threads, engine="br") \
+            if settings.uses_ovr(meta["num_labels"]) else None
         return cls(folder, Vocab.load(os.path.join(folder, "vocab.json")), NgramTfidf.load(folder), tree,
-                   settings, meta["num_labels"])
+                   settings, meta["num_labels"], ovr)
+
+
+def models_topk(tree: LabelTree, ovr: Optional[LabelTree], X, k: int) -> tuple:
+    """The top k labels of the tree, or of the tree and the one-vs-rest model averaged."""
+    if ovr is None:
+        return tree.topk(X, k)
+    return average_lists(tree.topk(X, k), ovr.topk(X, k), k)
 
 
 def verify(folder: str) -> dict:
@@ -134,9 +158,14 @@ def fit_stage(data, folder: str, settings: Optional[LexicalSettings] = None, *, 
         t0 = time.monotonic()
         tree = LabelTree(os.path.join(tmp, "tree"), settings.tree, threads=threads).fit(X, data.train.labels)
         say(f"label tree: {data.num_labels:,} labels, {X.shape[0]:,} documents ({time.monotonic() - t0:.0f} s)")
+        ovr = None
+        if settings.uses_ovr(data.num_labels):
+            t0 = time.monotonic()
+            ovr = LabelTree(os.path.join(tmp, "ovr"), settings.tree, threads=threads, engine="br").fit(X, data.train.labels)
+            say(f"one-vs-rest linear model: {data.num_labels:,} labels ({time.monotonic() - t0:.0f} s)")
         data.vocab.save(os.path.join(tmp, "vocab.json"))
         feats.save(tmp)
-        stage = LexicalStage(tmp, data.vocab, feats, tree, settings, data.num_labels)
+        stage = LexicalStage(tmp, data.vocab, feats, tree, settings, data.num_labels, ovr)
         lists = {split: stage.topk_tokens(getattr(data, split).token_ids, getattr(data, split).offsets)
                  for split in splits}
         if settings.crossfit:
@@ -147,7 +176,9 @@ def fit_stage(data, folder: str, settings: Optional[LexicalSettings] = None, *, 
         for split, (ids, probs) in lists.items():
             np.save(os.path.join(tmp, f"{split}.ids.npy"), ids)
             np.save(os.path.join(tmp, f"{split}.probs.npy"), probs)
-        tree._plt = None                                      # napkinXC reads its files again from the final folder
+        for model in (tree, ovr):                             # napkinXC reads its files again from the final folder
+            if model is not None:
+                model._plt = None
         meta = {"format": STAGE_FORMAT, "settings": settings.to_dict(), "num_labels": data.num_labels,
                 "label_names": list(data.label_names), "splits": {s: len(getattr(data, s)) for s in splits},
                 "files": _manifest(tmp)}
@@ -171,8 +202,10 @@ def crossfit_lists(X, Y, settings: LexicalSettings, tmp: str, threads: int) -> t
     for f in range(settings.crossfit):
         inside, rest = np.flatnonzero(fold == f), np.flatnonzero(fold != f)
         folder = os.path.join(tmp, f".fold-{f}")
-        tree = LabelTree(folder, settings.tree, threads=threads).fit(X[rest], Y[rest])
-        ids[inside], probs[inside] = tree.topk(X[inside], k)
+        tree = LabelTree(os.path.join(folder, "tree"), settings.tree, threads=threads).fit(X[rest], Y[rest])
+        ovr = LabelTree(os.path.join(folder, "ovr"), settings.tree, threads=threads, engine="br").fit(X[rest], Y[rest]) \
+            if settings.uses_ovr(Y.shape[1]) else None
+        ids[inside], probs[inside] = models_topk(tree, ovr, X[inside], k)
         shutil.rmtree(folder)
     return ids, probs
 

@@ -1,8 +1,10 @@
-"""The label-tree linear model of the lexical stage: napkinXC's probabilistic label tree (PLT).
+"""The linear models of the lexical stage, on napkinXC: its probabilistic label tree (PLT) and, where
+the labels are few enough, its one-vs-rest model (binary relevance, "br").
 
-A balanced hierarchical k-means tree over the labels, a linear classifier at each node (liblinear,
-squared hinge loss, C = 1: the setting of omikuji's Parabel, which measured 0.7 P@1 above napkinXC's
-own defaults on debtags), pruned weights. napkinXC keeps the model in its own files in a folder;
+The tree: a balanced hierarchical k-means tree over the labels, a linear classifier at each node
+(liblinear, squared hinge loss, C = 1: the setting of omikuji's Parabel, which measured 0.7 P@1 above
+napkinXC's own defaults on debtags), pruned weights. One-vs-rest: one such classifier per label (as
+DiSMEC), its cost in proportion to the labels. napkinXC keeps a model in its own files in a folder;
 nothing is pickled.
 """
 from __future__ import annotations
@@ -26,12 +28,15 @@ class TreeSettings:
     seed: int = 0
 
 
-def _napkinxc():
+ENGINES = ("plt", "br")
+
+
+def _napkinxc(engine: str = "plt"):
     try:
-        from napkinxc.models import PLT
+        from napkinxc.models import BR, PLT
     except ImportError as e:          # pragma: no cover - napkinxc is a dependency
         raise RuntimeError(f"the lexical stage needs napkinXC (pip install napkinxc): {e}") from None
-    return PLT
+    return {"plt": PLT, "br": BR}[engine]
 
 
 def label_lists(Y: sp.csr_matrix) -> list:
@@ -42,17 +47,23 @@ def label_lists(Y: sp.csr_matrix) -> list:
 
 
 class LabelTree:
-    """fit(X, Y) and topk(X, k) over a folder that holds napkinXC's files."""
+    """fit(X, Y) and topk(X, k) over a folder that holds napkinXC's files; `engine` "br": the same
+    node classifier for every label, one-vs-rest, instead of the tree (arity, max_leaves and ensemble
+    unused)."""
 
-    def __init__(self, folder: str, settings: Optional[TreeSettings] = None, threads: int = 0):
-        self.folder, self.settings, self.threads = folder, settings or TreeSettings(), threads
+    def __init__(self, folder: str, settings: Optional[TreeSettings] = None, threads: int = 0, engine: str = "plt"):
+        if engine not in ENGINES:
+            raise ValueError(f"lexical engine {engine!r}: expected one of {', '.join(ENGINES)}")
+        self.folder, self.settings, self.threads, self.engine = folder, settings or TreeSettings(), threads, engine
         self._plt = None
 
     def _model(self):
         s = self.settings
-        return _napkinxc()(self.folder, arity=s.arity, max_leaves=s.max_leaves, loss=s.loss, liblinear_c=s.c,
-                           ensemble=s.ensemble, weights_threshold=s.weights_threshold, seed=s.seed,
-                           threads=self.threads, verbose=0)
+        common = dict(loss=s.loss, liblinear_c=s.c, weights_threshold=s.weights_threshold, seed=s.seed,
+                      threads=self.threads, verbose=0)
+        if self.engine == "br":
+            return _napkinxc("br")(self.folder, **common)
+        return _napkinxc()(self.folder, arity=s.arity, max_leaves=s.max_leaves, ensemble=s.ensemble, **common)
 
     def fit(self, X: sp.csr_matrix, Y: sp.csr_matrix) -> "LabelTree":
         if X.shape[0] != Y.shape[0]:
@@ -86,6 +97,26 @@ class LabelTree:
 
     def settings_dict(self) -> dict:
         return asdict(self.settings)
+
+
+def average_lists(a: tuple, b: tuple, k: int) -> tuple:
+    """The top k of two models' top lists (ids, probs) averaged label by label, a label missing from one
+    list counting 0 there; padded with -1 and 0 as `LabelTree.topk`."""
+    ids_a, ids_b = np.asarray(a[0]), np.asarray(b[0])
+    n = ids_a.shape[0]
+    ids = np.concatenate([ids_a, ids_b], axis=1)
+    probs = 0.5 * np.concatenate([a[1], b[1]], axis=1).astype(np.float64)
+    probs[ids < 0] = 0.0
+    out_ids = np.full((n, k), -1, dtype=np.int64)
+    out_probs = np.zeros((n, k), dtype=np.float32)
+    for i in range(n):
+        keep = ids[i] >= 0
+        lab, inv = np.unique(ids[i][keep], return_inverse=True)
+        p = np.bincount(inv, weights=probs[i][keep], minlength=len(lab))
+        order = np.argsort(-p, kind="stable")[:k]
+        out_ids[i, : len(order)] = lab[order]
+        out_probs[i, : len(order)] = p[order]
+    return out_ids, out_probs
 
 
 def _float64_csr(X) -> sp.csr_matrix:
