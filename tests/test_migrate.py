@@ -49,7 +49,7 @@ def test_an_old_bundle_loads_and_predicts(old_run):
     with open(os.path.join(bundle_dir, "config.json")) as f:
         assert json.load(f)["format"] == 1
     b = load_bundle(bundle_dir)
-    assert b.config["format"] == FORMAT == 2 and "device" not in b.config["train"]
+    assert b.config["format"] == FORMAT == 3 and "device" not in b.config["train"]
     assert TrainConfig.from_dict(b.config["train"]).seed == 1 and b.precision == "auto"
     [top] = b.predict(["a command line text editor"], k=3)
     assert len(top) == 3 and all(name in b.label_names for name, _ in top)
@@ -71,8 +71,8 @@ def test_newer_layouts_are_refused_by_name(tmp_path):
     Run.create(str(tmp_path / "new"), cfg)
     with pytest.raises(RunError, match=rf"config.json: config version {CONFIG_VERSION + 1} is newer"):
         Run.open(str(tmp_path / "new"))
-    with pytest.raises(ValueError, match="bundle format 3 is not one this xmcnas-fast reads"):
-        migrate_bundle_config({"format": 3})
+    with pytest.raises(ValueError, match=f"bundle format {FORMAT + 1} is not one this xmcnas-fast reads"):
+        migrate_bundle_config({"format": FORMAT + 1})
 
 
 def test_a_v1_config_gets_what_reproduces_its_run():

@@ -3,6 +3,7 @@ final model: history, best bundle, resume after a kill -9."""
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -80,6 +81,15 @@ def test_best_json_names_the_final_model_and_only_the_best_bundles_are_kept(fini
     run_dir, recs, _ = finished
     best = json.loads((run_dir / "best.json").read_text())
     final = json.loads((run_dir / "final.json").read_text())
+    ensemble = json.loads((run_dir / "ensemble.json").read_text())
+    # the ensemble step tried the final model with the kept candidates; kept only on a 0.2-point gain
+    assert ensemble["tried"][0] == "final" and ensemble["members"][0] == "final" and len(ensemble["tried"]) > 1
+    assert ensemble["chosen"] == (len(ensemble["members"]) > 1)
+    assert ensemble["chosen"] == (ensemble["fitness"] >= ensemble["fitness_alone"] + 0.002)
+    assert ensemble["fitness_alone"] == pytest.approx(final["fused"]["valid"]["P@5"])
+    if ensemble["chosen"]:
+        assert best["id"] == "ensemble" and best["model_dir"] == str(run_dir / "models" / "ensemble")
+        return
     assert best["id"] == final["id"] == "final" and best["model_dir"] == str(run_dir / "models" / "final")
     assert os.path.isfile(os.path.join(best["model_dir"], "weights.pt"))
     promoted = [r for r in recs if r["rung"] == 1]
@@ -120,11 +130,45 @@ def test_the_best_bundle_serves_the_fused_model(finished):
 
     run_dir, _, _ = finished
     best = json.loads((run_dir / "best.json").read_text())
-    final = json.loads((run_dir / "final.json").read_text())
-    assert best["id"] == "final"
+    result = json.loads((run_dir / ("ensemble.json" if best["id"] == "ensemble" else "final.json")).read_text())
     b = load_bundle(best["model_dir"])
-    assert b.lexical is not None and b.fusion.to_dict() == final["fused"]["fusion"]
+    assert b.lexical is not None and b.fusion.to_dict() == result["fused"]["fusion"]
     assert b.lexical.folder == os.path.join(best["model_dir"], "lexical")
+
+
+@pytest.mark.parametrize("min_gain", [-1.0, 1.0])
+def test_the_ensemble_step_keeps_an_ensemble_only_on_its_gain_and_once(finished, tmp_path, min_gain, monkeypatch):
+    """Run again on a copy of the finished run: with a gain every network reaches (-1) the ensemble takes
+    3 members, is saved whole and becomes the result; with one none reaches (1) the final model stays."""
+    from xmcnas_fast.bundle import load_bundle
+    from xmcnas_fast.ensemble import Ensemble, run_ensemble
+    from xmcnas_fast.search import _Silent, load_data
+
+    run_dir, _, _ = finished
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("ensemble", "ensemble.json", ".lock"))
+    cfg = json.loads((copy / "config.json").read_text())
+    cfg["final"]["ensemble_min_gain"] = min_gain
+    (copy / "config.json").write_text(json.dumps(cfg))
+    (copy / "best.json").write_text((run_dir / "final.json").read_text())
+    monkeypatch.setenv("XMCNAS_CACHE", str(run_dir.parent.parent / "cache"))
+    run = Run.open(str(copy))
+    rec = run_ensemble(run, load_data(cfg["data"]), {**run.lexical(), "residual": False}, _Silent())
+    best = run.best()
+    if min_gain > 0:
+        assert rec["members"] == ["final"] and not rec["chosen"] and best["id"] == "final"
+        assert not (copy / "models" / "ensemble").exists()
+        return
+    assert rec["chosen"] and len(rec["members"]) == 3 and rec["members"][0] == "final"
+    assert best["id"] == "ensemble" and best["model_dir"] == str(copy / "models" / "ensemble")
+    b = load_bundle(best["model_dir"])
+    assert isinstance(b.model, Ensemble) and len(b.model.members) == 3 and b.lexical is not None
+    assert b.fusion.to_dict() == rec["fused"]["fusion"]
+    assert set(rec["fused"]["test"]) >= {"P@1", "P@5"} and rec["fused"]["valid"]["P@5"] == rec["fitness"]
+    # once: a resumed search finds the record and only points best.json at it again
+    (copy / "best.json").write_text((run_dir / "final.json").read_text())
+    assert run_ensemble(run, None, {**run.lexical(), "residual": False}, _Silent()) == rec
+    assert run.best()["id"] == "ensemble"
 
 
 def test_the_best_bundle_labels_raw_text(finished):

@@ -8,6 +8,8 @@
     lexical/      optional: the lexical stage (lexical.json lists its files with their SHA-256), fused
                   with the network as config.json's "lexical" "fusion" says; a bundle of the lexical
                   stage alone has no network ("model": null, no weights.pt)
+    members/N/    optional: an ensemble's other networks (model.json, weights.pt), their probabilities
+                  averaged with the first's (config.json's "ensemble" lists them; ensemble.py)
 
 Written to a temporary sibling directory and renamed into place, so a crash
 never leaves a half-written bundle under the final name.
@@ -31,7 +33,8 @@ from .runs import public_mode
 
 #: the bundle layout; load_bundle reads this one and, through migrate_bundle_config, the older ones.
 #: 2: "train" holds no device/threads (where it trained is no setting) and "precision", never "amp".
-FORMAT = 2
+#: 3: an ensemble's members (format 2 readers would serve its first network alone).
+FORMAT = 3
 
 
 #: data settings a bundle records, so that `evaluate` reads its data as training did
@@ -46,9 +49,11 @@ def _write_json(path, obj):
 
 def save_bundle(out_dir: str, model: Optional[torch.nn.Module], model_cfg: Optional[ModelConfig], data, *,
                 train_cfg: Optional[dict] = None, record: Optional[dict] = None,
-                state: Optional[dict] = None, lexical: Optional[str] = None, fusion=None) -> str:
+                state: Optional[dict] = None, lexical: Optional[str] = None, fusion=None,
+                members: Sequence[tuple] = ()) -> str:
     """Save `model` (or `state`, a state_dict) with what predicting from raw text needs; with `lexical`
-    (a lexical stage folder), a copy of the stage and the `fusion` of the two (model None: the stage alone)."""
+    (a lexical stage folder), a copy of the stage and the `fusion` of the two (model None: the stage alone);
+    with `members` ((ModelConfig, module) pairs), an ensemble of `model` and those networks."""
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
@@ -67,9 +72,16 @@ def save_bundle(out_dir: str, model: Optional[torch.nn.Module], model_cfg: Optio
         if lexical is not None:
             shutil.copytree(lexical, os.path.join(tmp, "lexical"), copy_function=_link_or_copy)
             config["lexical"] = {"fusion": fusion.to_dict() if fusion is not None else None}
+        if members:
+            config["ensemble"] = {"members": [f"members/{i}" for i in range(1, len(members) + 1)]}
+            for i, (cfg_i, net) in enumerate(members, start=1):
+                folder = os.path.join(tmp, "members", str(i))
+                os.makedirs(folder)
+                _write_json(os.path.join(folder, "model.json"), cfg_i.to_dict())
+                torch.save(_host_state(net), os.path.join(folder, "weights.pt"))
         _write_json(os.path.join(tmp, "config.json"), config)
         if model_cfg is not None:
-            sd = state if state is not None else {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            sd = state if state is not None else _host_state(model)
             torch.save(sd, os.path.join(tmp, "weights.pt"))
         data.vocab.save(os.path.join(tmp, "vocab.json"))
         _write_json(os.path.join(tmp, "labels.json"), list(data.label_names))
@@ -86,6 +98,10 @@ def save_bundle(out_dir: str, model: Optional[torch.nn.Module], model_cfg: Optio
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _host_state(model: torch.nn.Module) -> dict:
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -245,7 +261,7 @@ def read_json_file(p: str):
 def migrate_bundle_config(config: dict, where: str = "config.json") -> dict:
     """A bundle's config.json in the present layout (FORMAT); ValueError (naming `where`) for a
     format this code does not know. Format 1 -> 2: train's "device" and "threads" dropped, "amp":
-    false read as "precision": "fp32"."""
+    false read as "precision": "fp32". 2 -> 3: nothing to change (3 may hold an ensemble)."""
     version = config.get("format")
     if not isinstance(version, int) or not 1 <= version <= FORMAT:
         raise ValueError(f"{where}: bundle format {version!r} is not one this xmcnas-fast reads (1 to {FORMAT}; "
@@ -282,14 +298,30 @@ def load_bundle(path: str, device: str = "cpu", use_kernels: bool = True) -> Bun
     lexical, fusion = load_lexical_part(path, config, len(labels))
     model = None
     if config.get("model") is not None:
-        model = build_model(ModelConfig.from_dict(config["model"]), config["vocab_size"], config["num_labels"],
-                            use_kernels=use_kernels)
-        state = torch.load(os.path.join(path, "weights.pt"), map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
+        model = _load_network(path, config, config["model"], "weights.pt", use_kernels)
+        if config.get("ensemble"):
+            from .ensemble import Ensemble
+
+            members = [model]
+            for sub in config["ensemble"].get("members") or []:
+                cfg_i = read(os.path.join(sub, "model.json"))
+                members.append(_load_network(path, config, cfg_i, os.path.join(sub, "weights.pt"), use_kernels))
+            model = Ensemble(members)
         model.to(dev).eval()
     elif lexical is None:
         raise ValueError(f"{os.path.join(path, 'config.json')}: a bundle with neither a network nor a lexical part")
     return Bundle(model, config, vocab, labels, metrics, dev, lexical, fusion)
+
+
+def _load_network(path: str, config: dict, model_cfg: dict, weights: str, use_kernels: bool) -> torch.nn.Module:
+    """One network of a bundle, on the host; ValueError naming the file when its weights are missing."""
+    model = build_model(ModelConfig.from_dict(model_cfg), config["vocab_size"], config["num_labels"],
+                        use_kernels=use_kernels)
+    p = os.path.join(path, weights)
+    if not os.path.isfile(p):
+        raise ValueError(f"{p}: missing — is {path} a whole model bundle?")
+    model.load_state_dict(torch.load(p, map_location="cpu", weights_only=True))
+    return model
 
 
 def load_lexical_part(path: str, config: dict, num_labels: int) -> tuple:

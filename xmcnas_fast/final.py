@@ -19,7 +19,8 @@ from typing import Iterable, Optional
 
 FINAL_DEFAULTS = {"enabled": True, "width": None, "emb_dim": None, "fc": None, "max_epochs": None,
                   "max_steps": None, "lr": None, "max_minutes": None, "total_minutes": None,
-                  "min_minutes": None, "inherit": True, "lr_schedule": None}
+                  "min_minutes": None, "inherit": True, "lr_schedule": None, "ensemble": 0,
+                  "ensemble_min_gain": 0.002}
 FINAL_MODEL_KEYS = ("width", "emb_dim", "fc")
 FINAL_TRAIN_KEYS = ("max_epochs", "max_steps", "lr", "lr_schedule")
 #: the least time the final training gets, however long the search took, when min_minutes is not set

@@ -10,9 +10,11 @@
                         inheritance, those of the population too: they may become parents)
       models/final/     the best architecture trained to the end (the search's result)
       final.json        its record: which candidate it trains, its settings and metrics
+      models/ensemble/  the result as an ensemble of the run's networks, when one gained on validation
+      ensemble.json     what the ensemble step tried and chose (ensemble.py)
       closed.json       when the search's time ran out before its budget of candidates (if it did)
-      best.json         the search's result: the final model if it did at least as well as the best
-                        candidate, else that one
+      best.json         the search's result: the ensemble if one was kept, else the final model if it
+                        did at least as well as the best candidate, else that one
       .lock             exists while a search runs in the directory
 
 Lines are appended, flushed and fsynced one at a time, so a kill -9 at any
@@ -237,6 +239,13 @@ class Run:
     def set_final(self, record: dict) -> None:
         write_json_atomic(os.path.join(self.path, "final.json"), record)
 
+    def ensemble(self) -> Optional[dict]:
+        """The record of the ensemble step (None until it has run)."""
+        return self._read("ensemble.json")
+
+    def set_ensemble(self, record: dict) -> None:
+        write_json_atomic(os.path.join(self.path, "ensemble.json"), record)
+
     def best(self) -> Optional[dict]:
         return self._read("best.json")
 
@@ -268,7 +277,7 @@ class Run:
         before any worker starts."""
         for name in os.listdir(self.models_dir):
             full = os.path.join(self.models_dir, name)
-            bundle = name == "final" or (name.startswith("cand-") and name[5:].isdigit())
+            bundle = name in ("final", "ensemble") or (name.startswith("cand-") and name[5:].isdigit())
             if not bundle and os.path.isdir(full):
                 shutil.rmtree(full, ignore_errors=True)
 

@@ -1,5 +1,6 @@
 """A run's phases, put together: the search (search_loop.py) until its budget or its time is spent,
-then the final phase, the best architecture trained to the end (final.py has its settings). A
+then the final phase, the best architecture trained to the end (final.py has its settings), then the
+ensemble step (ensemble.py). A
 resumed run replays its logs through a fresh strategy (same seed, same calls, so the same state),
 re-runs the candidates that were in flight when it stopped, and trains the final model unless it is
 recorded already.
@@ -22,6 +23,7 @@ import numpy as np
 from .candidate import train_candidate, worker_init
 from .config import devices_text, strategy_of
 from .contract import CandidateTask, ParentWeights
+from .ensemble import run_ensemble
 from .evolution import Strategy, make_strategy
 from .final import FINAL_MODEL_KEYS, FINAL_TRAIN_KEYS, final_settings, final_wins
 from .model import ModelConfig
@@ -153,6 +155,7 @@ def run_search(run: Run, *, progress=None, backend: Optional[str] = None, device
         with sched:
             SearchLoop(run, strategy, sched, progress, reruns, lexical).run_to_end()
             run_final(run, strategy, sched, progress, final_threads(request), lexical)
+        run_ensemble(run, data, lexical, progress, "cuda" if request.wants_cuda else "cpu")
     except KeyboardInterrupt:
         interrupted = True
     return SearchOutcome(len(run.history.records), strategy.budget, interrupted, run.best(), run.final())

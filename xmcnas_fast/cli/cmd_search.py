@@ -28,6 +28,7 @@ SETTINGS = [
     ("final", "final", "enabled"), ("final_width", "final", "width"), ("final_epochs", "final", "max_epochs"),
     ("final_minutes", "final", "max_minutes"), ("total_minutes", "final", "total_minutes"),
     ("final_min_minutes", "final", "min_minutes"), ("final_inherit", "final", "inherit"),
+    ("ensemble", "final", "ensemble"), ("ensemble_min_gain", "final", "ensemble_min_gain"),
     ("lexical", "lexical", "enabled"), ("lexical_mode", "lexical", "mode"), ("lexical_trees", "lexical", "trees"),
     ("lexical_ovr", "lexical", "ovr"),
 ]
@@ -214,7 +215,7 @@ def print_summary(out, run) -> None:
                                                else "") + "):")
     shown = final if final and final.get("layer_weights") else rec
     out.print(Genotype.from_dict(rec["genotype"]).draw(shown.get("layer_weights")))
-    out.print(result_table(rec, final, run.lexical()))
+    out.print(result_table(rec, final, run.lexical(), run.ensemble()))
     if final and final.get("fitness") is None:
         out.print(f"[red]the final training ended {final['status']}[/red]: {final.get('error') or ''}; "
                   f"the result is the best candidate")
@@ -234,10 +235,11 @@ def print_summary(out, run) -> None:
 SUMMARY_METRICS = ("P@1", "P@3", "P@5", "nDCG@5", "PSP@5")
 
 
-def result_table(rec: dict, final, lexical: Optional[dict] = None) -> object:
-    """Validation P@5 and test metrics of the best candidate (the search's proxy) and of the final
-    model (that architecture trained to the end), one row each: fused with the lexical stage when the
-    search used one (then the stage alone and the result's network alone have rows too)."""
+def result_table(rec: dict, final, lexical: Optional[dict] = None, ensemble: Optional[dict] = None) -> object:
+    """Validation P@5 and test metrics of the best candidate (the search's proxy), of the final model
+    (that architecture trained to the end) and of the ensemble when one was kept, one row each: fused
+    with the lexical stage when the search used one (then the stage alone and the result's networks
+    alone have rows too)."""
     from rich.table import Table
 
     def figures(r):
@@ -251,9 +253,13 @@ def result_table(rec: dict, final, lexical: Optional[dict] = None) -> object:
         rows.append((f"final, width {width}", *figures(final)))
     result = 1 if len(rows) == 2 and final.get("chosen", True) else 0
     served = final if result else rec
+    if ensemble and ensemble.get("chosen"):
+        rows.append((f"ensemble of {len(ensemble['members'])}: {' + '.join(ensemble['members'])}", *figures(ensemble)))
+        result, served = len(rows) - 1, ensemble
     rows[result] = (rows[result][0] + " [bold](result)[/bold]", *rows[result][1:])
     if served.get("fused"):
-        rows.append(("  its network alone", served.get("valid") or {}, served.get("test") or {}))
+        rows.append(("  its network" + ("s" if served is ensemble else "") + " alone", served.get("valid") or {},
+                     served.get("test") or {}))
     if lexical:
         rows.append(("lexical stage alone", lexical["valid"], lexical["test"]))
     names = [n for n in SUMMARY_METRICS if any(n in test for _, _, test in rows)]

@@ -111,6 +111,14 @@ def add_search(sub) -> None:
                    help="with --total-minutes: the final training's guaranteed share. No candidate starts once "
                    "less than this is left (those running finish), so a slow machine trains fewer candidates "
                    "rather than starving the final model (demo: 3)")
+    g.add_argument("--ensemble", type=non_negative_int, metavar="K",
+                   help="after the final training, up to K of the run's trained networks (the result first, "
+                   "then the kept candidates) averaged and fused with the lexical stage, kept only where the "
+                   "validation P@5 gains --ensemble-min-gain; one bundle holds them (0 or 1: one network; "
+                   "demo: 3; needs the lexical stage in fuse mode)")
+    g.add_argument("--ensemble-min-gain", type=fraction, metavar="FRACTION",
+                   help="the least gain of validation P@5 (a fraction: 0.002 is 0.2 points) for which a network "
+                   "joins the ensemble (default 0.002)")
     g = s.add_argument_group("devices (may change on --resume)")
     g.add_argument("--devices", help="cuda (one worker per GPU), cuda:0,cuda:1, cpu, or cpu:W (W CPU workers); "
                    "several workers per GPU, for candidates too small to fill one: cuda:0x4 (4 on GPU 0), "
