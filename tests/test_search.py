@@ -137,7 +137,8 @@ def test_the_best_bundle_serves_the_fused_model(finished):
 
 
 @pytest.mark.parametrize("min_gain", [-1.0, 1.0])
-def test_the_ensemble_step_keeps_an_ensemble_only_on_its_gain_and_once(finished, tmp_path, min_gain, monkeypatch):
+def test_the_ensemble_step_keeps_an_ensemble_only_on_its_gain_and_once(finished, tmp_path, min_gain, monkeypatch,
+                                                                      capsys):
     """Run again on a copy of the finished run: with a gain every network reaches (-1) the ensemble takes
     3 members, is saved whole and becomes the result; with one none reaches (1) the final model stays."""
     from xmcnas_fast.bundle import load_bundle
@@ -165,6 +166,9 @@ def test_the_ensemble_step_keeps_an_ensemble_only_on_its_gain_and_once(finished,
     assert isinstance(b.model, Ensemble) and len(b.model.members) == 3 and b.lexical is not None
     assert b.fusion.to_dict() == rec["fused"]["fusion"]
     assert set(rec["fused"]["test"]) >= {"P@1", "P@5"} and rec["fused"]["valid"]["P@5"] == rec["fitness"]
+    assert main(["evaluate", best["model_dir"]]) == 0                 # a column for the 3 networks, one fused
+    table = capsys.readouterr().out
+    assert "3 networks" in table and "fused (served)" in table and "lexical" in table
     # once: a resumed search finds the record and only points best.json at it again
     (copy / "best.json").write_text((run_dir / "final.json").read_text())
     assert run_ensemble(run, None, {**run.lexical(), "residual": False}, _Silent()) == rec

@@ -203,8 +203,10 @@ def cmd_evaluate(args) -> int:
     # a column per model, a row per metric: three models fit in 80 columns
     t = Table(title=f"{args.bundle} on {name} (test, {len(test)} documents)")
     t.add_column("metric", no_wrap=True)
+    members = len(getattr(bundle.model, "members", ()))
     for label in rows:
-        t.add_column(label + (" (served)" if len(rows) > 1 and label == list(rows)[-1] else ""), justify="right",
+        shown = f"{members} networks" if label == "network" and members else label   # an ensemble's
+        t.add_column(shown + (" (served)" if len(rows) > 1 and label == list(rows)[-1] else ""), justify="right",
                      no_wrap=True)
     for n in METRIC_NAMES:
         t.add_row(n, *[f"{100 * m[n]:.2f}" for m in rows.values()])
