@@ -38,7 +38,8 @@ ARMS = {
     "evolution-residual": {"search": {"strategy": "evolution"}, "lexical": {"mode": "residual"}},
 }
 FIGURES = ("best valid P@5", "best test P@5", "final valid P@5", "final test P@5", "result test P@1",
-           "result test P@3", "result test P@5", "result network test P@1", "lexical test P@1", "seconds")
+           "result test P@3", "result test P@5", "result network test P@1", "lexical test P@1", "lexical test P@3",
+           "lexical test P@5", "seconds")
 
 
 def parse_set(items: list) -> dict:
@@ -75,7 +76,10 @@ def figures_of(run) -> dict:
     final = run.final() or {}
     children = [r for r in records.values() if r.get("parent") is not None and r.get("reused_from") is None]
     reached = [r["steps_to_parent"] for r in children if r.get("steps_to_parent") is not None]
-    result = final if final.get("chosen") else best     # what best.json names: the search's answer
+    ensemble = run.ensemble() or {}
+    # what best.json names, the search's answer: the ensemble if one was kept, else the final model if
+    # chosen, else the best candidate
+    result = ensemble if ensemble.get("chosen") else final if final.get("chosen") else best
     served = {r: (x.get("fused") or {}).get("test") or x.get("test") or {} for r, x in
               (("best", best), ("final", final), ("result", result))}     # fused, when the search fused
     lexical = (run.lexical() or {}).get("test") or {}
@@ -83,7 +87,8 @@ def figures_of(run) -> dict:
             "final valid P@5": final.get("fitness"), "final test P@5": served["final"].get("P@5"),
             **{f"result test P@{k}": served["result"].get(f"P@{k}") for k in (1, 3, 5)},
             "result network test P@1": (result.get("test") or {}).get("P@1"),
-            "lexical test P@1": lexical.get("P@1"), "final chosen": final.get("chosen"),
+            **{f"lexical test P@{k}": lexical.get(f"P@{k}") for k in (1, 3, 5)}, "final chosen": final.get("chosen"),
+            "ensemble": ensemble.get("members") if ensemble.get("chosen") else None,
             "candidates": len(records),
             "best id": best.get("id"), "children": len(children), "children reaching parent": len(reached),
             "median steps to parent": statistics.median(reached) if reached else None}
