@@ -165,7 +165,7 @@ def test_summary_hints_stay_whole_on_an_80_column_terminal(tiny_run, monkeypatch
     assert f"  xmcnas-fast analyze {run.path}" in lines
     assert "  per candidate: width 8, at most 1 epochs and 0.5 min, inheriting weights" in lines   # one line
     assert "  then the best to the end: width 8, at most 10 epochs, until minute 9.0" in lines
-    assert "  (no candidate starts after minute 6.0: the final training keeps 3.0 min)" in lines
+    assert "  (no candidate starts after minute 5.0: the final training keeps 4.0 min)" in lines
     assert all(len(x) <= 80 for x in lines if "/" not in x)                    # only paths may run longer
 
 

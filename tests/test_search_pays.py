@@ -129,7 +129,7 @@ def test_the_final_training_gets_what_is_left_of_the_total_time_and_its_own_size
     assert train["max_minutes"] == pytest.approx(cfg["final"]["total_minutes"] - 4.0)
     assert train["max_epochs"] == 10 and train["seed"] == 7 and train["max_len"] == cfg["train"]["max_len"]
     _, late = final_settings(cfg, elapsed=3600.0, seed=7)
-    assert late["max_minutes"] == cfg["final"]["min_minutes"] == 3.0   # a search that overran keeps its share
+    assert late["max_minutes"] == cfg["final"]["min_minutes"] == 4.0   # a search that overran keeps its share
     del cfg["final"]["min_minutes"]
     _, late = final_settings(cfg, elapsed=3600.0, seed=7)
     assert late["max_minutes"] == 0.5                          # without a share: half a minute
@@ -139,7 +139,7 @@ def test_the_final_training_gets_what_is_left_of_the_total_time_and_its_own_size
 
 
 def test_no_candidate_starts_once_only_the_final_trainings_share_is_left():
-    assert search_deadline(make_config("demo")) == 60 * (9.0 - 3.0)
+    assert search_deadline(make_config("demo")) == 60 * (9.0 - 4.0)
     assert search_deadline(make_config("paper")) is None                     # no total time: no deadline
     assert search_deadline(make_config("demo", overrides={"final": {"enabled": False}})) is None
     assert search_deadline(make_config("demo", overrides={"final": {"min_minutes": 12.0}})) == 0.0
@@ -151,11 +151,11 @@ def test_the_total_time_stretches_as_the_candidates_step_floor_outlasts_their_ti
     assert stretch(cfg, slow) == 3.0                 # the median candidate took 3 of its half minutes
     assert stretch(cfg, [{"seconds": 20.0, "fitness": 0.3}]) == 1.0         # within the limit: no stretch
     assert stretch(cfg, [{"seconds": 0.0, "fitness": 0.3, "reused_from": 2}]) == 1.0 and stretch(cfg) == 1.0
-    assert search_deadline(cfg, slow) == 3 * 60 * 6.0
+    assert search_deadline(cfg, slow) == 3 * 60 * 5.0
     _, train = final_settings(cfg, elapsed=60 * 10.0, seed=0, records=slow)
     assert train["max_minutes"] == pytest.approx(3 * 9.0 - 10.0) and train["min_steps"] is None
     _, late = final_settings(cfg, elapsed=60 * 40.0, seed=0, records=slow)
-    assert late["max_minutes"] == 3 * 3.0
+    assert late["max_minutes"] == 3 * 4.0
     cfg["train"]["min_steps"] = None                 # without a step floor the limit is the limit
     assert stretch(cfg, slow) == 1.0
 

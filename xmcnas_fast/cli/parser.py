@@ -110,7 +110,7 @@ def add_search(sub) -> None:
     g.add_argument("--final-min-minutes", type=positive_float, metavar="MINUTES",
                    help="with --total-minutes: the final training's guaranteed share. No candidate starts once "
                    "less than this is left (those running finish), so a slow machine trains fewer candidates "
-                   "rather than starving the final model (demo: 3)")
+                   "rather than starving the final model (demo: 4)")
     g.add_argument("--ensemble", type=non_negative_int, metavar="K",
                    help="after the final training, up to K of the run's trained networks (the result first, "
                    "then the kept candidates) averaged and fused with the lexical stage, kept only where the "
