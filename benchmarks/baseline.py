@@ -98,11 +98,15 @@ def kernels():
 
 
 def install(monkeypatch):
-    """Make ops.label_attention and ops.relu_dropout_dot the revision's for the rest of a test."""
+    """Make ops.label_attention and ops.relu_dropout_dot the revision's for the rest of a test, and
+    ops.label_attention_score (the head's scores out of training) the two of them, as the revision ran it."""
     from xmcnas_fast import ops
     k = kernels()
     monkeypatch.setattr(ops, "label_attention", k.label_attention)
     monkeypatch.setattr(ops, "relu_dropout_dot", k.relu_dropout_dot)
+    monkeypatch.setattr(ops, "label_attention_score",
+                        lambda h, mask, W, v, w: k.relu_dropout_dot(k.label_attention(h, mask, W, v), w, 0.0, False),
+                        raising=False)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,10 @@ TORCH_LIBRARY(xmcnas_fast, m) {
   m.def(
       "label_attention_backward(Tensor grad_ctx, Tensor h, Tensor mask, Tensor W, Tensor? v, "
       "Tensor ctx, Tensor lse) -> (Tensor, Tensor, Tensor)");
+  // Out of training, label_attention followed by relu_dropout_dot without dropout, in one pass that
+  // writes only the scores [B,L] (h's dtype): score[b,l] = sum_d w[d] relu(ctx[b,l,d]), w [Dv]
+  // float32 or h's dtype. Not differentiable. CPU kernel; elsewhere ops.py composes the two.
+  m.def("label_attention_score(Tensor h, Tensor mask, Tensor W, Tensor? v, Tensor w) -> Tensor");
   // The same two through the device's matrix products, a block of labels at a
   // time (csrc/label_attention_gemm.h: what CUDA runs for float32), for any
   // device and dtype: private, for the tests, which set the labels per block

@@ -4,7 +4,9 @@ Written once and parametrized, as pytorch/extension-cpp does: over the device
 (`cpu`; `cuda`, marked and skipped without a GPU) and over the values (None:
 the values are h; or separate values v of width Dv). The shapes reach every
 code path of both devices: on the CPU its label blocks (128 labels at 256
-tokens a tile, up to 2,048 at 16) and token tiles (256), on AVX-512 and, through
+tokens a tile, up to 2,048 at 16) and token tiles (256), the packed path of short
+rows (at most 64 tokens, D and Dv at most 128: several rows a unit, 512 labels a
+block in panels of 32), on AVX-512 and, through
 XMCNAS_CPU_ISA=generic, on the portable path (rows padded to 16); on CUDA the tensor-core kernels (float16/bfloat16,
 D and Dv multiples of 8 up to 1024: D = 136 is two 128-wide warp slices, the
 second mostly padding; D = 520 five; D = 1024 eight; Dv = 264 three slices,
@@ -15,16 +17,13 @@ block size: tests/test_label_attention_gemm.py). The input contract (what is ref
 tests/test_op_contract.py's.
 """
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from xmcnas_fast import ops
 
-from _kernels import DEVICES, close, kernel_required
+from _kernels import DEVICES, close, kernel_required, passes_without_avx512
 
 OP = torch.ops.xmcnas_fast.label_attention
 OP_BACKWARD = torch.ops.xmcnas_fast.label_attention_backward
@@ -345,6 +344,28 @@ def test_cpu_short_rows_cut_between_threads(threads):
         torch.set_num_threads(saved)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("Dv", [None, 24])
+def test_cpu_short_rows_packed(Dv, threads):
+    """CPU: 40 rows of 0 to 64 real tokens, most of them short: several rows packed in one unit (up to 48
+    tokens), a row of 60 and one of 64 alone, runs of empty rows inside units; L = 1,100, a multiple of
+    no label block (512) or panel (32); over 1 to 3 threads, which cut units between their ranges."""
+    h, mask, W, v = make_inputs(40, 64, 32, 1100, Dv=Dv, padding="none", seed=threads)
+    g = torch.Generator().manual_seed(threads)
+    lengths = torch.randint(1, 18, (40,), generator=g)
+    lengths[[3, 4, 5, 21]] = 0
+    lengths[7], lengths[30] = 60, 64
+    mask = torch.arange(64).unsqueeze(0) < lengths.unsqueeze(1)
+    mask[9] = mask[9].roll(20)  # padding before the real tokens
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ctx, gh, *_ = assert_matches_reference(h, mask, W, v)
+    finally:
+        torch.set_num_threads(saved)
+    assert (ctx[[3, 4, 5, 21]] == 0).all() and (gh[~mask] == 0).all()
+
+
 def test_cpu_large_outputs_are_recycled_not_shared():
     """CPU: a [B,L,Dv] output of 8 MB or more comes from a cache of buffers that dead outputs return to:
     a live output is never handed out again, and a recycled one gives the same results."""
@@ -364,12 +385,7 @@ def test_cpu_large_outputs_are_recycled_not_shared():
 def test_cpu_portable_path():
     """CPU: the tests of the tiling paths again with XMCNAS_CPU_ISA=generic, the kernels a CPU without
     AVX-512 runs (oneDNN or BLAS tiles padded to 16 tokens, std::exp)."""
-    env = {**os.environ, "XMCNAS_CPU_ISA": "generic"}
-    chosen = "short_rows or label_counts or row_lengths or any_thread or rows_longer or padding_is_never"
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", chosen],
-                         env=env, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(__file__))
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
-    assert " passed" in res.stdout and "failed" not in res.stdout
+    passes_without_avx512(__file__, "short_rows or label_counts or row_lengths or any_thread or rows_longer or padding_is_never")
 
 
 @pytest.mark.parametrize("threads", [1, 3, 5])

@@ -11,7 +11,7 @@ Each operator has
     torch (a warning says so once, at import). The references check their
     inputs as the kernels do, with the very same messages.
 
-Public functions: label_attention, topk_metrics, layer_sum, dropout, relu_dropout_dot. Use these,
+Public functions: label_attention, label_attention_score, topk_metrics, layer_sum, dropout, relu_dropout_dot. Use these,
 never torch.ops.xmcnas_fast directly: they choose the compiled op or the reference.
 """
 from __future__ import annotations
@@ -28,8 +28,8 @@ from .op_contracts import (check_label_attention_inputs, check_layer_sum_inputs,
                            check_topk_metrics_inputs)
 
 __all__ = [
-    "label_attention", "topk_metrics", "layer_sum", "dropout", "relu_dropout_dot",
-    "label_attention_reference", "topk_metrics_reference", "layer_sum_reference", "dropout_reference",
+    "label_attention", "label_attention_score", "topk_metrics", "layer_sum", "dropout", "relu_dropout_dot",
+    "label_attention_reference", "label_attention_score_reference", "topk_metrics_reference", "layer_sum_reference", "dropout_reference",
     "relu_dropout_dot_reference",
     "EXTENSION_LOADED", "extension_status", "has_kernel",
 ]
@@ -75,7 +75,7 @@ def extension_status() -> str:
     return _STATUS
 
 
-_OPS = ("label_attention", "label_attention_backward", "topk_metrics", "layer_sum", "layer_sum_backward",
+_OPS = ("label_attention", "label_attention_backward", "label_attention_score", "topk_metrics", "layer_sum", "layer_sum_backward",
         "dropout", "dropout_backward", "relu_dropout_dot", "relu_dropout_dot_backward")
 # which compiled op has a kernel for which device: asked once, so that choosing traces under torch.compile
 _KERNELS = {(op, dev): EXTENSION_LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(f"xmcnas_fast::{op}", key)
@@ -106,6 +106,27 @@ def label_attention_reference(h: torch.Tensor, mask: torch.Tensor, W: torch.Tens
         scores = scores.masked_fill(~m, torch.finfo(scores.dtype).min)
         p = torch.softmax(scores, dim=-1) * m                            # all-padding rows -> 0
         return torch.matmul(p, (h if v is None else v).to(acc)).to(h.dtype)  # [B, L, Dv]
+
+
+def check_label_attention_score_inputs(h: torch.Tensor, mask: torch.Tensor, W: torch.Tensor,
+                                       v: Optional[torch.Tensor], w: torch.Tensor) -> None:
+    """Raise ValueError, as the compiled op does, unless (h, mask, W, v, w) is a valid label_attention_score input."""
+    check_label_attention_inputs(h, mask, W, v)
+    op, Dv = "label_attention_score", (h if v is None else v).shape[2]
+    if w.dim() != 1 or w.shape[0] != Dv:
+        raise ValueError(f"{op}: w must be [Dv] with Dv = {Dv}, got {list(w.shape)}")
+    if w.dtype not in (torch.float32, h.dtype):
+        raise ValueError(f"{op}: w must be float32 or h's dtype ({str(h.dtype).removeprefix('torch.')}), "
+                         f"got {str(w.dtype).removeprefix('torch.')}")
+    if w.device != h.device:
+        raise ValueError(f"{op}: w is on {w.device} but h is on {h.device}")
+
+
+def label_attention_score_reference(h: torch.Tensor, mask: torch.Tensor, W: torch.Tensor, v: Optional[torch.Tensor],
+                                    w: torch.Tensor) -> torch.Tensor:
+    """relu(label_attention_reference(h, mask, W, v)) @ w, in h's dtype."""
+    check_label_attention_score_inputs(h, mask, W, v, w)
+    return F.relu(label_attention_reference(h, mask, W, v)) @ w.to(h.dtype)
 
 
 def topk_metrics_reference(scores: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor, k: int,
@@ -202,6 +223,12 @@ if EXTENSION_LOADED:
 
     torch.library.register_autograd("xmcnas_fast::label_attention", _label_attention_backward,
                                     setup_context=_label_attention_setup)
+
+    if has_kernel("label_attention_score", "cpu") or has_kernel("label_attention_score", "cuda"):
+        @torch.library.register_fake("xmcnas_fast::label_attention_score")
+        def _label_attention_score_fake(h, mask, W, v, w):
+            check_label_attention_score_inputs(h, mask, W, v, w)
+            return h.new_empty(h.shape[0], W.shape[0])
 
     @torch.library.register_fake("xmcnas_fast::topk_metrics")
     def _topk_metrics_fake(scores, indptr, indices, k, inv_prop=None):
@@ -301,6 +328,20 @@ def label_attention(h: torch.Tensor, mask: torch.Tensor, W: torch.Tensor,
     if _compiled("label_attention", h.device):
         return torch.ops.xmcnas_fast.label_attention(h, mask, W, v)[0]
     return label_attention_reference(h, mask, W, v)
+
+
+def label_attention_score(h: torch.Tensor, mask: torch.Tensor, W: torch.Tensor, v: Optional[torch.Tensor],
+                          w: torch.Tensor) -> torch.Tensor:
+    """The attention head's scores out of training: relu_dropout_dot(label_attention(h, mask, W, v), w,
+    training=False), [B, L] in h's dtype, in one pass that never writes the [B, L, Dv] context (on the CPU;
+    elsewhere, and whenever a gradient is wanted, the two ops). Inputs as label_attention takes them, and
+    w [Dv] float32 or h's dtype."""
+    mask = mask.bool()
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, W, v, w))
+    if not grad and _compiled("label_attention_score", h.device):
+        return torch.ops.xmcnas_fast.label_attention_score(h, mask, W, v, w)
+    check_label_attention_score_inputs(h, mask, W, v, w)
+    return relu_dropout_dot(label_attention(h, mask, W, v), w, 0.0, training=False)
 
 
 def topk_metrics(scores: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor, k: int,

@@ -2,31 +2,41 @@
 // score tensor. The values are h itself, or a separate v [B,N,Dv] with h's
 // padding (a model folds the first linear layer after the attention into v:
 // the attention weights of a row sum to 1, so Linear(ctx) = P (h A^T + b)).
+// label_attention_score is the forward followed by the head's ReLU-dot out of
+// training: the context stays in a per-thread tile, only [B,L] is written.
 //
-// The work is cut into tasks (b, label block): a block of labels attends over
-// the real tokens of batch row b. A task computes its scores one token tile at
-// a time into a small per-thread scratch, with an online softmax across tiles
-// (one tile when a row has at most kTokenTile real tokens, the usual case),
-// and the backward recomputes them from the saved log-sum-exp. Padding tokens
-// are dropped before any arithmetic: the real tokens of a row are gathered
-// (and widened to float32) into a compact block, so padding anywhere in a row
-// costs nothing. A label block holds about kTileElems scores: 128 labels at
-// 256 tokens, 2,048 at 16, so short texts make few, large tasks. The scratch
-// is allocated once per thread and call; nothing inside the loops over tasks
-// and tiles allocates or goes through ATen's dispatcher.
+// Padding tokens are dropped before any arithmetic: the real tokens of a row
+// are gathered (and widened to the accumulation type) into a compact block.
+// The work is cut into tasks (unit, label block), and goes one of two ways.
 //
-// float32 (and the 16-bit types, which accumulate in float32) on a CPU with
-// AVX-512: the exponentials are avx512.h's vectorized exp, and on short rows
-// (at most kShortRow tokens, D and Dv at most kShortWidth) the products are
-// its register-tiled GEMM, which reads a transposed operand in place and takes
-// any size (a tile covers the real tokens only, unpadded). Longer rows and
-// wider states, and any other CPU: float32 tiles go to oneDNN's batch-reduce
-// GEMM micro-kernel through ATen (cpublas::brgemm, JIT-compiled for the
-// running CPU; it caches one kernel per shape, so rows are padded with zeros
-// to a multiple of kTokenQuantum tokens), or ATen's BLAS; float64 (kept for
-// gradcheck) goes through at::mm, with std::exp. Accumulation is float32 for
-// float32, bfloat16 and float16, float64 for float64. The [B,L,Dv] output
-// comes from output_buffers.h (recycled, huge pages).
+// The packed path (float32 arithmetic on AVX-512, every row at most kShortRow
+// real tokens, D and Dv at most kShortWidth: short texts). A unit is several
+// consecutive batch rows, their real tokens stacked (at most kPackTokens), and
+// the scores are laid out transposed, S^T [tokens, labels], the labels along
+// the vector lanes: no lane is wasted on padding however short the rows, the
+// softmax over a row's tokens is element-wise across its rows of S^T, and the
+// products whose weight is shared by the rows (the scores H W^T, grad_h +=
+// dS^T W, grad_W += dS H) run once for the whole unit. The products are
+// avx512.h's register-tiled GEMM, which reads a transposed operand in place;
+// W^T is laid out once per call in panels of kPanel labels, each contiguous.
+//
+// The tiled path (longer rows, wider states, float64, CPUs without AVX-512):
+// a unit is one row; a task computes its scores one token tile at a time into
+// a small per-thread scratch, with an online softmax across tiles (one tile
+// when a row has at most kTokenTile real tokens, the usual case), and the
+// backward recomputes them from the saved log-sum-exp. A label block holds
+// about kTileElems scores: 128 labels at 256 tokens. float32 tiles go to
+// oneDNN's batch-reduce GEMM micro-kernel through ATen (cpublas::brgemm,
+// JIT-compiled for the running CPU; it caches one kernel per shape, so rows
+// are padded with zeros to a multiple of kTokenQuantum tokens), or ATen's
+// BLAS; float64 (kept for gradcheck) goes through at::mm, with std::exp. On
+// AVX-512 the exponentials are avx512.h's vectorized exp.
+//
+// Either way, scratch is allocated once per thread and call; nothing inside
+// the loops over tasks and tiles allocates or goes through ATen's dispatcher.
+// Accumulation is float32 for float32, bfloat16 and float16, float64 for
+// float64. The [B,L,Dv] output comes from output_buffers.h (recycled, huge
+// pages).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -36,6 +46,7 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/library.h>
 
@@ -60,8 +71,11 @@ constexpr int64_t kMaxLabelBlock = 4096;     // the most
 constexpr int64_t kTileElems = 128 * 256;    // scores per tile: labels per task x tokens per tile
 constexpr int64_t kTokenTile = 256;          // tokens per score tile (a multiple of kTokenQuantum)
 constexpr int64_t kTokenQuantum = 16;        // rows are padded to a multiple of this many tokens
-constexpr int64_t kShortRow = 64;            // the register-tiled products up to this many tokens a row
+constexpr int64_t kShortRow = 64;            // the packed path up to this many tokens a row
 constexpr int64_t kShortWidth = 128;         // and this D and Dv (oneDNN's kernels are faster past them)
+constexpr int64_t kPackTokens = 48;          // the most real tokens of the rows packed in one unit
+constexpr int64_t kPackLabels = 512;         // labels per task on the packed path (a multiple of kPanel)
+constexpr int64_t kPanel = 32;               // labels per panel of W^T: the GEMM's column panel
 
 template <typename scalar_t>
 using acc_type = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -80,30 +94,22 @@ void gemm_aten(int64_t M, int64_t N, int64_t K, const T* A, int64_t sam, int64_t
     at::mm_out(c, a, b);
 }
 
-// The arithmetic of a task, for the accumulation type: the products, the row maximum and the
-// exponentials. The products: avx512.h's when `small` (float32 on AVX-512, short rows), else oneDNN's,
-// BLAS or at::mm.
+// The products of the general path, for the accumulation type: oneDNN's, BLAS or at::mm.
 template <typename acc_t>
 struct Tiles;
 
 template <>
 struct Tiles<double> {
-  static void gemm(bool, int64_t M, int64_t N, int64_t K, const double* A, int64_t sam, int64_t sak,
-                   const double* B, int64_t ldb, double* C, int64_t ldc, bool add) {
+  static void gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t sam, int64_t sak, const double* B,
+                   int64_t ldb, double* C, int64_t ldc, bool add) {
     gemm_aten(M, N, K, A, sam, sak, B, ldb, C, ldc, add);
   }
 };
 
 template <>
 struct Tiles<float> {
-  static void gemm(bool small, int64_t M, int64_t N, int64_t K, const float* A, int64_t sam, int64_t sak,
-                   const float* B, int64_t ldb, float* C, int64_t ldc, bool add) {
-#if XMCNAS_HAS_AVX512_CODE
-    if (small) {
-      xmcnas_fast::cpu::gemm_avx512(M, N, K, A, sam, sak, B, ldb, C, ldc, add);
-      return;
-    }
-#endif
+  static void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t sam, int64_t sak, const float* B,
+                   int64_t ldb, float* C, int64_t ldc, bool add) {
 #ifdef CPUBLAS_BRGEMM_F32F32F32
     if (sak == 1 && M > 0 && N > 0 && K > 0) {
       at::native::cpublas::brgemm(M, N, K, sam, ldb, ldc, add, A, B, C, /*is_vnni=*/false);
@@ -153,14 +159,21 @@ std::vector<int64_t> balanced_split(const std::vector<double>& cost, int64_t par
 
 // What forward and backward share: the shapes, the real tokens, W in the
 // accumulation type, the labels per task, and the split of the tasks over
-// threads. Tasks are (b, label block) in b-major order; the cost of one is its
-// padded tokens times its labels, plus a little for the fixed work on empty rows.
+// threads. A task is (unit, label block), unit-major; a unit is one batch row,
+// or on the packed path (`packed`: float32 arithmetic on AVX-512, every row at
+// most kShortRow real tokens, D and Dv at most kShortWidth) a group of
+// consecutive rows whose real tokens together fit kPackTokens. The cost of a
+// task is its tokens times its labels, plus a little for the fixed work per row.
 struct Plan {
   int64_t B, N, D, L, np_max, tile, lb, nlb, parts;
-  bool vec;    // float32 on AVX-512: the exponentials vectorized here
-  bool small;  // and short rows: the register-tiled products, on the real tokens only
+  bool vec;     // float32 arithmetic on AVX-512: the exponentials vectorized here
+  bool packed;  // and short rows: the packed path, scores with the labels along the vector lanes
   RealTokens rt;
   at::Tensor Wa;
+  at::Tensor WT;                // packed: W^T in panels of kPanel labels, [L / kPanel, D, kPanel], float32
+  std::vector<int64_t> group;   // unit u covers batch rows [group[u], group[u+1])
+  int64_t max_group_tokens = 0;  // packed: the most real tokens of a unit
+  int64_t max_group_rows = 1;    // and the most batch rows
   std::vector<int64_t> bounds;  // thread range p covers tasks [bounds[p], bounds[p+1])
 
   Plan(const at::Tensor& h, const at::Tensor& mask, const at::Tensor& W, int64_t Dv, at::ScalarType acc_dtype)
@@ -169,34 +182,67 @@ struct Plan {
     vec = acc_dtype == at::kFloat && has_avx512();
     np_max = 0;
     for (int64_t b = 0; b < B; ++b) np_max = std::max(np_max, rt.padded(b));
-    small = vec && np_max <= kShortRow && D <= kShortWidth && Dv <= kShortWidth;
+    packed = vec && np_max <= kShortRow && D <= kShortWidth && Dv <= kShortWidth;
     tile = std::clamp<int64_t>(np_max, kTokenQuantum, kTokenTile);
-    lb = std::clamp<int64_t>(kTileElems / tile / kTokenQuantum * kTokenQuantum, kLabelBlock, kMaxLabelBlock);
+    group.push_back(0);
+    std::vector<int64_t> unit_tokens;
+    if (packed) {
+      lb = std::min<int64_t>(kPackLabels, std::max<int64_t>(L, 1));
+      const int64_t panels = (L + kPanel - 1) / kPanel;
+      WT = at::zeros({panels * kPanel, D}, Wa.options());
+      WT.narrow(0, 0, L).copy_(Wa);
+      WT = WT.view({panels, kPanel, D}).transpose(1, 2).contiguous();
+      for (int64_t b = 0, r = 0; b < B; ++b) {
+        if (b > group.back() && r + rt.count(b) > kPackTokens) {
+          group.push_back(b);
+          unit_tokens.push_back(r);
+          r = 0;
+        }
+        r += rt.count(b);
+        if (b == B - 1) unit_tokens.push_back(r);
+      }
+      if (B > 0) group.push_back(B);
+      for (int64_t t : unit_tokens) max_group_tokens = std::max(max_group_tokens, t);
+      for (int64_t u = 0; u < units(); ++u) max_group_rows = std::max(max_group_rows, group[u + 1] - group[u]);
+    } else {
+      lb = std::clamp<int64_t>(kTileElems / tile / kTokenQuantum * kTokenQuantum, kLabelBlock, kMaxLabelBlock);
+      for (int64_t b = 0; b < B; ++b) {
+        group.push_back(b + 1);
+        unit_tokens.push_back(rt.padded(b));
+      }
+    }
     nlb = (L + lb - 1) / lb;
+    const int64_t nu = units();
     std::vector<double> cost;
-    cost.reserve(B * nlb);
-    for (int64_t b = 0; b < B; ++b)
+    cost.reserve(nu * nlb);
+    for (int64_t u = 0; u < nu; ++u)
       for (int64_t j = 0; j < nlb; ++j)
-        cost.push_back(static_cast<double>(rt.padded(b) + 8) * static_cast<double>(std::min(lb, L - j * lb)));
-    const int64_t tasks = B * nlb;
+        cost.push_back(static_cast<double>(unit_tokens[u] + 8 * (group[u + 1] - group[u])) *
+                       static_cast<double>(std::min(lb, L - j * lb)));
+    const int64_t tasks = nu * nlb;
     bounds = balanced_split(cost, std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks)));
     parts = static_cast<int64_t>(bounds.size()) - 1;
   }
-  // Columns of a score tile of n tokens, `real` of them real: with the register-tiled products the
-  // real ones only (they take any size); otherwise the padded tile, whose few shapes oneDNN caches.
-  int64_t cols(int64_t n, int64_t real) const { return small ? real : n; }
+  int64_t units() const { return static_cast<int64_t>(group.size()) - 1; }
 };
+
+// The real tokens of row b of x [B,N,D] (h or v), in the accumulation type, as nr rows of xc [nr, D].
+template <typename scalar_t, typename acc_t>
+void gather_rows(const at::Tensor& x, const RealTokens& rt, int64_t b, acc_t* xc) {
+  const int64_t N = x.size(1), D = x.size(2), nr = rt.count(b);
+  const scalar_t* src = x.data_ptr<scalar_t>() + b * N * D;
+  const int64_t* pos = rt.positions(b);
+  for (int64_t j = 0; j < nr; ++j)
+    for (int64_t d = 0; d < D; ++d) xc[j * D + d] = static_cast<acc_t>(src[pos[j] * D + d]);
+}
 
 // The real tokens of row b of x [B,N,D] (h or v), in the accumulation type,
 // as xc [Np, D] and, unless xT is null, its transpose xT [D, Np]
 // (Np = rt.padded(b)), zero past the real ones.
 template <typename scalar_t, typename acc_t>
 void gather_real(const at::Tensor& x, const RealTokens& rt, int64_t b, acc_t* xc, acc_t* xT) {
-  const int64_t N = x.size(1), D = x.size(2), nr = rt.count(b), np = rt.padded(b);
-  const scalar_t* src = x.data_ptr<scalar_t>() + b * N * D;
-  const int64_t* pos = rt.positions(b);
-  for (int64_t j = 0; j < nr; ++j)
-    for (int64_t d = 0; d < D; ++d) xc[j * D + d] = static_cast<acc_t>(src[pos[j] * D + d]);
+  const int64_t D = x.size(2), nr = rt.count(b), np = rt.padded(b);
+  gather_rows<scalar_t>(x, rt, b, xc);
   std::fill(xc + nr * D, xc + np * D, acc_t(0));
   if (xT == nullptr) return;
   for (int64_t d = 0; d < D; ++d)
@@ -352,15 +398,172 @@ void transpose_pair(const acc_t* P, const acc_t* dS, acc_t* PT, acc_t* dST, int6
   }
 }
 
+// The score of each of `rows` context rows c [rows, Dv] (times inv[i] when inv is not null):
+// score[i] = sum_d w[d] relu(c[i,d] inv[i]) (label_attention_score's epilogue).
+template <typename acc_t, typename scalar_t>
+void score_rows(const acc_t* c, int64_t rows, int64_t Dv, const acc_t* inv, const acc_t* w, scalar_t* score) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const acc_t* ci = c + i * Dv;
+    const acc_t k = inv == nullptr ? acc_t(1) : inv[i];
+    acc_t s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t d = 0;
+    for (; d + 8 <= Dv; d += 8)
+      for (int j = 0; j < 8; ++j) s[j] += w[d + j] * std::max(ci[d + j] * k, acc_t(0));
+    for (; d < Dv; ++d) s[0] += w[d] * std::max(ci[d] * k, acc_t(0));
+    score[i] = static_cast<scalar_t>(((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])));
+  }
+}
+
+// What a forward pass writes: the context ctx [B,L,Dv] and lse [B,L], or (label_attention_score)
+// only the scores [B,L] of the context through w [Dv] (any may be null: not wanted).
+template <typename scalar_t, typename acc_t>
+struct ForwardOut {
+  scalar_t* ctx = nullptr;
+  float* lse = nullptr;
+  scalar_t* score = nullptr;
+  const acc_t* w = nullptr;  // w in the accumulation type, with score
+
+  // Labels l0 .. l0 + lb of a row b with no real token: zero context (and score), lse = +inf.
+  void empty_row(int64_t b, int64_t l0, int64_t lb, int64_t L, int64_t Dv) const {
+    if (ctx != nullptr) std::fill(ctx + (b * L + l0) * Dv, ctx + (b * L + l0 + lb) * Dv, scalar_t(0));
+    if (lse != nullptr) std::fill(lse + b * L + l0, lse + b * L + l0 + lb, std::numeric_limits<float>::infinity());
+    if (score != nullptr) std::fill(score + b * L + l0, score + b * L + l0 + lb, scalar_t(0));
+  }
+};
+
+#if XMCNAS_HAS_AVX512_CODE
+// The packed path. Scores are laid out transposed, S^T [R, lb]: the R real tokens of a unit's rows,
+// stacked, by the task's labels along the vector lanes, so that short rows waste no lane on padding
+// and the softmax over a row's tokens is element-wise across its rows of S^T.
+
+// Softmax over the n rows of S^T [n, lb] (a batch row's tokens), in place: P^T, normalized; the
+// log-sum-exp of each label to lse (unless null).
+XMCNAS_AVX512 void softmax_columns(float* st, int64_t n, int64_t lb, float* lse) {
+  for (int64_t j = 0; j < lb; j += 16) {
+    const __mmask16 k = xmcnas_fast::cpu::first_lanes(lb - j);
+    __m512 m = _mm512_maskz_loadu_ps(k, st + j);
+    for (int64_t r = 1; r < n; ++r) m = _mm512_max_ps(m, _mm512_maskz_loadu_ps(k, st + r * lb + j));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t r = 0; r < n; ++r) {
+      const __m512 e = xmcnas_fast::cpu::exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, st + r * lb + j), m));
+      _mm512_mask_storeu_ps(st + r * lb + j, k, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    sum = _mm512_mask_blend_ps(k, _mm512_set1_ps(1.0f), sum);  // lanes past lb: a harmless 1
+    const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), sum);
+    for (int64_t r = 0; r < n; ++r)
+      _mm512_mask_storeu_ps(st + r * lb + j, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, st + r * lb + j), inv));
+    if (lse != nullptr) _mm512_mask_storeu_ps(lse + j, k, _mm512_add_ps(m, xmcnas_fast::cpu::log512(sum)));
+  }
+}
+
+// The backward's element-wise pass over a batch row's n rows of S^T and dP^T [n, lb]:
+// P^T = exp(S^T - lse) into st; delta = sum_n P dP; dS^T = P^T (dP^T - delta) into dpt.
+XMCNAS_AVX512 void exp_grad_columns(float* st, float* dpt, int64_t n, int64_t lb, const float* lse) {
+  for (int64_t j = 0; j < lb; j += 16) {
+    const __mmask16 k = xmcnas_fast::cpu::first_lanes(lb - j);
+    const __m512 l = _mm512_maskz_loadu_ps(k, lse + j);
+    __m512 delta = _mm512_setzero_ps();
+    for (int64_t r = 0; r < n; ++r) {
+      const __m512 p = xmcnas_fast::cpu::exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, st + r * lb + j), l));
+      _mm512_mask_storeu_ps(st + r * lb + j, k, p);
+      delta = _mm512_fmadd_ps(p, _mm512_maskz_loadu_ps(k, dpt + r * lb + j), delta);
+    }
+    for (int64_t r = 0; r < n; ++r) {
+      const __m512 p = _mm512_maskz_loadu_ps(k, st + r * lb + j);
+      const __m512 d = _mm512_maskz_loadu_ps(k, dpt + r * lb + j);
+      _mm512_mask_storeu_ps(dpt + r * lb + j, k, _mm512_mul_ps(p, _mm512_sub_ps(d, delta)));
+    }
+  }
+}
+
+// S^T [R, lb] = H [R, D] W^T for the labels l0 .. l0 + lb, from W^T's panels (each panel's [D, kPanel]
+// block is contiguous: read row by row as the GEMM wants it, without the cache conflicts of rows L apart).
+XMCNAS_AVX512 inline void scores_t(const Plan& plan, const float* hs, int64_t R, int64_t l0, int64_t lb, float* st) {
+  const float* WT = plan.WT.data_ptr<float>();
+  const int64_t D = plan.D;
+  for (int64_t j = 0; j < lb; j += kPanel)
+    xmcnas_fast::cpu::gemm_avx512(R, std::min(kPanel, lb - j), D, hs, D, 1, WT + (l0 + j) / kPanel * D * kPanel,
+                                  kPanel, st + j, lb, false);
+}
+
+// The real tokens of a unit's rows, stacked: x's into xs [R, D]; first[i]: the first stacked row of
+// the unit's i-th batch row. Returns R.
+template <typename scalar_t>
+int64_t gather_unit(const Plan& plan, int64_t u, const at::Tensor& x, float* xs, int64_t* first) {
+  const int64_t D = x.size(2);
+  int64_t r = 0;
+  for (int64_t b = plan.group[u]; b < plan.group[u + 1]; ++b) {
+    first[b - plan.group[u]] = r;
+    gather_rows<scalar_t>(x, plan.rt, b, xs + r * D);
+    r += plan.rt.count(b);
+  }
+  return r;
+}
+
+template <typename scalar_t>
+void forward_packed(const Plan& plan, const at::Tensor& h, const at::Tensor& v, const ForwardOut<scalar_t, float>& o) {
+  using xmcnas_fast::cpu::gemm_avx512;
+  const bool has_v = v.defined();
+  const int64_t D = plan.D, Dv = has_v ? v.size(2) : D, L = plan.L, lbk = plan.lb, nlb = plan.nlb,
+                R_max = plan.max_group_tokens;
+  // the context tile goes to scratch unless it is ctx itself (float32, no scores)
+  const bool direct = o.score == nullptr && std::is_same_v<scalar_t, float>;
+  at::parallel_for(0, plan.parts, 1, [&](int64_t p0, int64_t p1) {
+    // per thread, once per call: the unit's tokens [R, D] and values [R, Dv], S^T [R, lb], a context tile
+    std::vector<float> buf(R_max * D + (has_v ? R_max * Dv : 0) + R_max * lbk + lbk * Dv);
+    std::vector<int64_t> first(plan.max_group_rows);
+    float* const hs = buf.data();
+    float* const vs = has_v ? hs + R_max * D : hs;
+    float* const st = hs + R_max * D + (has_v ? R_max * Dv : 0);
+    float* const tile = st + R_max * lbk;
+    for (int64_t p = p0; p < p1; ++p) {
+      int64_t cur_u = -1, R = 0;
+      for (int64_t task = plan.bounds[p]; task < plan.bounds[p + 1]; ++task) {
+        const int64_t u = task / nlb, l0 = (task % nlb) * lbk, lb = std::min(lbk, L - l0);
+        if (u != cur_u) {
+          R = gather_unit<scalar_t>(plan, u, h, hs, first.data());
+          if (has_v) gather_unit<scalar_t>(plan, u, v, vs, first.data());
+          cur_u = u;
+        }
+        if (R > 0) scores_t(plan, hs, R, l0, lb, st);  // S^T = H W^T
+        for (int64_t b = plan.group[u]; b < plan.group[u + 1]; ++b) {
+          const int64_t nr = plan.rt.count(b), r0 = first[b - plan.group[u]];
+          if (nr == 0) {
+            o.empty_row(b, l0, lb, L, Dv);
+            continue;
+          }
+          scalar_t* out = o.ctx == nullptr ? nullptr : o.ctx + (b * L + l0) * Dv;
+          float* lse = o.lse == nullptr ? nullptr : o.lse + b * L + l0;
+          softmax_columns(st + r0 * lb, nr, lb, lse);
+          float* c = direct ? reinterpret_cast<float*>(out) : tile;
+          gemm_avx512(lb, Dv, nr, st + r0 * lb, 1, lb, vs + r0 * Dv, Dv, c, Dv, false);  // ctx = P V
+          if (o.score != nullptr) {
+            score_rows(c, lb, Dv, static_cast<const float*>(nullptr), o.w, o.score + b * L + l0);
+          } else if (!direct) {
+            for (int64_t i = 0; i < lb * Dv; ++i) out[i] = static_cast<scalar_t>(c[i]);
+          }
+        }
+      }
+    }
+  });
+}
+#endif
+
 // v: the values [B,N,Dv], or undefined for h itself (Dv = D).
 template <typename scalar_t>
 void forward_impl(const at::Tensor& h, const at::Tensor& mask, const at::Tensor& W, const at::Tensor& v,
-                  at::Tensor& ctx, at::Tensor& lse) {
+                  const ForwardOut<scalar_t, acc_type<scalar_t>>& o) {
   using acc_t = acc_type<scalar_t>;
   using T = Tiles<acc_t>;
   const auto acc_dtype = c10::CppTypeToScalarType<acc_t>::value;
   const bool has_v = v.defined();
   const Plan plan(h, mask, W, has_v ? v.size(2) : h.size(2), acc_dtype);
+#if XMCNAS_HAS_AVX512_CODE
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (plan.packed) return forward_packed<scalar_t>(plan, h, v, o);
+  }
+#endif
   const int64_t D = plan.D, Dv = has_v ? v.size(2) : D, L = plan.L, lbk = plan.lb, nlb = plan.nlb,
                 np_max = plan.np_max, tile = plan.tile;
   const RealTokens& rt = plan.rt;
@@ -369,7 +572,7 @@ void forward_impl(const at::Tensor& h, const at::Tensor& mask, const at::Tensor&
   at::parallel_for(0, plan.parts, 1, [&](int64_t p0, int64_t p1) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: set in each worker
     // per thread, once per call: hc, hT [Np, D], the values [Np, Dv], the score tile, the accumulator
-    std::vector<acc_t> buf(2 * np_max * D + (has_v ? np_max * Dv : 0) + lbk * tile + lbk * Dv + 3 * lbk);
+    std::vector<acc_t> buf(2 * np_max * D + (has_v ? np_max * Dv : 0) + lbk * tile + lbk * Dv + 4 * lbk);
     acc_t* const hc = buf.data();
     acc_t* const hT = hc + np_max * D;
     acc_t* const vc = has_v ? hT + np_max * D : hc;  // the values, [Np, Dv]
@@ -378,6 +581,7 @@ void forward_impl(const at::Tensor& h, const at::Tensor& mask, const at::Tensor&
     acc_t* const mx = abuf + lbk * Dv;
     acc_t* const sum = mx + lbk;
     acc_t* const scale = sum + lbk;
+    acc_t* const inv = scale + lbk;
     for (int64_t p = p0; p < p1; ++p) {
       int64_t cur_b = -1;
       for (int64_t task = plan.bounds[p]; task < plan.bounds[p + 1]; ++task) {
@@ -388,31 +592,35 @@ void forward_impl(const at::Tensor& h, const at::Tensor& mask, const at::Tensor&
           if (has_v) gather_real<scalar_t>(v, rt, b, vc, static_cast<acc_t*>(nullptr));
           cur_b = b;
         }
-        scalar_t* out = ctx.data_ptr<scalar_t>() + (b * L + l0) * Dv;
-        float* lse_out = lse.data_ptr<float>() + b * L + l0;
-        if (nr == 0) {  // no real token: zero context, lse = +inf
-          std::fill(out, out + lb * Dv, scalar_t(0));
-          std::fill(lse_out, lse_out + lb, std::numeric_limits<float>::infinity());
+        if (nr == 0) {
+          o.empty_row(b, l0, lb, L, Dv);
           continue;
         }
+        scalar_t* out = o.ctx == nullptr ? nullptr : o.ctx + (b * L + l0) * Dv;
+        float* lse_out = o.lse == nullptr ? nullptr : o.lse + b * L + l0;
         const acc_t* Wb = Wa + l0 * D;
         // float32 / float64 accumulate straight into ctx
-        acc_t* acc = std::is_same_v<scalar_t, acc_t> ? reinterpret_cast<acc_t*>(out) : abuf;
+        acc_t* acc = std::is_same_v<scalar_t, acc_t> && out != nullptr ? reinterpret_cast<acc_t*>(out) : abuf;
         std::fill(mx, mx + lb, -std::numeric_limits<acc_t>::infinity());
         std::fill(sum, sum + lb, acc_t(0));
         for (int64_t t0 = 0; t0 < np; t0 += tile) {
-          const int64_t n = std::min(tile, np - t0), real = std::min(n, nr - t0), c = plan.cols(n, real);
-          T::gemm(plan.small, lb, c, D, Wb, D, 1, hT + t0, np, s, c, false);  // scores of this tile
-          online_softmax(plan, s, lb, c, real, mx, sum, scale);
+          const int64_t n = std::min(tile, np - t0), real = std::min(n, nr - t0);
+          T::gemm(lb, n, D, Wb, D, 1, hT + t0, np, s, n, false);  // scores of this tile
+          online_softmax(plan, s, lb, n, real, mx, sum, scale);
           if (t0 > 0)
             for (int64_t i = 0; i < lb; ++i)
               for (int64_t d = 0; d < Dv; ++d) acc[i * Dv + d] *= scale[i];
-          T::gemm(plan.small, lb, Dv, c, s, c, 1, vc + t0 * Dv, Dv, acc, Dv, t0 > 0);
+          T::gemm(lb, Dv, n, s, n, 1, vc + t0 * Dv, Dv, acc, Dv, t0 > 0);
         }
         for (int64_t i = 0; i < lb; ++i) {
-          const acc_t inv = acc_t(1) / sum[i];
-          for (int64_t d = 0; d < Dv; ++d) out[i * Dv + d] = static_cast<scalar_t>(acc[i * Dv + d] * inv);
-          lse_out[i] = static_cast<float>(mx[i] + std::log(sum[i]));
+          inv[i] = acc_t(1) / sum[i];
+          if (lse_out != nullptr) lse_out[i] = static_cast<float>(mx[i] + std::log(sum[i]));
+        }
+        if (o.score != nullptr) {
+          score_rows(acc, lb, Dv, inv, o.w, o.score + b * L + l0);
+        } else {
+          for (int64_t i = 0; i < lb; ++i)
+            for (int64_t d = 0; d < Dv; ++d) out[i * Dv + d] = static_cast<scalar_t>(acc[i * Dv + d] * inv[i]);
         }
       }
     }
@@ -430,9 +638,40 @@ std::tuple<at::Tensor, at::Tensor> label_attention_cpu(const at::Tensor& h_in, c
   at::Tensor ctx = xmcnas_fast::cpu::empty_output({B, L, Dv}, h.options());
   at::Tensor lse = at::empty({B, L}, h.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "label_attention", [&] {
-    forward_impl<scalar_t>(h, mask, W, v, ctx, lse);
+    ForwardOut<scalar_t, acc_type<scalar_t>> o;
+    o.ctx = ctx.data_ptr<scalar_t>();
+    o.lse = lse.data_ptr<float>();
+    forward_impl<scalar_t>(h, mask, W, v, o);
   });
   return {ctx, lse};
+}
+
+// label_attention followed by relu_dropout_dot out of training, in one pass that writes only the
+// scores [B,L]: score[b,l] = sum_d w[d] relu(ctx[b,l,d]). The context stays in a per-thread tile.
+at::Tensor label_attention_score_cpu(const at::Tensor& h_in, const at::Tensor& mask_in, const at::Tensor& W_in,
+                                     const std::optional<at::Tensor>& v_in, const at::Tensor& w_in) {
+  xmcnas_fast::checks::label_attention_inputs(h_in, mask_in, W_in, v_in);
+  const int64_t Dv = v_in ? v_in->size(2) : h_in.size(2);
+  const char* op = "label_attention_score";
+  TORCH_CHECK_VALUE(w_in.dim() == 1 && w_in.size(0) == Dv, op, ": w must be [Dv] with Dv = ", Dv, ", got ",
+                    w_in.sizes());
+  TORCH_CHECK_VALUE(w_in.scalar_type() == at::kFloat || w_in.scalar_type() == h_in.scalar_type(), op,
+                    ": w must be float32 or h's dtype (", xmcnas_fast::checks::dtype_name(h_in.scalar_type()),
+                    "), got ", xmcnas_fast::checks::dtype_name(w_in.scalar_type()));
+  xmcnas_fast::checks::check_device(op, w_in, "w", h_in, "h");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const at::Tensor h = h_in.contiguous(), mask = mask_in.contiguous(), W = W_in.contiguous();
+  const at::Tensor v = v_in ? v_in->contiguous() : at::Tensor();
+  at::Tensor score = at::empty({h.size(0), W.size(0)}, h.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "label_attention_score", [&] {
+    using acc_t = acc_type<scalar_t>;
+    const at::Tensor w = w_in.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
+    ForwardOut<scalar_t, acc_t> o;
+    o.score = score.data_ptr<scalar_t>();
+    o.w = w.data_ptr<acc_t>();
+    forward_impl<scalar_t>(h, mask, W, v, o);
+  });
+  return score;
 }
 
 // Backward. With p = exp(s - lse), values u_n (v[b,n], or h[b,n] without v)
@@ -449,6 +688,105 @@ std::tuple<at::Tensor, at::Tensor> label_attention_cpu(const at::Tensor& h_in, c
 // cut between two ranges (at most two per thread) is handed back as a
 // partial sum and added after the parallel region. Fixed reduction order:
 // results do not depend on scheduling.
+// A row's gradients of its real tokens, compact ([Nr, D] and [Nr, Dv]), as a thread leaves it: written
+// to grad_h (grad_v) when the thread's range covered all of the row's tasks, else kept as a partial sum.
+struct CutRow {
+  int64_t b;
+  at::Tensor gh, gv;  // partial sums, compact [Nr, D] and [Nr, Dv] (gv only with v)
+};
+
+template <typename scalar_t, typename acc_t>
+void leave_row(const RealTokens& rt, int64_t b, bool whole, const acc_t* gh, const acc_t* gv, int64_t D, int64_t Dv,
+               bool has_v, at::Tensor& grad_h, at::Tensor& grad_v, std::vector<CutRow>& cut) {
+  const int64_t nr = rt.count(b);
+  if (nr == 0) return;
+  if (whole) {
+    scatter_real<scalar_t>(grad_h, rt, b, gh);
+    if (has_v) scatter_real<scalar_t>(grad_v, rt, b, gv);
+    return;
+  }
+  const auto copy = [&](const acc_t* src, int64_t n) {
+    at::Tensor t = at::empty({n}, grad_h.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    std::copy(src, src + n, t.template data_ptr<acc_t>());
+    return t;
+  };
+  cut.push_back({b, copy(gh, nr * D), has_v ? copy(gv, nr * Dv) : at::Tensor()});
+}
+
+#if XMCNAS_HAS_AVX512_CODE
+// The packed backward of the tasks [first, last) (see forward_packed): per unit and label block,
+// S^T = H W^T for the unit's stacked tokens at once; per batch row, dP = grad_ctx V^T [lb, nr],
+// transposed into dP^T, P^T and dS^T element-wise, grad_v += P^T grad_ctx; then for the whole unit
+// grad_h += dS^T W and grad_W += dS H, the stacked tokens of several rows in one product.
+template <typename scalar_t>
+void backward_packed_range(const Plan& plan, int64_t first, int64_t last, const at::Tensor& grad_ctx,
+                           const at::Tensor& h, const at::Tensor& v, const at::Tensor& lse, float* gW,
+                           at::Tensor& grad_h, at::Tensor& grad_v, std::vector<CutRow>& cut) {
+  using xmcnas_fast::cpu::gemm_avx512;
+  const bool has_v = v.defined();
+  const int64_t D = plan.D, Dv = has_v ? v.size(2) : D, L = plan.L, lbk = plan.lb, nlb = plan.nlb,
+                R_max = plan.max_group_tokens, np_max = plan.np_max;
+  const float* Wa = plan.Wa.data_ptr<float>();
+  const float* lse_all = lse.data_ptr<float>();
+  // per thread: the unit's tokens hs [R, D], values vs [R, Dv] and their transpose vT [Dv, R]; S^T and
+  // dP^T [R, lb]; dP [lb, Np]; the gradients gh [R, D], gv [R, Dv]; grad_ctx widened [lb, Dv]
+  std::vector<float> buf(2 * R_max * D + (has_v ? 3 * R_max * Dv : R_max * D) + 2 * R_max * lbk + lbk * np_max +
+                         (std::is_same_v<scalar_t, float> ? 0 : lbk * Dv));
+  std::vector<int64_t> row0(plan.max_group_rows);
+  float* const hs = buf.data();
+  float* const gh = hs + R_max * D;
+  float* const vs = has_v ? gh + R_max * D : hs;
+  float* const gv = has_v ? vs + R_max * Dv : gh;
+  float* const vT = (has_v ? gv + R_max * Dv : gh + R_max * D);
+  float* const st = vT + R_max * Dv;
+  float* const dpt = st + R_max * lbk;
+  float* const dp = dpt + R_max * lbk;
+  float* const gbuf = dp + lbk * np_max;
+  int64_t cur_u = -1, R = 0;
+  auto leave = [&] {
+    if (cur_u < 0) return;
+    const bool whole = cur_u * nlb >= first && (cur_u + 1) * nlb <= last;
+    for (int64_t b = plan.group[cur_u]; b < plan.group[cur_u + 1]; ++b) {
+      const int64_t r0 = row0[b - plan.group[cur_u]];
+      leave_row<scalar_t>(plan.rt, b, whole, gh + r0 * D, gv + r0 * Dv, D, Dv, has_v, grad_h, grad_v, cut);
+    }
+  };
+  for (int64_t task = first; task < last; ++task) {
+    const int64_t u = task / nlb, l0 = (task % nlb) * lbk, lb = std::min(lbk, L - l0);
+    if (u != cur_u) {
+      leave();
+      cur_u = u;
+      R = gather_unit<scalar_t>(plan, u, h, hs, row0.data());
+      if (has_v) gather_unit<scalar_t>(plan, u, v, vs, row0.data());
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t d = 0; d < Dv; ++d) vT[d * R + r] = vs[r * Dv + d];
+      std::fill(gh, gh + R * D, 0.0f);
+      if (has_v) std::fill(gv, gv + R * Dv, 0.0f);
+    }
+    if (R == 0) continue;
+    scores_t(plan, hs, R, l0, lb, st);  // S^T = H W^T
+    for (int64_t b = plan.group[u]; b < plan.group[u + 1]; ++b) {
+      const int64_t nr = plan.rt.count(b), r0 = row0[b - plan.group[u]];
+      if (nr == 0) continue;
+      const scalar_t* go_raw = grad_ctx.data_ptr<scalar_t>() + (b * L + l0) * Dv;
+      const float* go = reinterpret_cast<const float*>(go_raw);
+      if constexpr (!std::is_same_v<scalar_t, float>) {
+        for (int64_t i = 0; i < lb * Dv; ++i) gbuf[i] = static_cast<float>(go_raw[i]);
+        go = gbuf;
+      }
+      gemm_avx512(lb, nr, Dv, go, Dv, 1, vT + r0, R, dp, nr, false);  // dP = grad_ctx V^T
+      for (int64_t n = 0; n < nr; ++n)                                  // dP^T
+        for (int64_t l = 0; l < lb; ++l) dpt[(r0 + n) * lb + l] = dp[l * nr + n];
+      exp_grad_columns(st + r0 * lb, dpt + r0 * lb, nr, lb, lse_all + b * L + l0);
+      gemm_avx512(nr, Dv, lb, st + r0 * lb, lb, 1, go, Dv, gv + r0 * Dv, Dv, true);  // grad_v += P^T grad_ctx
+    }
+    gemm_avx512(R, D, lb, dpt, lb, 1, Wa + l0 * D, D, gh, D, true);  // grad_h += dS^T W
+    gemm_avx512(lb, D, R, dpt, 1, lb, hs, D, gW + l0 * D, D, true);  // grad_W += dS H
+  }
+  leave();
+}
+#endif
+
 template <typename scalar_t>
 void backward_impl(const at::Tensor& grad_ctx, const at::Tensor& h, const at::Tensor& mask,
                    const at::Tensor& W, const at::Tensor& v, const at::Tensor& ctx, const at::Tensor& lse,
@@ -467,50 +805,43 @@ void backward_impl(const at::Tensor& grad_ctx, const at::Tensor& h, const at::Te
   std::vector<at::Tensor> gW_parts(plan.parts);
   for (int64_t p = 0; p < plan.parts; ++p)
     gW_parts[p] = p == 0 && std::is_same_v<scalar_t, acc_t> ? grad_W : at::empty({L, D}, opt);
-  struct CutRow {
-    int64_t b;
-    at::Tensor gh, gv;  // partial sums, compact [Nr, D] and [Nr, Dv] (gv only with v)
-  };
   std::vector<std::vector<CutRow>> cut_rows(plan.parts);
 
   at::parallel_for(0, plan.parts, 1, [&](int64_t p0, int64_t p1) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;  // thread-local: set in each worker
-    // per thread, once per call: hc, hT, gh [Np, D] each, then with v: vT, gv [Np, Dv] each; the
-    // tiles P and dS [lb, tile] each (and their transposes, but for the register-tiled products, which
-    // read them in place); grad_ctx widened [lb, Dv]; delta and lse [lb]
-    const int64_t tiles = plan.small ? 2 : 4;
-    std::vector<acc_t> buf(3 * np_max * D + (has_v ? 2 * np_max * Dv : 0) + tiles * lbk * tile + lbk * Dv + 2 * lbk);
-    acc_t* const hc = buf.data();
-    acc_t* const hT = hc + np_max * D;
-    acc_t* const gh = hT + np_max * D;                          // grad of the current row's real tokens, [Np, D]
-    acc_t* const vT = has_v ? gh + np_max * D : hT;             // the values transposed, [Dv, Np]
-    acc_t* const gv = has_v ? vT + np_max * Dv : gh;            // grad of the values, [Np, Dv]
-    acc_t* const pp = gh + np_max * D + (has_v ? 2 * np_max * Dv : 0);  // [lb, tile]: P
-    acc_t* const ds = pp + lbk * tile;                          // [lb, tile]: dP, then dS
-    acc_t* const pT = ds + lbk * tile;                          // [tile, lb]
-    acc_t* const dsT = pT + lbk * tile;                         // [tile, lb]
-    acc_t* const gbuf = ds + (tiles - 1) * lbk * tile;
-    acc_t* const delta = gbuf + lbk * Dv;
-    acc_t* const lse_b = delta + lbk;
     for (int64_t p = p0; p < p1; ++p) {
       acc_t* const gW = gW_parts[p].template data_ptr<acc_t>();
       std::fill(gW, gW + L * D, acc_t(0));
+#if XMCNAS_HAS_AVX512_CODE
+      if constexpr (std::is_same_v<acc_t, float>) {
+        if (plan.packed) {
+          backward_packed_range<scalar_t>(plan, plan.bounds[p], plan.bounds[p + 1], grad_ctx, h, v, lse, gW, grad_h,
+                                          grad_v, cut_rows[p]);
+          continue;
+        }
+      }
+#endif
+      // per range: hc, hT, gh [Np, D] each, then with v: vT, gv [Np, Dv] each; the tiles P and dS
+      // [lb, tile] and their transposes; grad_ctx widened [lb, Dv]; delta and lse [lb]
+      std::vector<acc_t> buf(3 * np_max * D + (has_v ? 2 * np_max * Dv : 0) + 4 * lbk * tile + lbk * Dv + 2 * lbk);
+      acc_t* const hc = buf.data();
+      acc_t* const hT = hc + np_max * D;
+      acc_t* const gh = hT + np_max * D;                          // grad of the current row's real tokens, [Np, D]
+      acc_t* const vT = has_v ? gh + np_max * D : hT;             // the values transposed, [Dv, Np]
+      acc_t* const gv = has_v ? vT + np_max * Dv : gh;            // grad of the values, [Np, Dv]
+      acc_t* const pp = gh + np_max * D + (has_v ? 2 * np_max * Dv : 0);  // [lb, tile]: P
+      acc_t* const ds = pp + lbk * tile;                          // [lb, tile]: dP, then dS
+      acc_t* const pT = ds + lbk * tile;                          // [tile, lb]
+      acc_t* const dsT = pT + lbk * tile;                         // [tile, lb]
+      acc_t* const gbuf = dsT + lbk * tile;
+      acc_t* const delta = gbuf + lbk * Dv;
+      acc_t* const lse_b = delta + lbk;
       const int64_t first = plan.bounds[p], last = plan.bounds[p + 1];
       int64_t cur_b = -1;
       auto flush = [&] {
-        const int64_t nr = cur_b < 0 ? 0 : rt.count(cur_b);
-        if (nr == 0) return;
-        if (cur_b * nlb >= first && (cur_b + 1) * nlb <= last) {  // the whole row is ours
-          scatter_real<scalar_t>(grad_h, rt, cur_b, gh);
-          if (has_v) scatter_real<scalar_t>(grad_v, rt, cur_b, gv);
-        } else {
-          const auto copy = [&](const acc_t* src, int64_t n) {
-            at::Tensor t = at::empty({n}, opt);
-            std::copy(src, src + n, t.template data_ptr<acc_t>());
-            return t;
-          };
-          cut_rows[p].push_back({cur_b, copy(gh, nr * D), has_v ? copy(gv, nr * Dv) : at::Tensor()});
-        }
+        if (cur_b < 0) return;
+        const bool whole = cur_b * nlb >= first && (cur_b + 1) * nlb <= last;  // the whole row is ours
+        leave_row<scalar_t>(rt, cur_b, whole, gh, gv, D, Dv, has_v, grad_h, grad_v, cut_rows[p]);
       };
       for (int64_t task = first; task < last; ++task) {
         const int64_t b = task / nlb, l0 = (task % nlb) * lbk;
@@ -540,19 +871,14 @@ void backward_impl(const at::Tensor& grad_ctx, const at::Tensor& h, const at::Te
           lse_b[i] = static_cast<acc_t>(lse.data_ptr<float>()[b * L + l0 + i]);
         }
         for (int64_t t0 = 0; t0 < np; t0 += tile) {
-          const int64_t n = std::min(tile, np - t0), real = std::min(n, nr - t0), c = plan.cols(n, real);
-          T::gemm(plan.small, lb, c, D, Wb, D, 1, hT + t0, np, pp, c, false);   // scores
-          T::gemm(plan.small, lb, c, Dv, go, Dv, 1, vT + t0, np, ds, c, false);  // dP = grad_ctx . u_n
-          exp_grad(plan, pp, ds, lb, c, real, lse_b, delta, whole);             // P = exp(S - lse), dS
-          if (plan.small) {  // P^T and dS^T read in place
-            T::gemm(true, c, Dv, lb, pp, 1, c, go, Dv, gv + t0 * Dv, Dv, true);  // grad_v += P^T grad_ctx
-            T::gemm(true, c, D, lb, ds, 1, c, Wb, D, gh + t0 * D, D, true);      // grad_h += dS^T W
-          } else {
-            transpose_pair(pp, ds, pT, dsT, lb, c);
-            T::gemm(false, c, Dv, lb, pT, lb, 1, go, Dv, gv + t0 * Dv, Dv, true);
-            T::gemm(false, c, D, lb, dsT, lb, 1, Wb, D, gh + t0 * D, D, true);
-          }
-          T::gemm(plan.small, lb, D, c, ds, c, 1, hc + t0 * D, D, gW + l0 * D, D, true);  // grad_W += dS h
+          const int64_t n = std::min(tile, np - t0), real = std::min(n, nr - t0);
+          T::gemm(lb, n, D, Wb, D, 1, hT + t0, np, pp, n, false);   // scores
+          T::gemm(lb, n, Dv, go, Dv, 1, vT + t0, np, ds, n, false);  // dP = grad_ctx . u_n
+          exp_grad(plan, pp, ds, lb, n, real, lse_b, delta, whole);  // P = exp(S - lse), dS
+          transpose_pair(pp, ds, pT, dsT, lb, n);
+          T::gemm(n, Dv, lb, pT, lb, 1, go, Dv, gv + t0 * Dv, Dv, true);  // grad_v += P^T grad_ctx
+          T::gemm(n, D, lb, dsT, lb, 1, Wb, D, gh + t0 * D, D, true);     // grad_h += dS^T W
+          T::gemm(lb, D, n, ds, n, 1, hc + t0 * D, D, gW + l0 * D, D, true);  // grad_W += dS h
         }
       }
       flush();
@@ -603,4 +929,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> label_attention_backward_cpu(
 TORCH_LIBRARY_IMPL(xmcnas_fast, CPU, m) {
   m.impl("label_attention", &label_attention_cpu);
   m.impl("label_attention_backward", &label_attention_backward_cpu);
+  m.impl("label_attention_score", &label_attention_score_cpu);
 }
