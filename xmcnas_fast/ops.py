@@ -11,7 +11,7 @@ Each operator has
     torch (a warning says so once, at import). The references check their
     inputs as the kernels do, with the very same messages.
 
-Public functions: label_attention, topk_metrics, layer_sum, dropout, relu_dropout_dot. Use these,
+Public functions: label_attention, label_attention_shortlist, topk_metrics, layer_sum, dropout, relu_dropout_dot. Use these,
 never torch.ops.xmcnas_fast directly: they choose the compiled op or the reference.
 """
 from __future__ import annotations
@@ -24,12 +24,13 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .op_contracts import (check_label_attention_inputs, check_layer_sum_inputs, check_relu_dropout_dot_inputs,
-                           check_topk_metrics_inputs)
+from .op_contracts import (check_label_attention_inputs, check_label_attention_shortlist_inputs,
+                           check_label_attention_shortlist_values, check_layer_sum_inputs,
+                           check_relu_dropout_dot_inputs, check_topk_metrics_inputs)
 
 __all__ = [
-    "label_attention", "topk_metrics", "layer_sum", "dropout", "relu_dropout_dot",
-    "label_attention_reference", "topk_metrics_reference", "layer_sum_reference", "dropout_reference",
+    "label_attention", "label_attention_shortlist", "topk_metrics", "layer_sum", "dropout", "relu_dropout_dot",
+    "label_attention_reference", "label_attention_shortlist_reference", "topk_metrics_reference", "layer_sum_reference", "dropout_reference",
     "relu_dropout_dot_reference",
     "EXTENSION_LOADED", "extension_status", "has_kernel",
 ]
@@ -75,11 +76,22 @@ def extension_status() -> str:
     return _STATUS
 
 
-_OPS = ("label_attention", "label_attention_backward", "topk_metrics", "layer_sum", "layer_sum_backward",
+_OPS = ("label_attention", "label_attention_backward", "label_attention_shortlist",
+        "label_attention_shortlist_backward", "topk_metrics", "layer_sum", "layer_sum_backward",
         "dropout", "dropout_backward", "relu_dropout_dot", "relu_dropout_dot_backward")
 # which compiled op has a kernel for which device: asked once, so that choosing traces under torch.compile
-_KERNELS = {(op, dev): EXTENSION_LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(f"xmcnas_fast::{op}", key)
-            for op in _OPS for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
+
+
+def _dispatch_has_kernel(op: str, key: str) -> bool:
+    """Whether the loaded extension has a kernel of `op` for dispatch key `key` (False for an op that an
+    older build does not define)."""
+    try:
+        return EXTENSION_LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(f"xmcnas_fast::{op}", key)
+    except RuntimeError:
+        return False
+
+
+_KERNELS = {(op, dev): _dispatch_has_kernel(op, key) for op in _OPS for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
 
 
 def has_kernel(op: str, device_type: str) -> bool:
@@ -106,6 +118,26 @@ def label_attention_reference(h: torch.Tensor, mask: torch.Tensor, W: torch.Tens
         scores = scores.masked_fill(~m, torch.finfo(scores.dtype).min)
         p = torch.softmax(scores, dim=-1) * m                            # all-padding rows -> 0
         return torch.matmul(p, (h if v is None else v).to(acc)).to(h.dtype)  # [B, L, Dv]
+
+
+def label_attention_shortlist_reference(h: torch.Tensor, mask: torch.Tensor, W: torch.Tensor, labels: torch.Tensor,
+                                        v: Optional[torch.Tensor] = None, sparse_grad: bool = False) -> torch.Tensor:
+    """label_attention over each document's own labels: the rows W[labels[b]] gathered ([B,K,D]; zeros
+    at padding ids -1), then the dense math of label_attention_reference with scores [B,K,N]; padding
+    slots give zero rows and no gradient. With sparse_grad, W's gradient is a sparse COO tensor of the
+    rows used (the gather is F.embedding(sparse=True)). Inputs as label_attention_shortlist takes them."""
+    check_label_attention_shortlist_inputs(h, mask, W, labels, v)
+    check_label_attention_shortlist_values(labels, W.shape[0])
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    valid = labels >= 0                                                  # [B, K]
+    with torch.autocast(h.device.type, enabled=False):
+        rows = F.embedding(labels[valid], W, sparse=sparse_grad)         # [nvalid, D]
+        Wk = W.new_zeros(*labels.shape, W.shape[1]).masked_scatter(valid.unsqueeze(-1), rows)
+        scores = torch.matmul(Wk.to(acc), h.to(acc).transpose(1, 2))    # [B, K, N]
+        m = mask.unsqueeze(1)                                            # [B, 1, N]
+        scores = scores.masked_fill(~m, torch.finfo(scores.dtype).min)
+        p = torch.softmax(scores, dim=-1) * m * valid.unsqueeze(-1)      # empty rows, padding slots -> 0
+        return torch.matmul(p, (h if v is None else v).to(acc)).to(h.dtype)  # [B, K, Dv]
 
 
 def topk_metrics_reference(scores: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor, k: int,
@@ -176,6 +208,27 @@ def relu_dropout_dot_reference(x: torch.Tensor, w: torch.Tensor, p: float, train
 # Fake (meta) implementations and autograd for the compiled ops.
 # --------------------------------------------------------------------------------------------
 
+def _op_defined(op: str) -> bool:
+    """Whether the loaded extension defines the schema of `op` (an older build may not)."""
+    return _dispatch_has_kernel(op, "CPU")
+
+
+def _rows_to_grad_W(grad_rows: torch.Tensor, labels: torch.Tensor, W: torch.Tensor, sparse: bool) -> torch.Tensor:
+    """W's gradient from the per-slot rows grad_rows [B,K,D] (zeros at padding slots): summed into the rows
+    used. sparse: a COO tensor [L,D] holding only the rows of real slots (uncoalesced, as
+    nn.Embedding(sparse=True) gives: a label twice in the shortlist is two entries); else dense [L,D],
+    zero outside the rows used, summed in float32 (float64 for float64)."""
+    L, D = W.shape
+    rows = grad_rows.reshape(-1, D)
+    flat = labels.reshape(-1)
+    if sparse:
+        keep = flat >= 0
+        return torch.sparse_coo_tensor(flat[keep].unsqueeze(0), rows[keep], (L, D), dtype=W.dtype, device=W.device)
+    acc = torch.float64 if W.dtype == torch.float64 else torch.float32
+    # padding slots add their zero rows to row 0: no boolean indexing, so no host sync on CUDA
+    return torch.zeros(L, D, dtype=acc, device=W.device).index_add_(0, flat.clamp(min=0), rows.to(acc)).to(W.dtype)
+
+
 if EXTENSION_LOADED:
 
     @torch.library.register_fake("xmcnas_fast::label_attention")
@@ -202,6 +255,35 @@ if EXTENSION_LOADED:
 
     torch.library.register_autograd("xmcnas_fast::label_attention", _label_attention_backward,
                                     setup_context=_label_attention_setup)
+
+    if _op_defined("label_attention_shortlist"):
+
+        @torch.library.register_fake("xmcnas_fast::label_attention_shortlist")
+        def _label_attention_shortlist_fake(h, mask, W, labels, v=None, sparse_grad=False):
+            check_label_attention_shortlist_inputs(h, mask, W, labels, v)  # the label ids are checked by the kernels
+            B, K, Dv = h.shape[0], labels.shape[1], (h if v is None else v).shape[2]
+            return h.new_empty(B, K, Dv), h.new_empty(B, K, dtype=torch.float32)
+
+        @torch.library.register_fake("xmcnas_fast::label_attention_shortlist_backward")
+        def _label_attention_shortlist_backward_fake(grad_ctx, h, mask, W, labels, v, ctx, lse):
+            return (torch.empty_like(h), h.new_empty(*labels.shape, W.shape[1]),
+                    h.new_empty(0) if v is None else torch.empty_like(v))
+
+        def _label_attention_shortlist_setup(ctx, inputs, output):
+            h, mask, W, labels, v, ctx.sparse_grad = inputs
+            out, lse = output
+            ctx.mark_non_differentiable(lse)
+            ctx.save_for_backward(h, mask, W, labels, v, out, lse)
+
+        def _label_attention_shortlist_backward(ctx, grad_out, grad_lse):
+            h, mask, W, labels, v, out, lse = ctx.saved_tensors
+            grad_h, grad_rows, grad_v = torch.ops.xmcnas_fast.label_attention_shortlist_backward(
+                grad_out.contiguous(), h, mask, W, labels, v, out, lse)
+            grad_W = _rows_to_grad_W(grad_rows, labels, W, ctx.sparse_grad) if ctx.needs_input_grad[2] else None
+            return grad_h, None, grad_W, None, None if v is None else grad_v, None
+
+        torch.library.register_autograd("xmcnas_fast::label_attention_shortlist", _label_attention_shortlist_backward,
+                                        setup_context=_label_attention_shortlist_setup)
 
     @torch.library.register_fake("xmcnas_fast::topk_metrics")
     def _topk_metrics_fake(scores, indptr, indices, k, inv_prop=None):
@@ -301,6 +383,26 @@ def label_attention(h: torch.Tensor, mask: torch.Tensor, W: torch.Tensor,
     if _compiled("label_attention", h.device):
         return torch.ops.xmcnas_fast.label_attention(h, mask, W, v)[0]
     return label_attention_reference(h, mask, W, v)
+
+
+def label_attention_shortlist(h: torch.Tensor, mask: torch.Tensor, W: torch.Tensor, labels: torch.Tensor,
+                              v: Optional[torch.Tensor] = None, *, sparse_grad: bool = False) -> torch.Tensor:
+    """label_attention restricted to each document's own shortlist of labels.
+
+    h, mask, W, v as label_attention takes them; labels: [B,K] int64 on h's device, the label ids
+    (rows of W) of document b in labels[b] (duplicates allowed, K may exceed L), -1 for padding slots.
+    Returns ctx [B,K,Dv] in h's dtype: ctx[b,k] = label_attention(h, mask, W, v)[b, labels[b,k]], zeros
+    (and no gradient) for a padding slot or a document with no real token, without computing the other
+    labels. W's gradient touches only the rows used: dense [L,D] (zeros elsewhere) by default; with
+    sparse_grad=True a sparse COO tensor of those rows, as nn.Embedding(sparse=True) gives, for
+    optimizers that update only them (torch.optim.SparseAdam, SGD, Adagrad). Ids outside [-1, L) and
+    the inputs label_attention refuses raise ValueError, with the same message on every device and
+    from the reference fallback.
+    """
+    mask = mask.bool()
+    if _compiled("label_attention_shortlist", h.device):
+        return torch.ops.xmcnas_fast.label_attention_shortlist(h, mask, W, labels, v, bool(sparse_grad))[0]
+    return label_attention_shortlist_reference(h, mask, W, labels, v, sparse_grad)
 
 
 def topk_metrics(scores: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor, k: int,
