@@ -37,9 +37,11 @@
 #include "../checks.h"
 #include "avx512.h"
 #include "output_buffers.h"
+#include "task_split.h"
 
 namespace {
 
+using xmcnas_fast::cpu::balanced_split;
 using xmcnas_fast::cpu::has_avx512;
 
 constexpr int64_t kTileElems = 32 * 1024;  // scores per task (slots x real tokens), about
@@ -168,23 +170,6 @@ void exp_grad(bool vec, acc_t* p, acc_t* ds, int64_t rows, int64_t n, const acc_
   }
 #endif
   exp_grad_portable(p, ds, rows, n, lse);
-}
-
-// Task boundaries (parts+1 entries) splitting the tasks into `parts` consecutive ranges of about equal cost.
-std::vector<int64_t> balanced_split(const std::vector<double>& cost, int64_t parts) {
-  const int64_t n = static_cast<int64_t>(cost.size());
-  double total = 0;
-  for (double c : cost) total += c;
-  std::vector<int64_t> bounds{0};
-  double acc = 0;
-  int64_t i = 0;
-  for (int64_t p = 1; p < parts; ++p) {
-    const double target = total * static_cast<double>(p) / static_cast<double>(parts);
-    while (i < n && acc + cost[i] / 2 < target) acc += cost[i++];
-    bounds.push_back(i);
-  }
-  bounds.push_back(n);
-  return bounds;
 }
 
 // What forward and backward share: the shapes, the real tokens of each row, the slots per task and
