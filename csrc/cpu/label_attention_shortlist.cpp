@@ -24,7 +24,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros_like.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -219,13 +219,23 @@ void gather_real(const scalar_t* x, const Plan& plan, int64_t b, int64_t E, acc_
     for (int64_t j = 0; j < nr; ++j) xT[e * nr + j] = xc[j * E + e];
 }
 
-// x [B,N,E] <- the compact rows g [nr, E] of row b (padding tokens untouched).
+// Row b of x [B,N,E] <- the compact rows g [nr, E] at its real tokens, zeros at its padding (g may be
+// null when the row has no real token). Every row is written once this way: the gradients are
+// allocated uninitialised, with no parallel fill before the kernel.
 template <typename scalar_t, typename acc_t>
 void scatter_real(scalar_t* x, const Plan& plan, int64_t b, int64_t E, const acc_t* g) {
   scalar_t* dst = x + b * plan.N * E;
   const int64_t* pos = plan.positions(b);
-  for (int64_t j = 0; j < plan.count(b); ++j)
-    for (int64_t e = 0; e < E; ++e) dst[pos[j] * E + e] = static_cast<scalar_t>(g[j * E + e]);
+  const int64_t nr = plan.count(b);
+  for (int64_t n = 0, j = 0; n < plan.N; ++n) {
+    scalar_t* row = dst + n * E;
+    if (j < nr && pos[j] == n) {
+      for (int64_t e = 0; e < E; ++e) row[e] = static_cast<scalar_t>(g[j * E + e]);
+      ++j;
+    } else {
+      std::fill(row, row + E, scalar_t(0));
+    }
+  }
 }
 
 // The real slots of slot block [k0, k0 + n) of row b: their offsets in the block (slot[i]) and their W
@@ -353,6 +363,11 @@ void backward_impl(const at::Tensor& grad_ctx, const at::Tensor& h, const at::Te
   scalar_t* ghp = grad_h.data_ptr<scalar_t>();
   scalar_t* gvp = has_v ? grad_v.data_ptr<scalar_t>() : nullptr;
   scalar_t* grp = grad_rows.data_ptr<scalar_t>();
+  if (nsb == 0) {  // no slots (K = 0): no task writes the rows
+    std::fill(ghp, ghp + grad_h.numel(), scalar_t(0));
+    if (has_v) std::fill(gvp, gvp + grad_v.numel(), scalar_t(0));
+    return;
+  }
   struct CutRow {
     int64_t b;
     std::vector<acc_t> gh, gv;  // partial sums, compact [nr, D] and [nr, Dv] (gv only with v)
@@ -380,8 +395,8 @@ void backward_impl(const at::Tensor& grad_ctx, const at::Tensor& h, const at::Te
       const int64_t first = plan.bounds[p], last = plan.bounds[p + 1];
       int64_t cur_b = -1;
       auto flush = [&] {
-        const int64_t nr = cur_b < 0 ? 0 : plan.count(cur_b);
-        if (nr == 0) return;
+        if (cur_b < 0) return;
+        const int64_t nr = plan.count(cur_b);
         if (cur_b * nsb >= first && (cur_b + 1) * nsb <= last) {  // the whole row is ours
           scatter_real(ghp, plan, cur_b, D, gh);
           if (has_v) scatter_real(gvp, plan, cur_b, Dv, gv);
@@ -458,9 +473,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> label_attention_shortlist_backwar
                    W = W_in.contiguous(), labels = labels_in.contiguous(), lse = lse_in.contiguous();
   check_label_values(labels, W.size(0));
   const at::Tensor v = v_in ? v_in->contiguous() : at::Tensor();
-  at::Tensor grad_h = at::zeros_like(h);
+  at::Tensor grad_h = at::empty_like(h);  // every row written by the kernel, padding included
   at::Tensor grad_rows = xmcnas_fast::cpu::empty_output({h.size(0), labels.size(1), h.size(2)}, h.options());
-  at::Tensor grad_v = v.defined() ? at::zeros_like(v) : at::empty({0}, h.options());
+  at::Tensor grad_v = v.defined() ? at::empty_like(v) : at::empty({0}, h.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, h.scalar_type(), "label_attention_shortlist_backward",
                                   [&] { backward_impl<scalar_t>(grad_ctx, h, mask, W, labels, v, lse, grad_h,
                                                                 grad_rows, grad_v); });
