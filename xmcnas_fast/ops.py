@@ -293,9 +293,12 @@ if EXTENSION_LOADED:
             h, mask, W, labels, v, ctx.sparse_grad = inputs
             out, lse = output
             ctx.mark_non_differentiable(lse)
+            ctx.set_materialize_grads(False)  # no zeros made for lse's gradient
             ctx.save_for_backward(h, mask, W, labels, v, out, lse)
 
         def _label_attention_shortlist_backward(ctx, grad_out, grad_lse):
+            if grad_out is None:
+                return None, None, None, None, None, None
             h, mask, W, labels, v, out, lse = ctx.saved_tensors
             grad_h, grad_rows, grad_v = torch.ops.xmcnas_fast.label_attention_shortlist_backward(
                 grad_out.contiguous(), h, mask, W, labels, v, out, lse)
