@@ -177,8 +177,10 @@ def summary(request):
                      + ", ".join(f"{impl} {x:.2f}x" for impl, x in r.items()))
     for l, r in OPTIM.items():
         lines.append(f"optimizer step at {l}: " + ", ".join(f"{impl} {t * 1e3:.1f} ms" for impl, t in r.items()))
-    for line in lines:
-        tr.write_line(line)
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():  # module teardown output is captured otherwise
+        for line in lines:
+            tr.write_line(line)
 
 
 def test_the_peers_agree():
