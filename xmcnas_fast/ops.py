@@ -228,25 +228,10 @@ def _real_slots(grad_rows: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return torch.from_numpy(flat.numpy()[keep]), torch.from_numpy(bits.numpy()[keep]).view(rows.dtype)
 
 
-_NUMPY_FLOATS = (torch.float32, torch.float64)
-
-
-def _coalesced_rows(ids: torch.Tensor, rows: torch.Tensor, shape) -> torch.Tensor:
-    """A coalesced COO tensor of `shape` from rows [R,D] at row ids [R] (duplicates summed, in slot order), made in
-    numpy on one thread, so that the optimizer's own coalesce (a sort, several parallel passes) has nothing to do."""
-    ids_np, rows_np = ids.numpy(), rows.numpy()
-    order = np.argsort(ids_np, kind="stable")
-    uniq, start = np.unique(ids_np[order], return_index=True)
-    sorted_rows = rows_np[order]
-    summed = sorted_rows if uniq.size == ids_np.size else np.add.reduceat(sorted_rows, start, axis=0)
-    return torch.sparse_coo_tensor(torch.from_numpy(uniq).unsqueeze(0), torch.from_numpy(summed), shape,
-                                   is_coalesced=True, check_invariants=False)
-
-
 def _rows_to_grad_W(grad_rows: torch.Tensor, labels: torch.Tensor, W: torch.Tensor, sparse: bool) -> torch.Tensor:
     """W's gradient from the per-slot rows grad_rows [B,K,D] (zeros at padding slots): summed into the rows
-    used. sparse: a COO tensor [L,D] holding only the rows of real slots, as nn.Embedding(sparse=True) gives
-    (on the CPU coalesced: one entry a label, duplicates summed; elsewhere one entry a slot); else dense [L,D],
+    used. sparse: a COO tensor [L,D] holding only the rows of real slots (uncoalesced, as
+    nn.Embedding(sparse=True) gives: a label twice in the shortlist is two entries); else dense [L,D],
     zero outside the rows used, summed in float32 (float64 for float64) through the COO tensor's to_dense
     (on the CPU as fast as the zeros it writes; index_add_ takes twice that)."""
     flat, rows = labels.reshape(-1), grad_rows.reshape(-1, W.shape[1])
@@ -257,8 +242,6 @@ def _rows_to_grad_W(grad_rows: torch.Tensor, labels: torch.Tensor, W: torch.Tens
         flat, rows = flat.index_select(0, keep), rows.index_select(0, keep)
     else:  # the padding slots' zero rows added to row 0: no host sync, no data-dependent size
         flat = flat.clamp(min=0)
-    if sparse and type(flat) is torch.Tensor and flat.device.type == "cpu" and rows.dtype in _NUMPY_FLOATS:
-        return _coalesced_rows(flat, rows, W.shape)
     if sparse:  # the kernels checked the ids
         return torch.sparse_coo_tensor(flat.unsqueeze(0), rows, W.shape, device=W.device, check_invariants=False)
     acc = torch.float64 if W.dtype == torch.float64 else torch.float32
