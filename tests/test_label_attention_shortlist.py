@@ -285,7 +285,8 @@ def test_cpu_any_thread_count(Dv, threads):
 
 def test_cpu_portable_path():
     """CPU: the kernel tests again with XMCNAS_CPU_ISA=generic, the loops a CPU without AVX-512 runs."""
-    rerun_on_the_portable_path(__file__, "(values_and_gradients and cpu and float32) or cpu_any_thread or equals_the_dense")
+    rerun_on_the_portable_path(__file__,
+                               "(values_and_gradients and cpu and float32) or cpu_any_thread or equals_the_dense")
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ Each operator has
     torch (a warning says so once, at import). The references check their
     inputs as the kernels do, with the very same messages.
 
-Public functions: label_attention, label_attention_shortlist, topk_metrics, layer_sum, dropout, relu_dropout_dot. Use these,
-never torch.ops.xmcnas_fast directly: they choose the compiled op or the reference.
+Public functions: label_attention, label_attention_shortlist, topk_metrics, layer_sum, dropout,
+relu_dropout_dot. Use these, never torch.ops.xmcnas_fast directly: they choose the compiled op or the
+reference.
 """
 from __future__ import annotations
 
@@ -31,8 +32,8 @@ from .op_contracts import (check_label_attention_inputs, check_label_attention_s
 
 __all__ = [
     "label_attention", "label_attention_shortlist", "topk_metrics", "layer_sum", "dropout", "relu_dropout_dot",
-    "label_attention_reference", "label_attention_shortlist_reference", "topk_metrics_reference", "layer_sum_reference", "dropout_reference",
-    "relu_dropout_dot_reference",
+    "label_attention_reference", "label_attention_shortlist_reference", "topk_metrics_reference",
+    "layer_sum_reference", "dropout_reference", "relu_dropout_dot_reference",
     "EXTENSION_LOADED", "extension_status", "has_kernel",
 ]
 
@@ -216,14 +217,14 @@ def _op_defined(op: str) -> bool:
 
 def _real_slots(grad_rows: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [R], rows [R,D]): the label ids of the real slots (labels >= 0), in slot order, and their rows of
-    grad_rows [B,K,D], for CPU tensors outside tracing. Views when there is no padding. The selection runs in
-    numpy, on one thread: a handful of torch's small parallel ops cost more than the kernel's whole
+    grad_rows [B,K,D] (a view when there is no padding), for CPU tensors outside tracing. The selection runs
+    in numpy, on one thread: a handful of torch's small parallel ops cost more than the kernel's whole
     backward on a busy machine."""
     D = grad_rows.shape[-1]
     flat, rows = labels.reshape(-1), grad_rows.reshape(-1, D)
     keep = np.flatnonzero(flat.numpy() >= 0)
     if keep.size == flat.numel():
-        return flat, rows
+        return flat.clone(), rows  # the gradient must not change with the caller's labels
     bits = rows.view(torch.int16) if rows.dtype in (torch.bfloat16, torch.float16) else rows  # numpy has no bf16
     return torch.from_numpy(flat.numpy()[keep]), torch.from_numpy(bits.numpy()[keep]).view(rows.dtype)
 
