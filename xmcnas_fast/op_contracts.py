@@ -7,7 +7,8 @@ from typing import Optional, Sequence
 
 import torch
 
-__all__ = ["check_label_attention_inputs", "check_layer_sum_inputs", "check_topk_metrics_inputs",
+__all__ = ["check_label_attention_inputs", "check_label_attention_shortlist_inputs",
+           "check_label_attention_shortlist_values", "check_layer_sum_inputs", "check_topk_metrics_inputs",
            "check_relu_dropout_dot_inputs"]
 
 _KERNEL_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -27,9 +28,9 @@ def _check_device(op: str, t: torch.Tensor, name: str, ref: torch.Tensor, ref_na
 
 
 def check_label_attention_inputs(h: torch.Tensor, mask: torch.Tensor, W: torch.Tensor,
-                                 v: Optional[torch.Tensor] = None) -> None:
-    """Raise ValueError, as the compiled op does, unless (h, mask, W, v) is a valid label_attention input."""
-    op = "label_attention"
+                                 v: Optional[torch.Tensor] = None, op: str = "label_attention") -> None:
+    """Raise ValueError, as the compiled op does, unless (h, mask, W, v) is a valid label_attention input
+    (`op`: the name the message starts with)."""
     if h.dim() != 3 or mask.dim() != 2 or W.dim() != 2:
         raise ValueError(f"{op}: expected h [B,N,D], mask [B,N], W [L,D]; got h {_shape(h)}, "
                          f"mask {_shape(mask)}, W {_shape(W)}")
@@ -52,6 +53,26 @@ def check_label_attention_inputs(h: torch.Tensor, mask: torch.Tensor, W: torch.T
     _check_device(op, W, "W", h, "h")
     if v is not None:
         _check_device(op, v, "v", h, "h")
+
+
+def check_label_attention_shortlist_inputs(h: torch.Tensor, mask: torch.Tensor, W: torch.Tensor, labels: torch.Tensor,
+                                           v: Optional[torch.Tensor] = None) -> None:
+    """Raise ValueError, as the compiled op does, unless the shapes, dtypes and devices of a
+    label_attention_shortlist input are valid: label_attention's checks, then labels [B,K] int64 on h's
+    device (the values follow in check_label_attention_shortlist_values)."""
+    op = "label_attention_shortlist"
+    check_label_attention_inputs(h, mask, W, v, op)
+    if labels.dim() != 2 or labels.shape[0] != h.shape[0]:
+        raise ValueError(f"{op}: labels must be [B,K] with B = {h.shape[0]}, got {_shape(labels)}")
+    if labels.dtype != torch.int64:
+        raise ValueError(f"{op}: labels must be int64, got {_dtype(labels)}")
+    _check_device(op, labels, "labels", h, "h")
+
+
+def check_label_attention_shortlist_values(labels: torch.Tensor, L: int) -> None:
+    """Raise ValueError, as the compiled op does, unless every label id is in [-1, L) (-1: padding)."""
+    if labels.numel() and (bool((labels < -1).any()) or bool((labels >= L).any())):
+        raise ValueError(f"label_attention_shortlist: labels must be in [-1, L={L}) (-1: padding)")
 
 
 def check_layer_sum_inputs(xs: Sequence[torch.Tensor], w: torch.Tensor, op: str = "layer_sum") -> None:

@@ -11,8 +11,9 @@ Each operator has
     torch (a warning says so once, at import). The references check their
     inputs as the kernels do, with the very same messages.
 
-Public functions: label_attention, label_attention_score, topk_metrics, layer_sum, dropout, relu_dropout_dot. Use these,
-never torch.ops.xmcnas_fast directly: they choose the compiled op or the reference.
+Public functions: label_attention, label_attention_score, label_attention_shortlist, topk_metrics,
+layer_sum, dropout, relu_dropout_dot. Use these, never torch.ops.xmcnas_fast directly: they choose the
+compiled op or the reference.
 """
 from __future__ import annotations
 
@@ -21,15 +22,18 @@ import os
 import warnings
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .op_contracts import (check_label_attention_inputs, check_layer_sum_inputs, check_relu_dropout_dot_inputs,
-                           check_topk_metrics_inputs)
+from .op_contracts import (check_label_attention_inputs, check_label_attention_shortlist_inputs,
+                           check_label_attention_shortlist_values, check_layer_sum_inputs,
+                           check_relu_dropout_dot_inputs, check_topk_metrics_inputs)
 
 __all__ = [
-    "label_attention", "label_attention_score", "topk_metrics", "layer_sum", "dropout", "relu_dropout_dot",
-    "label_attention_reference", "label_attention_score_reference", "topk_metrics_reference", "layer_sum_reference", "dropout_reference",
+    "label_attention", "label_attention_score", "label_attention_shortlist", "topk_metrics", "layer_sum", "dropout",
+    "relu_dropout_dot", "label_attention_reference", "label_attention_score_reference",
+    "label_attention_shortlist_reference", "topk_metrics_reference", "layer_sum_reference", "dropout_reference",
     "relu_dropout_dot_reference",
     "EXTENSION_LOADED", "extension_status", "has_kernel",
 ]
@@ -75,11 +79,22 @@ def extension_status() -> str:
     return _STATUS
 
 
-_OPS = ("label_attention", "label_attention_backward", "label_attention_score", "topk_metrics", "layer_sum", "layer_sum_backward",
+_OPS = ("label_attention", "label_attention_backward", "label_attention_score", "label_attention_shortlist",
+        "label_attention_shortlist_backward", "topk_metrics", "layer_sum", "layer_sum_backward",
         "dropout", "dropout_backward", "relu_dropout_dot", "relu_dropout_dot_backward")
 # which compiled op has a kernel for which device: asked once, so that choosing traces under torch.compile
-_KERNELS = {(op, dev): EXTENSION_LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(f"xmcnas_fast::{op}", key)
-            for op in _OPS for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
+
+
+def _dispatch_has_kernel(op: str, key: str) -> bool:
+    """Whether the loaded extension has a kernel of `op` for dispatch key `key` (False for an op that an
+    older build does not define)."""
+    try:
+        return EXTENSION_LOADED and torch._C._dispatch_has_kernel_for_dispatch_key(f"xmcnas_fast::{op}", key)
+    except RuntimeError:
+        return False
+
+
+_KERNELS = {(op, dev): _dispatch_has_kernel(op, key) for op in _OPS for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
 
 
 def has_kernel(op: str, device_type: str) -> bool:
@@ -127,6 +142,26 @@ def label_attention_score_reference(h: torch.Tensor, mask: torch.Tensor, W: torc
     """relu(label_attention_reference(h, mask, W, v)) @ w, in h's dtype."""
     check_label_attention_score_inputs(h, mask, W, v, w)
     return F.relu(label_attention_reference(h, mask, W, v)) @ w.to(h.dtype)
+
+
+def label_attention_shortlist_reference(h: torch.Tensor, mask: torch.Tensor, W: torch.Tensor, labels: torch.Tensor,
+                                        v: Optional[torch.Tensor] = None, sparse_grad: bool = False) -> torch.Tensor:
+    """label_attention over each document's own labels: the rows W[labels[b]] gathered ([B,K,D]; zeros
+    at padding ids -1), then the dense math of label_attention_reference with scores [B,K,N]; padding
+    slots give zero rows and no gradient. With sparse_grad, W's gradient is a sparse COO tensor of the
+    rows used (the gather is F.embedding(sparse=True)). Inputs as label_attention_shortlist takes them."""
+    check_label_attention_shortlist_inputs(h, mask, W, labels, v)
+    check_label_attention_shortlist_values(labels, W.shape[0])
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    valid = labels >= 0                                                  # [B, K]
+    with torch.autocast(h.device.type, enabled=False):
+        rows = F.embedding(labels[valid], W, sparse=sparse_grad)         # [nvalid, D]
+        Wk = W.new_zeros(*labels.shape, W.shape[1]).masked_scatter(valid.unsqueeze(-1), rows)
+        scores = torch.matmul(Wk.to(acc), h.to(acc).transpose(1, 2))    # [B, K, N]
+        m = mask.unsqueeze(1)                                            # [B, 1, N]
+        scores = scores.masked_fill(~m, torch.finfo(scores.dtype).min)
+        p = torch.softmax(scores, dim=-1) * m * valid.unsqueeze(-1)      # empty rows, padding slots -> 0
+        return torch.matmul(p, (h if v is None else v).to(acc)).to(h.dtype)  # [B, K, Dv]
 
 
 def topk_metrics_reference(scores: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor, k: int,
@@ -197,6 +232,46 @@ def relu_dropout_dot_reference(x: torch.Tensor, w: torch.Tensor, p: float, train
 # Fake (meta) implementations and autograd for the compiled ops.
 # --------------------------------------------------------------------------------------------
 
+def _op_defined(op: str) -> bool:
+    """Whether the loaded extension defines the schema of `op` (an older build may not)."""
+    return _dispatch_has_kernel(op, "CPU")
+
+
+def _real_slots(grad_rows: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [R], rows [R,D]): the label ids of the real slots (labels >= 0), in slot order, and their rows of
+    grad_rows [B,K,D] (a view when there is no padding), for CPU tensors outside tracing. The selection runs
+    in numpy, on one thread: a handful of torch's small parallel ops cost more than the kernel's whole
+    backward on a busy machine."""
+    D = grad_rows.shape[-1]
+    flat, rows = labels.reshape(-1), grad_rows.reshape(-1, D)
+    keep = np.flatnonzero(flat.numpy() >= 0)
+    if keep.size == flat.numel():
+        return flat.clone(), rows  # the gradient must not change with the caller's labels
+    bits = rows.view(torch.int16) if rows.dtype in (torch.bfloat16, torch.float16) else rows  # numpy has no bf16
+    return torch.from_numpy(flat.numpy()[keep]), torch.from_numpy(bits.numpy()[keep]).view(rows.dtype)
+
+
+def _rows_to_grad_W(grad_rows: torch.Tensor, labels: torch.Tensor, W: torch.Tensor, sparse: bool) -> torch.Tensor:
+    """W's gradient from the per-slot rows grad_rows [B,K,D] (zeros at padding slots): summed into the rows
+    used. sparse: a COO tensor [L,D] holding only the rows of real slots (uncoalesced, as
+    nn.Embedding(sparse=True) gives: a label twice in the shortlist is two entries); else dense [L,D],
+    zero outside the rows used, summed in float32 (float64 for float64) through the COO tensor's to_dense
+    (on the CPU as fast as the zeros it writes; index_add_ takes twice that)."""
+    flat, rows = labels.reshape(-1), grad_rows.reshape(-1, W.shape[1])
+    if W.device.type == "cpu" and type(labels) is torch.Tensor and type(grad_rows) is torch.Tensor:  # not traced
+        flat, rows = _real_slots(grad_rows, labels)
+    elif sparse:
+        keep = torch.nonzero(flat >= 0).squeeze(1)
+        flat, rows = flat.index_select(0, keep), rows.index_select(0, keep)
+    else:  # the padding slots' zero rows added to row 0: no host sync, no data-dependent size
+        flat = flat.clamp(min=0)
+    if sparse:  # the kernels checked the ids
+        return torch.sparse_coo_tensor(flat.unsqueeze(0), rows, W.shape, device=W.device, check_invariants=False)
+    acc = torch.float64 if W.dtype == torch.float64 else torch.float32
+    summed = torch.sparse_coo_tensor(flat.unsqueeze(0), rows.to(acc), W.shape, device=W.device, check_invariants=False)
+    return summed.to_dense().to(W.dtype)
+
+
 if EXTENSION_LOADED:
 
     @torch.library.register_fake("xmcnas_fast::label_attention")
@@ -229,6 +304,38 @@ if EXTENSION_LOADED:
         def _label_attention_score_fake(h, mask, W, v, w):
             check_label_attention_score_inputs(h, mask, W, v, w)
             return h.new_empty(h.shape[0], W.shape[0])
+
+    if _op_defined("label_attention_shortlist"):
+
+        @torch.library.register_fake("xmcnas_fast::label_attention_shortlist")
+        def _label_attention_shortlist_fake(h, mask, W, labels, v=None, sparse_grad=False):
+            check_label_attention_shortlist_inputs(h, mask, W, labels, v)  # the label ids are checked by the kernels
+            B, K, Dv = h.shape[0], labels.shape[1], (h if v is None else v).shape[2]
+            return h.new_empty(B, K, Dv), h.new_empty(B, K, dtype=torch.float32)
+
+        @torch.library.register_fake("xmcnas_fast::label_attention_shortlist_backward")
+        def _label_attention_shortlist_backward_fake(grad_ctx, h, mask, W, labels, v, ctx, lse):
+            return (torch.empty_like(h), h.new_empty(*labels.shape, W.shape[1]),
+                    h.new_empty(0) if v is None else torch.empty_like(v))
+
+        def _label_attention_shortlist_setup(ctx, inputs, output):
+            h, mask, W, labels, v, ctx.sparse_grad = inputs
+            out, lse = output
+            ctx.mark_non_differentiable(lse)
+            ctx.set_materialize_grads(False)  # no zeros made for lse's gradient
+            ctx.save_for_backward(h, mask, W, labels, v, out, lse)
+
+        def _label_attention_shortlist_backward(ctx, grad_out, grad_lse):
+            if grad_out is None:
+                return None, None, None, None, None, None
+            h, mask, W, labels, v, out, lse = ctx.saved_tensors
+            grad_h, grad_rows, grad_v = torch.ops.xmcnas_fast.label_attention_shortlist_backward(
+                grad_out.contiguous(), h, mask, W, labels, v, out, lse)
+            grad_W = _rows_to_grad_W(grad_rows, labels, W, ctx.sparse_grad) if ctx.needs_input_grad[2] else None
+            return grad_h, None, grad_W, None, None if v is None else grad_v, None
+
+        torch.library.register_autograd("xmcnas_fast::label_attention_shortlist", _label_attention_shortlist_backward,
+                                        setup_context=_label_attention_shortlist_setup)
 
     @torch.library.register_fake("xmcnas_fast::topk_metrics")
     def _topk_metrics_fake(scores, indptr, indices, k, inv_prop=None):
@@ -342,6 +449,26 @@ def label_attention_score(h: torch.Tensor, mask: torch.Tensor, W: torch.Tensor, 
         return torch.ops.xmcnas_fast.label_attention_score(h, mask, W, v, w)
     check_label_attention_score_inputs(h, mask, W, v, w)
     return relu_dropout_dot(label_attention(h, mask, W, v), w, 0.0, training=False)
+
+
+def label_attention_shortlist(h: torch.Tensor, mask: torch.Tensor, W: torch.Tensor, labels: torch.Tensor,
+                              v: Optional[torch.Tensor] = None, *, sparse_grad: bool = False) -> torch.Tensor:
+    """label_attention restricted to each document's own shortlist of labels.
+
+    h, mask, W, v as label_attention takes them; labels: [B,K] int64 on h's device, the label ids
+    (rows of W) of document b in labels[b] (duplicates allowed, K may exceed L), -1 for padding slots.
+    Returns ctx [B,K,Dv] in h's dtype: ctx[b,k] = label_attention(h, mask, W, v)[b, labels[b,k]], zeros
+    (and no gradient) for a padding slot or a document with no real token, without computing the other
+    labels. W's gradient touches only the rows used: dense [L,D] (zeros elsewhere) by default; with
+    sparse_grad=True a sparse COO tensor of those rows, as nn.Embedding(sparse=True) gives, for
+    optimizers that update only them (torch.optim.SparseAdam, SGD, Adagrad). Ids outside [-1, L) and
+    the inputs label_attention refuses raise ValueError, with the same message on every device and
+    from the reference fallback.
+    """
+    mask = mask.bool()
+    if _compiled("label_attention_shortlist", h.device):
+        return torch.ops.xmcnas_fast.label_attention_shortlist(h, mask, W, labels, v, bool(sparse_grad))[0]
+    return label_attention_shortlist_reference(h, mask, W, labels, v, sparse_grad)
 
 
 def topk_metrics(scores: torch.Tensor, indptr: torch.Tensor, indices: torch.Tensor, k: int,
