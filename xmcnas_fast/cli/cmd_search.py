@@ -29,6 +29,7 @@ SETTINGS = [
     ("final_minutes", "final", "max_minutes"), ("total_minutes", "final", "total_minutes"),
     ("final_min_minutes", "final", "min_minutes"), ("final_inherit", "final", "inherit"),
     ("lexical", "lexical", "enabled"), ("lexical_mode", "lexical", "mode"), ("lexical_trees", "lexical", "trees"),
+    ("shortlist_above", "lexical", "shortlist_above"), ("shortlist_k", "lexical", "shortlist_k"),
 ]
 #: data settings stored beside the budget's (CSV columns)
 COLUMNS = ("text_column", "labels_column")
@@ -89,7 +90,10 @@ def device_request(devices: str, backend: str):
 
 def check_before_creating(cfg: dict, devices: str, backend: str, out) -> None:
     """Devices, the lexical stage's library, word vectors and data, checked in that order (data errors
-    name the file and line); loading the data here also fills the cache the search reads it from."""
+    name the file and line); loading the data here also fills the cache the search reads it from. The
+    head's shortlist, decided by the data's label count, is recorded in `cfg` (model.shortlist)."""
+    from ..config import resolve_shortlist
+
     import importlib.util
 
     device_request(devices, backend)
@@ -99,8 +103,12 @@ def check_before_creating(cfg: dict, devices: str, backend: str, out) -> None:
     d = cfg["data"]
     if d.get("vectors") and not os.path.isfile(d["vectors"]):
         raise CLIError(f"{d['vectors']}: no such file (--vectors)")
-    load_data(d["dataset"], out, max_len=d["max_len"], min_count=d["min_count"], max_vocab=d["max_vocab"],
-              valid=d["valid"], seed=d["seed"], **{c: d[c] for c in COLUMNS if d.get(c) is not None})
+    data = load_data(d["dataset"], out, max_len=d["max_len"], min_count=d["min_count"], max_vocab=d["max_vocab"],
+                     valid=d["valid"], seed=d["seed"], **{c: d[c] for c in COLUMNS if d.get(c) is not None})
+    try:
+        resolve_shortlist(cfg, data.num_labels)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
 
 
 def check_backend(backend) -> None:

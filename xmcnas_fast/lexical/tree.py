@@ -15,6 +15,10 @@ import numpy as np
 import scipy.sparse as sp
 
 
+#: (document, label) pairs asked of napkinXC at a time by `LabelTree.topk`
+TOPK_CHUNK = 2_000_000
+
+
 @dataclass
 class TreeSettings:
     arity: int = 2
@@ -77,11 +81,14 @@ class LabelTree:
         probs = np.zeros((n, k), dtype=np.float32)
         if n == 0 or k == 0:
             return ids, probs
-        for i, row in enumerate(self._plt.predict_proba(_float64_csr(X), top_k=k)):
-            if row:
-                lab, p = zip(*row)
-                ids[i, : len(lab)] = lab
-                probs[i, : len(p)] = p
+        X = _float64_csr(X)
+        step = max(1, TOPK_CHUNK // k)       # napkinXC answers in Python tuples: a few million at a time
+        for s in range(0, n, step):
+            for i, row in enumerate(self._plt.predict_proba(X[s:s + step], top_k=k), start=s):
+                if row:
+                    lab, p = zip(*row)
+                    ids[i, : len(lab)] = lab
+                    probs[i, : len(p)] = p
         return ids, probs
 
     def settings_dict(self) -> dict:
