@@ -261,3 +261,25 @@ def test_no_batch_by_label_tensor_is_made_over_a_shortlist(data, lists):
     wide = [(f, s) for f, s in shapes.seen if L in s and any(d in s for d in (B, n_valid))]
     assert not wide, wide[:5]
     assert any(s == (B, 8) for _, s in shapes.seen)             # the head's scores: [B, K]
+
+
+@pytest.mark.slow
+def test_a_search_above_the_switch_trains_and_serves_shortlisted_networks(debtags_slice, tmp_path, monkeypatch,
+                                                                         capsys):
+    from xmcnas_fast.cli import main
+    from xmcnas_fast.runs import Run
+
+    monkeypatch.setenv("XMCNAS_CACHE", str(tmp_path / "cache"))
+    assert main(["search", "--dataset", debtags_slice, "--runs-dir", str(tmp_path), "--name", "s",
+                 "--population", "2", "--cycles", "1", "--sample", "1", "--max-depth", "2", "--max-steps", "4",
+                 "--eval-every", "2", "--width", "8", "--emb-dim", "8", "--fc", "8", "--max-len", "24",
+                 "--valid", "40", "--backend", "inline", "--devices", "cpu", "--plain", "--quiet",
+                 "--shortlist-above", "0", "--shortlist-k", "10"]) == 0
+    out = capsys.readouterr().out
+    run = Run.open(str(tmp_path / "s"))
+    assert run.config["model"]["shortlist"] == 10 and run.config["lexical"]["shortlist_above"] == 0
+    trained = [r for r in run.history.records if r.get("fitness") is not None]
+    assert trained and all(r["shortlist"]["k"] == 10 for r in trained)
+    assert run.final()["shortlist"]["k"] == 10
+    assert load_bundle(run.best()["model_dir"]).shortlist == 10
+    assert "peak memory:" in out and "GiB this process" in out

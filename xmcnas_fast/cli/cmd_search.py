@@ -231,11 +231,24 @@ def print_summary(out, run) -> None:
     if final and final.get("candidates") is not None and final["candidates"] < candidate_total(run.config):
         out.print(f"the search's time was up after {final['candidates']} of {candidate_total(run.config)} "
                   f"candidates (the final training's share of --total-minutes was kept for it)")
+    out.print(peak_memory_line(recs + ([final] if final else [])))
     prog, bundle = program(), best.get("model_dir") or ""
     for line in (f"model bundle: {bundle}", "predict with:",
                  f"  {prog} predict {shlex.quote(bundle)} \"some text\"", "analysis:",
                  f"  {prog} analyze {shlex.quote(run.path)}"):
         out.print(line, soft_wrap=True)   # a path is never broken across lines: it copies as one
+
+
+def peak_memory_line(records: list) -> str:
+    """The search's memory high-water marks: this process's, its largest finished worker's (the
+    operating system's account of both) and the largest a training recorded."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20              # KiB on Linux
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    trained = max((r.get("peak_memory_mb") or 0 for r in records), default=0) / 1024
+    return (f"peak memory: {own:.1f} GiB this process, {workers:.1f} GiB its largest worker process, "
+            f"{trained:.1f} GiB the largest a training recorded")
 
 
 SUMMARY_METRICS = ("P@1", "P@3", "P@5", "nDCG@5", "PSP@5")
