@@ -117,13 +117,11 @@ class Bundle:
         """K: the labels its network scores per text, from the lexical stage's tree (0: every label)."""
         return int(getattr(self.model, "shortlist", 0) or 0)
 
-    def fused(self, logits: Optional[torch.Tensor], lex_ids, lex_probs, slots: Optional[torch.Tensor] = None):
-        """Probabilities [b, L] on the bundle's device: the network's, the lexical stage's or the fused
-        model's, whichever the bundle holds (lex_ids/lex_probs: host arrays of the batch's top lists).
+    def fused(self, logits: torch.Tensor, lex_ids, lex_probs, slots: Optional[torch.Tensor] = None):
+        """Probabilities [b, L] on the bundle's device: the network's or the fused model's, whichever the
+        bundle holds (lex_ids/lex_probs: host arrays of the batch's top lists).
         With `slots` (a shortlisted network's label ids [b, K]), the probabilities [b, K] of those labels
         (-1 at padding)."""
-        from .lexical import dense_lexical
-
         if slots is not None:
             from .lexical.shortlist import slot_lexical
 
@@ -132,8 +130,6 @@ class Bundle:
             return p.masked_fill(slots < 0, -1.0)
         if self.lexical is None:
             return torch.sigmoid(logits.float())
-        if logits is None:
-            return dense_lexical(lex_ids, lex_probs, len(self.label_names), self.device)[0]
         return self.fusion(logits, torch.as_tensor(lex_ids).to(self.device), torch.as_tensor(lex_probs).to(self.device))
 
     @property
@@ -162,14 +158,17 @@ class Bundle:
     @torch.no_grad()
     def _scored_batches(self, texts: Sequence[str], batch_size: int):
         """(row indices, probabilities on the device, label ids) for each batch of texts: probabilities
-        [b, L] and ids None, or for a shortlisted network [b, K] and the shortlist's ids [b, K]."""
+        [b, L] and ids None, or for a shortlisted network [b, K] and the shortlist's ids [b, K] (for the
+        lexical stage alone, its top lists)."""
         from .data import iterate_batches
         from .train import autocast
 
-        if self.model is None:
+        if self.model is None:                 # the stage's top lists: ranked within them, whatever L
             for s in range(0, len(texts), batch_size):
                 ids, probs = self.lexical.topk(texts[s:s + batch_size])
-                yield np.arange(s, s + len(ids)), self.fused(None, ids, probs), None
+                slots = torch.from_numpy(ids).to(self.device)
+                p = torch.from_numpy(probs).to(self.device).masked_fill(slots < 0, -1.0)
+                yield np.arange(s, s + len(ids)), p, slots
             return
         self.model.eval()
         precision, K = self.precision, self.shortlist
