@@ -99,6 +99,19 @@ def test_the_stage_keeps_shortlists_of_every_split_that_start_with_its_top_lists
                                                                          data.train.labels)
 
 
+def test_a_fold_tree_keeps_the_label_hierarchy_it_is_given(stage, data, tmp_path):
+    from xmcnas_fast.lexical.tree import LabelTree
+
+    full = stage_data(data)
+    X = stage.features.transform(full.train.token_ids, full.train.offsets)
+    given = f"{stage.folder}/tree/tree.txt"
+    fold = LabelTree(str(tmp_path / "fold"), stage.settings.tree, threads=1, structure=given).fit(
+        X[::2], full.train.labels[::2])
+    assert (tmp_path / "fold" / "tree.txt").read_text() == open(given).read()
+    ids, probs = fold.topk(X[1::2], K)
+    assert (ids[:, 0] >= 0).all() and (np.diff(probs, axis=1) <= 1e-6).all()     # best first
+
+
 def test_a_short_tree_pads_the_shortlist_with_minus_one(data, cache):
     many = LexicalSettings(tree=TreeSettings(max_leaves=20), top_k=5, shortlist=data.num_labels + 7)
     s = cached_stage(data, many, cache_dir=cache, threads=1).split_shortlist("valid")

@@ -126,8 +126,8 @@ def evaluate(model: nn.Module, ds, num_labels: int, *, inv_prop: Optional[np.nda
     logits = slots_all = None           # the split's network scores (and labels), kept on the device when fusing
     start = time.perf_counter()
     for batch in iterate_batches(ds, num_labels, batch_size, shuffle=False, max_len=max_len, dense_labels=False):
-        rows = batch.index.numpy()
         batch = batch.to(device)
+        rows = batch.index.numpy()           # the index stays on the host (Batch.to)
         slots = None if shortlist is None else torch.from_numpy(np.asarray(shortlist[rows], dtype=np.int64)).to(device)
         with autocast(device, precision):
             scores = model(batch.tokens, batch.mask) if slots is None else model(batch.tokens, batch.mask, slots)

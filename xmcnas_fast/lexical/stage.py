@@ -191,14 +191,19 @@ def fit_stage(data, folder: str, settings: Optional[LexicalSettings] = None, *, 
 
 def crossfit_lists(X, Y, settings: LexicalSettings, tmp: str, threads: int) -> tuple:
     """Top lists (of the shortlist's length, when longer) of the training documents, each from a tree
-    fitted on the other folds (a document's fold is its position modulo the number of folds)."""
+    fitted on the other folds (a document's fold is its position modulo the number of folds), over the
+    label hierarchy of the stage's own tree (fitted first, in `tmp`/tree: the folds train only their
+    classifiers). An ensemble's folds cluster their labels anew (each tree of it has its own)."""
     n, k = X.shape[0], settings.list_k
     ids, probs = np.full((n, k), -1, dtype=np.int64), np.zeros((n, k), dtype=np.float32)
     fold = np.arange(n) % settings.folds
     for f in range(settings.folds):
         inside, rest = np.flatnonzero(fold == f), np.flatnonzero(fold != f)
         folder = os.path.join(tmp, f".fold-{f}")
-        tree = LabelTree(folder, settings.tree, threads=threads).fit(X[rest], Y[rest])
+        structure = os.path.join(tmp, "tree", "tree.txt")
+        tree = LabelTree(folder, settings.tree, threads=threads,
+                         structure=structure if settings.tree.ensemble == 1 and os.path.isfile(structure) else None)
+        tree.fit(X[rest], Y[rest])
         ids[inside], probs[inside] = tree.topk(X[inside], k)
         shutil.rmtree(folder)
     return ids, probs

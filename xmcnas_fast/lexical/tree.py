@@ -46,17 +46,23 @@ def label_lists(Y: sp.csr_matrix) -> list:
 
 
 class LabelTree:
-    """fit(X, Y) and topk(X, k) over a folder that holds napkinXC's files."""
+    """fit(X, Y) and topk(X, k) over a folder that holds napkinXC's files. With `structure` (another
+    tree's tree.txt), fit keeps that tree's label hierarchy and trains only its classifiers: the
+    hierarchical k-means over the labels is most of a tree's fitting time at hundreds of thousands
+    of labels."""
 
-    def __init__(self, folder: str, settings: Optional[TreeSettings] = None, threads: int = 0):
+    def __init__(self, folder: str, settings: Optional[TreeSettings] = None, threads: int = 0,
+                 structure: Optional[str] = None):
         self.folder, self.settings, self.threads = folder, settings or TreeSettings(), threads
+        self.structure = structure
         self._plt = None
 
     def _model(self):
         s = self.settings
+        extra = {"tree_structure": self.structure} if self.structure else {}
         return _napkinxc()(self.folder, arity=s.arity, max_leaves=s.max_leaves, loss=s.loss, liblinear_c=s.c,
                            ensemble=s.ensemble, weights_threshold=s.weights_threshold, seed=s.seed,
-                           threads=self.threads, verbose=0)
+                           threads=self.threads, verbose=0, **extra)
 
     def fit(self, X: sp.csr_matrix, Y: sp.csr_matrix) -> "LabelTree":
         if X.shape[0] != Y.shape[0]:
