@@ -288,7 +288,7 @@ class XMCModel(nn.Module):
         """Scores [B, L], or with `labels` (ids [B, K], -1 padding) the scores [B, K] of those labels."""
         x = self._drop(self.embedding(tokens), self.cfg.dropout_emb)
         h = self._drop(self.merge(self.encoder(x, mask)), self.cfg.dropout)
-        return self.head(h, mask, labels)
+        return self.head(h, mask) if labels is None else self.head(h, mask, labels)
 
     def init_label_bias(self, log_odds: np.ndarray) -> None:
         """Start every label's score at its prior log-odds, so training starts from the label
