@@ -62,9 +62,9 @@ inline void check_device(const char* op, const at::Tensor& t, const char* name, 
                     " is on ", ref.device().str());
 }
 
+// `op`: the name the messages start with (label_attention_shortlist shares these checks).
 inline void label_attention_inputs(const at::Tensor& h, const at::Tensor& mask, const at::Tensor& W,
-                                   const std::optional<at::Tensor>& v) {
-  const char* op = "label_attention";
+                                   const std::optional<at::Tensor>& v, const char* op = "label_attention") {
   TORCH_CHECK_VALUE(h.dim() == 3 && mask.dim() == 2 && W.dim() == 2, op,
                     ": expected h [B,N,D], mask [B,N], W [L,D]; got h ", h.sizes(), ", mask ", mask.sizes(), ", W ",
                     W.sizes());
@@ -88,25 +88,52 @@ inline void label_attention_inputs(const at::Tensor& h, const at::Tensor& mask, 
   if (v) check_device(op, *v, "v", h, "h");
 }
 
-// What the backward takes besides the forward's inputs: grad_ctx and ctx
-// [B,L,Dv] in h's dtype, lse [B,L] float32, on h's device.
-inline void label_attention_saved(const at::Tensor& h, const at::Tensor& W, const std::optional<at::Tensor>& v,
-                                  const at::Tensor& grad_ctx, const at::Tensor& ctx, const at::Tensor& lse) {
-  const char* op = "label_attention";
-  const int64_t B = h.size(0), L = W.size(0), Dv = v ? v->size(2) : h.size(2);
-  const std::vector<int64_t> ctx_shape{B, L, Dv}, lse_shape{B, L};
-  TORCH_CHECK_VALUE(grad_ctx.sizes() == ctx_shape && ctx.sizes() == ctx_shape, op,
-                    ": grad_ctx and ctx must be [B,L,Dv] = ", at::IntArrayRef(ctx_shape), ", got ", grad_ctx.sizes(),
-                    " and ", ctx.sizes());
+// What the backward takes besides the forward's inputs: grad_ctx and ctx [B,R,Dv] in h's dtype, lse
+// [B,R] float32, on h's device; R (named `r` in the messages) = L for label_attention, K for its
+// shortlisted form.
+inline void attention_saved(const char* op, const char* r, int64_t R, const at::Tensor& h,
+                            const std::optional<at::Tensor>& v, const at::Tensor& grad_ctx, const at::Tensor& ctx,
+                            const at::Tensor& lse) {
+  const int64_t B = h.size(0), Dv = v ? v->size(2) : h.size(2);
+  const std::vector<int64_t> ctx_shape{B, R, Dv}, lse_shape{B, R};
+  TORCH_CHECK_VALUE(grad_ctx.sizes() == ctx_shape && ctx.sizes() == ctx_shape, op, ": grad_ctx and ctx must be [B,", r,
+                    ",Dv] = ", at::IntArrayRef(ctx_shape), ", got ", grad_ctx.sizes(), " and ", ctx.sizes());
   TORCH_CHECK_VALUE(grad_ctx.scalar_type() == h.scalar_type() && ctx.scalar_type() == h.scalar_type(), op,
                     ": grad_ctx and ctx must have h's dtype (", dtype_name(h.scalar_type()), "), got ",
                     dtype_name(grad_ctx.scalar_type()), " and ", dtype_name(ctx.scalar_type()));
-  TORCH_CHECK_VALUE(lse.sizes() == lse_shape && lse.scalar_type() == at::kFloat, op,
-                    ": lse must be float32 [B,L] = ", at::IntArrayRef(lse_shape), ", got ",
-                    dtype_name(lse.scalar_type()), " ", lse.sizes());
+  TORCH_CHECK_VALUE(lse.sizes() == lse_shape && lse.scalar_type() == at::kFloat, op, ": lse must be float32 [B,", r,
+                    "] = ", at::IntArrayRef(lse_shape), ", got ", dtype_name(lse.scalar_type()), " ", lse.sizes());
   check_device(op, grad_ctx, "grad_ctx", h, "h");
   check_device(op, ctx, "ctx", h, "h");
   check_device(op, lse, "lse", h, "h");
+}
+
+inline void label_attention_saved(const at::Tensor& h, const at::Tensor& W, const std::optional<at::Tensor>& v,
+                                  const at::Tensor& grad_ctx, const at::Tensor& ctx, const at::Tensor& lse) {
+  attention_saved("label_attention", "L", W.size(0), h, v, grad_ctx, ctx, lse);
+}
+
+// label_attention's checks, then labels [B,K] int64 on h's device (its values: label_attention_shortlist_values).
+inline void label_attention_shortlist_inputs(const at::Tensor& h, const at::Tensor& mask, const at::Tensor& W,
+                                             const at::Tensor& labels, const std::optional<at::Tensor>& v) {
+  const char* op = "label_attention_shortlist";
+  label_attention_inputs(h, mask, W, v, op);
+  TORCH_CHECK_VALUE(labels.dim() == 2 && labels.size(0) == h.size(0), op, ": labels must be [B,K] with B = ",
+                    h.size(0), ", got ", labels.sizes());
+  TORCH_CHECK_VALUE(labels.scalar_type() == at::kLong, op, ": labels must be int64, got ",
+                    dtype_name(labels.scalar_type()));
+  check_device(op, labels, "labels", h, "h");
+}
+
+// Given whether some label id is outside [-1, L).
+inline void label_attention_shortlist_values(bool out_of_range, int64_t L) {
+  TORCH_CHECK_VALUE(!out_of_range, "label_attention_shortlist: labels must be in [-1, L=", L, ") (-1: padding)");
+}
+
+inline void label_attention_shortlist_saved(const at::Tensor& h, const at::Tensor& labels,
+                                            const std::optional<at::Tensor>& v, const at::Tensor& grad_ctx,
+                                            const at::Tensor& ctx, const at::Tensor& lse) {
+  attention_saved("label_attention_shortlist", "K", labels.size(1), h, v, grad_ctx, ctx, lse);
 }
 
 // `op` is layer_sum or layer_sum_backward.

@@ -33,6 +33,18 @@ TORCH_LIBRARY(xmcnas_fast, m) {
   m.def(
       "_label_attention_gemm_backward(Tensor grad_ctx, Tensor h, Tensor mask, Tensor W, Tensor? v, "
       "Tensor ctx, Tensor lse, int block=0) -> (Tensor, Tensor, Tensor)");
+  // label_attention over each document's own labels: ctx[b,k] = label_attention's ctx[b, labels[b,k]]
+  // for labels [B,K] int64 in [-1, L), -1 a padding slot (zero context, lse +inf, no gradient).
+  // Returns (ctx [B,K,Dv], lse [B,K] float32). sparse_grad says only how autograd hands W's gradient
+  // back (ops.py); the kernels ignore it. The backward returns (grad_h, grad_rows, grad_v) with
+  // grad_rows [B,K,D] in h's dtype the gradient of the row W[labels[b,k]] from slot (b,k) alone (zero
+  // at padding slots): W's gradient is their sum into the rows used, made by the caller.
+  m.def(
+      "label_attention_shortlist(Tensor h, Tensor mask, Tensor W, Tensor labels, Tensor? v=None, "
+      "bool sparse_grad=False) -> (Tensor, Tensor)");
+  m.def(
+      "label_attention_shortlist_backward(Tensor grad_ctx, Tensor h, Tensor mask, Tensor W, Tensor labels, "
+      "Tensor? v, Tensor ctx, Tensor lse) -> (Tensor, Tensor, Tensor)");
   // Ranking metrics of the top k scores against a CSR truth. Returns
   // (sums float64 [4,k], topk int64 [R,k]); sums rows, each summed over the R
   // rows, at ranks 1..k: hits in the top j, nDCG@j, propensity-scored hits in

@@ -4,6 +4,10 @@ As pytorch/extension-cpp writes them: each test takes `device` from DEVICES
 ("cpu"; "cuda", marked `cuda` and so skipped, with the reason, without a GPU)
 and calls require_kernel first.
 """
+import os
+import subprocess
+import sys
+
 import pytest
 
 from xmcnas_fast import ops
@@ -40,3 +44,13 @@ def close(actual, expected, tol, what=""):
     err = (a - e).abs().max().item() if a.numel() else 0.0
     scale = max(e.abs().max().item() if e.numel() else 0.0, 1.0)
     assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:.1g} x {scale:.3g}"
+
+
+def rerun_on_the_portable_path(test_file: str, selection: str) -> None:
+    """Run the tests of `test_file` chosen by `-k selection` again in a child process with
+    XMCNAS_CPU_ISA=generic: the CPU kernels' portable loops, those a CPU without AVX-512 runs."""
+    env = {**os.environ, "XMCNAS_CPU_ISA": "generic"}
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file, "-k", selection],
+                         env=env, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(test_file))
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    assert " passed" in res.stdout and "failed" not in res.stdout

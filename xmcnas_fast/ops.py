@@ -21,6 +21,7 @@ import os
 import warnings
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -213,20 +214,39 @@ def _op_defined(op: str) -> bool:
     return _dispatch_has_kernel(op, "CPU")
 
 
+def _real_slots(grad_rows: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [R], rows [R,D]): the label ids of the real slots (labels >= 0), in slot order, and their rows of
+    grad_rows [B,K,D], for CPU tensors outside tracing. Views when there is no padding. The selection runs in
+    numpy, on one thread: a handful of torch's small parallel ops cost more than the kernel's whole
+    backward on a busy machine."""
+    D = grad_rows.shape[-1]
+    flat, rows = labels.reshape(-1), grad_rows.reshape(-1, D)
+    keep = np.flatnonzero(flat.numpy() >= 0)
+    if keep.size == flat.numel():
+        return flat, rows
+    bits = rows.view(torch.int16) if rows.dtype in (torch.bfloat16, torch.float16) else rows  # numpy has no bf16
+    return torch.from_numpy(flat.numpy()[keep]), torch.from_numpy(bits.numpy()[keep]).view(rows.dtype)
+
+
 def _rows_to_grad_W(grad_rows: torch.Tensor, labels: torch.Tensor, W: torch.Tensor, sparse: bool) -> torch.Tensor:
     """W's gradient from the per-slot rows grad_rows [B,K,D] (zeros at padding slots): summed into the rows
     used. sparse: a COO tensor [L,D] holding only the rows of real slots (uncoalesced, as
     nn.Embedding(sparse=True) gives: a label twice in the shortlist is two entries); else dense [L,D],
-    zero outside the rows used, summed in float32 (float64 for float64)."""
-    L, D = W.shape
-    rows = grad_rows.reshape(-1, D)
-    flat = labels.reshape(-1)
-    if sparse:
-        keep = flat >= 0
-        return torch.sparse_coo_tensor(flat[keep].unsqueeze(0), rows[keep], (L, D), dtype=W.dtype, device=W.device)
+    zero outside the rows used, summed in float32 (float64 for float64) through the COO tensor's to_dense
+    (on the CPU as fast as the zeros it writes; index_add_ takes twice that)."""
+    flat, rows = labels.reshape(-1), grad_rows.reshape(-1, W.shape[1])
+    if W.device.type == "cpu" and type(labels) is torch.Tensor and type(grad_rows) is torch.Tensor:  # not traced
+        flat, rows = _real_slots(grad_rows, labels)
+    elif sparse:
+        keep = torch.nonzero(flat >= 0).squeeze(1)
+        flat, rows = flat.index_select(0, keep), rows.index_select(0, keep)
+    else:  # the padding slots' zero rows added to row 0: no host sync, no data-dependent size
+        flat = flat.clamp(min=0)
+    if sparse:  # the kernels checked the ids
+        return torch.sparse_coo_tensor(flat.unsqueeze(0), rows, W.shape, device=W.device, check_invariants=False)
     acc = torch.float64 if W.dtype == torch.float64 else torch.float32
-    # padding slots add their zero rows to row 0: no boolean indexing, so no host sync on CUDA
-    return torch.zeros(L, D, dtype=acc, device=W.device).index_add_(0, flat.clamp(min=0), rows.to(acc)).to(W.dtype)
+    summed = torch.sparse_coo_tensor(flat.unsqueeze(0), rows.to(acc), W.shape, device=W.device, check_invariants=False)
+    return summed.to_dense().to(W.dtype)
 
 
 if EXTENSION_LOADED:
@@ -273,9 +293,12 @@ if EXTENSION_LOADED:
             h, mask, W, labels, v, ctx.sparse_grad = inputs
             out, lse = output
             ctx.mark_non_differentiable(lse)
+            ctx.set_materialize_grads(False)  # no zeros made for lse's gradient
             ctx.save_for_backward(h, mask, W, labels, v, out, lse)
 
         def _label_attention_shortlist_backward(ctx, grad_out, grad_lse):
+            if grad_out is None:
+                return None, None, None, None, None, None
             h, mask, W, labels, v, out, lse = ctx.saved_tensors
             grad_h, grad_rows, grad_v = torch.ops.xmcnas_fast.label_attention_shortlist_backward(
                 grad_out.contiguous(), h, mask, W, labels, v, out, lse)

@@ -50,9 +50,11 @@
 #include "../checks.h"
 #include "avx512.h"
 #include "output_buffers.h"
+#include "task_split.h"
 
 namespace {
 
+using xmcnas_fast::cpu::balanced_split;
 using xmcnas_fast::cpu::has_avx512;
 
 constexpr int64_t kLabelBlock = 128;         // the fewest labels per task
@@ -132,24 +134,6 @@ struct RealTokens {
   int64_t padded(int64_t b) const { return (count(b) + kTokenQuantum - 1) / kTokenQuantum * kTokenQuantum; }
   const int64_t* positions(int64_t b) const { return pos.data() + offset[b]; }
 };
-
-// Task boundaries (parts+1 entries) splitting the tasks into `parts`
-// consecutive ranges of about equal cost.
-std::vector<int64_t> balanced_split(const std::vector<double>& cost, int64_t parts) {
-  const int64_t n = static_cast<int64_t>(cost.size());
-  double total = 0;
-  for (double c : cost) total += c;
-  std::vector<int64_t> bounds{0};
-  double acc = 0;
-  int64_t i = 0;
-  for (int64_t p = 1; p < parts; ++p) {
-    const double target = total * static_cast<double>(p) / static_cast<double>(parts);
-    while (i < n && acc + cost[i] / 2 < target) acc += cost[i++];
-    bounds.push_back(i);
-  }
-  bounds.push_back(n);
-  return bounds;
-}
 
 // What forward and backward share: the shapes, the real tokens, W in the
 // accumulation type, the labels per task, and the split of the tasks over

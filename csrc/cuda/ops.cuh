@@ -18,6 +18,12 @@ std::tuple<at::Tensor, at::Tensor> label_attention_cuda(const at::Tensor& h, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor> label_attention_backward_cuda(
     const at::Tensor& grad_ctx, const at::Tensor& h, const at::Tensor& mask, const at::Tensor& W,
     const std::optional<at::Tensor>& v, const at::Tensor& ctx, const at::Tensor& lse);
+std::tuple<at::Tensor, at::Tensor> label_attention_shortlist_cuda(const at::Tensor& h, const at::Tensor& mask,
+                                                                  const at::Tensor& W, const at::Tensor& labels,
+                                                                  const std::optional<at::Tensor>& v, bool sparse_grad);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> label_attention_shortlist_backward_cuda(
+    const at::Tensor& grad_ctx, const at::Tensor& h, const at::Tensor& mask, const at::Tensor& W,
+    const at::Tensor& labels, const std::optional<at::Tensor>& v, const at::Tensor& ctx, const at::Tensor& lse);
 std::tuple<at::Tensor, at::Tensor> topk_metrics_cuda(const at::Tensor& scores, const at::Tensor& indptr,
                                                      const at::Tensor& indices, int64_t k,
                                                      const std::optional<at::Tensor>& inv_prop);
