@@ -69,7 +69,7 @@ def gpu_like(monkeypatch):
     def to(self, device, non_blocking=False):
         moved = real_to(self, "meta")
         fields = [getattr(self, f.name) for f in dataclasses.fields(Batch)]
-        return Batch(*(on_device(t) if getattr(moved, f.name).device.type == "meta" else t
+        return Batch(*(on_device(t) if t is not None and getattr(moved, f.name).device.type == "meta" else t
                        for t, f in zip(fields, dataclasses.fields(Batch))))
 
     monkeypatch.setattr(Batch, "to", to)

@@ -64,7 +64,7 @@ def search_with(monkeypatch, tmp_path, name, workers, stop_after=None, run=None)
     cfg = make_config("demo", overrides={"search": {"population": 4, "cycles": 36, "sample": 2, "max_depth": 2},
                                          "lexical": {"enabled": False}})
     run = run or Run.create(str(tmp_path / name), cfg)
-    monkeypatch.setattr(search, "load_data", lambda data_cfg: types.SimpleNamespace(cache_path=None))
+    monkeypatch.setattr(search, "load_data", lambda data_cfg: types.SimpleNamespace(cache_path=None, num_labels=10))
     sched = ScoringScheduler(workers, stop_after)
     monkeypatch.setattr(search, "make_scheduler", lambda *a, **kw: sched)
     monkeypatch.setattr(search, "make_strategy", functools.partial(make_strategy, max_redraws=2))

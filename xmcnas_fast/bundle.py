@@ -7,7 +7,9 @@
     metrics.json  the result record of its training (validation and test metrics, ...)
     lexical/      optional: the lexical stage (lexical.json lists its files with their SHA-256), fused
                   with the network as config.json's "lexical" "fusion" says; a bundle of the lexical
-                  stage alone has no network ("model": null, no weights.pt)
+                  stage alone has no network ("model": null, no weights.pt). A shortlisted network
+                  (config.json's "model" "shortlist": K > 0) always has it: its tree gives each
+                  text's K candidate labels, the only ones the network scores
     members/N/    optional: an ensemble's other networks (model.json, weights.pt), their probabilities
                   averaged with the first's (config.json's "ensemble" lists them; ensemble.py)
 
@@ -54,6 +56,8 @@ def save_bundle(out_dir: str, model: Optional[torch.nn.Module], model_cfg: Optio
     """Save `model` (or `state`, a state_dict) with what predicting from raw text needs; with `lexical`
     (a lexical stage folder), a copy of the stage and the `fusion` of the two (model None: the stage alone);
     with `members` ((ModelConfig, module) pairs), an ensemble of `model` and those networks."""
+    if model_cfg is not None and model_cfg.shortlist and lexical is None:
+        raise ValueError("a shortlisted network's bundle needs the lexical stage whose tree gives its shortlists")
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
@@ -124,15 +128,24 @@ class Bundle:
     lexical: object = None               # a LexicalStage, on the host
     fusion: object = None                # the Fusion of network and lexical stage
 
-    def fused(self, logits: Optional[torch.Tensor], lex_ids, lex_probs) -> torch.Tensor:
-        """Probabilities [b, L] on the bundle's device: the network's, the lexical stage's or the fused
-        model's, whichever the bundle holds (lex_ids/lex_probs: host arrays of the batch's top lists)."""
-        from .lexical import dense_lexical
+    @property
+    def shortlist(self) -> int:
+        """K: the labels its network scores per text, from the lexical stage's tree (0: every label)."""
+        return int(getattr(self.model, "shortlist", 0) or 0)
 
+    def fused(self, logits: torch.Tensor, lex_ids, lex_probs, slots: Optional[torch.Tensor] = None):
+        """Probabilities [b, L] on the bundle's device: the network's or the fused model's, whichever the
+        bundle holds (lex_ids/lex_probs: host arrays of the batch's top lists).
+        With `slots` (a shortlisted network's label ids [b, K]), the probabilities [b, K] of those labels
+        (-1 at padding)."""
+        if slots is not None:
+            from .lexical.shortlist import slot_lexical
+
+            z = logits.float()
+            p = torch.sigmoid(z) if self.fusion is None else self.fusion.fuse(z, *slot_lexical(lex_ids, lex_probs, slots))
+            return p.masked_fill(slots < 0, -1.0)
         if self.lexical is None:
             return torch.sigmoid(logits.float())
-        if logits is None:
-            return dense_lexical(lex_ids, lex_probs, len(self.label_names), self.device)[0]
         return self.fusion(logits, torch.as_tensor(lex_ids).to(self.device), torch.as_tensor(lex_probs).to(self.device))
 
     @property
@@ -160,30 +173,46 @@ class Bundle:
 
     @torch.no_grad()
     def _scored_batches(self, texts: Sequence[str], batch_size: int):
-        """(row indices, probabilities [b, L] on the device) for each batch of texts."""
+        """(row indices, probabilities on the device, label ids) for each batch of texts: probabilities
+        [b, L] and ids None, or for a shortlisted network [b, K] and the shortlist's ids [b, K] (for the
+        lexical stage alone, its top lists)."""
         from .data import iterate_batches
         from .train import autocast
 
-        if self.model is None:
+        if self.model is None:                 # the stage's top lists: ranked within them, whatever L
             for s in range(0, len(texts), batch_size):
                 ids, probs = self.lexical.topk(texts[s:s + batch_size])
-                yield np.arange(s, s + len(ids)), self.fused(None, ids, probs)
+                slots = torch.from_numpy(ids).to(self.device)
+                p = torch.from_numpy(probs).to(self.device).masked_fill(slots < 0, -1.0)
+                yield np.arange(s, s + len(ids)), p, slots
             return
         self.model.eval()
-        precision = self.precision
-        for b in iterate_batches(self.encode(texts), len(self.label_names), batch_size, shuffle=False):
+        precision, K = self.precision, self.shortlist
+        for b in iterate_batches(self.encode(texts), len(self.label_names), batch_size, shuffle=False,
+                                 dense_labels=False):
             rows = b.index.numpy()
             b = b.to(self.device)
+            lex, slots = (None, None), None
+            if self.lexical is not None:
+                top_k = self.lexical.settings.top_k
+                ids, probs = self.lexical.topk([texts[i] for i in rows], max(top_k, K))
+                lex = (ids[:, :top_k], probs[:, :top_k])
+                slots = torch.from_numpy(ids[:, :K]).to(self.device) if K else None
             with autocast(self.device, precision):
-                scores = self.model(b.tokens, b.mask)
-            lex = self.lexical.topk([texts[i] for i in rows]) if self.lexical is not None else (None, None)
-            yield rows, self.fused(scores, *lex)
+                scores = self.model(b.tokens, b.mask) if slots is None else self.model(b.tokens, b.mask, slots)
+            yield rows, self.fused(scores, *lex, slots), slots
 
     def predict_scores(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
-        """Probabilities [len(texts), L] (sigmoid of the scores)."""
+        """Probabilities [len(texts), L] (sigmoid of the scores; a shortlisted network's are 0 outside
+        each text's shortlist)."""
         out = np.zeros((len(texts), len(self.label_names)), dtype=np.float32)
-        for rows, p in self._scored_batches(texts, batch_size):
-            out[rows] = p.cpu().numpy()
+        for rows, p, slots in self._scored_batches(texts, batch_size):
+            if slots is None:
+                out[rows] = p.cpu().numpy()
+                continue
+            ids, p = slots.cpu().numpy(), p.float().cpu().numpy()
+            keep = ids >= 0
+            out[np.repeat(rows, keep.sum(1)), ids[keep]] = p[keep]
         return out
 
     def aligned_test(self, data) -> tuple:
@@ -210,24 +239,25 @@ class Bundle:
         aligned = TextDataset(token_ids=word_map[test.token_ids], offsets=test.offsets, labels=labels, ids=test.ids)
         return aligned, aligned_prop
 
-    def lexical_lists(self, data) -> tuple:
-        """The lexical stage's top lists of `data`'s test split, from its texts uncut, in the stage's
-        vocabulary; label ids in this bundle's order."""
+    def lexical_lists(self, data, k: Optional[int] = None) -> tuple:
+        """The lexical stage's top lists (of `k` labels; default its own top_k) of `data`'s test split,
+        from its texts uncut, in the stage's vocabulary; label ids in this bundle's order."""
         from .lexical import stage_data
 
         full = stage_data(data)
         words = np.array([self.lexical.vocab.stoi.get(w, 1) for w in full.vocab.itos], dtype=np.int64)
         words[0] = 0
-        return self.lexical.topk_tokens(words[full.test.token_ids], full.test.offsets)
+        return self.lexical.topk_tokens(words[full.test.token_ids], full.test.offsets, k)
 
     def predict(self, texts: Sequence[str], k: int = 5, batch_size: int = 256) -> list:
         """Top-k labels of each text: [[(label, probability), ...], ...], best first."""
         k = min(k, len(self.label_names))
         result: list = [None] * len(texts)
-        for rows, p in self._scored_batches(texts, batch_size):
-            top = torch.topk(p, k, dim=1)
-            for row, vals, idx in zip(rows.tolist(), top.values.cpu().tolist(), top.indices.cpu().tolist()):
-                result[row] = [(self.label_names[i], v) for i, v in zip(idx, vals)]
+        for rows, p, slots in self._scored_batches(texts, batch_size):
+            top = torch.topk(p, min(k, p.shape[1]), dim=1)
+            idx = top.indices if slots is None else slots.gather(1, top.indices)
+            for row, vals, ids in zip(rows.tolist(), top.values.cpu().tolist(), idx.cpu().tolist()):
+                result[row] = [(self.label_names[i], v) for i, v in zip(ids, vals) if i >= 0]
         return result
 
 

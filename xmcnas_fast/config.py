@@ -8,6 +8,7 @@ from typing import Optional
 
 from .evolution import Strategy, make_strategy
 from .final import FINAL_DEFAULTS
+from .lexical.shortlist import SHORTLIST_ABOVE, SHORTLIST_K, shortlist_size
 from .model import ModelConfig
 from .scheduler.devices import cuda_count, visible_cores
 from .train import TrainConfig
@@ -89,8 +90,30 @@ def strategy_of(cfg: dict, factory=make_strategy) -> Strategy:
 #: logits as a fixed offset (its training split's top lists cross-fitted over 2 folds)
 #: "ovr": a one-vs-rest linear model averaged with the tree ("auto": where the labels are at most
 #: lexical.stage.OVR_MAX_LABELS)
-LEXICAL_DEFAULTS = {"enabled": True, "mode": "fuse", "top_k": 50, "trees": 1, "ovr": "auto"}
+#: shortlist_above, shortlist_k: above that many labels, networks score a shortlist of shortlist_k labels per
+#: document from the stage's tree (docs/design.md, "Extreme label spaces"; resolve_shortlist)
+LEXICAL_DEFAULTS = {"enabled": True, "mode": "fuse", "top_k": 50, "trees": 1, "ovr": "auto",
+                    "shortlist_above": SHORTLIST_ABOVE, "shortlist_k": SHORTLIST_K}
 LEXICAL_MODES = ("fuse", "residual")
+
+
+def resolve_shortlist(cfg: dict, num_labels: int) -> int:
+    """Set the run's model.shortlist from its data's label count and the lexical section's switch (a run
+    made before there was one: the defaults), and return it; ValueError when the shortlist it needs
+    cannot be had (no lexical stage, or its residual mode)."""
+    lex = cfg["lexical"]
+    k = shortlist_size(lex.get("shortlist_k", SHORTLIST_K), lex.get("shortlist_above", SHORTLIST_ABOVE), num_labels)
+    if k and cfg["model"].get("kind", "dag") != "dag":
+        raise ValueError(f"{num_labels:,} labels call for a shortlist, which only the attention networks score")
+    if k and not lex["enabled"]:
+        raise ValueError(f"{num_labels:,} labels call for a shortlist (above --shortlist-above "
+                         f"{lex.get('shortlist_above', SHORTLIST_ABOVE)}), which comes from the lexical stage: "
+                         f"drop --no-lexical, or raise --shortlist-above")
+    if k and lex["mode"] == "residual":
+        raise ValueError("--lexical-mode residual is not available over a shortlist: use fuse, or raise "
+                         "--shortlist-above")
+    cfg["model"]["shortlist"] = k
+    return k
 
 
 def candidate_total(cfg: dict) -> int:
@@ -146,7 +169,8 @@ def migrate(config: dict) -> dict:
     values that reproduce what such a run did (a run made before the final phase existed has none:
     "final" is disabled); "amp": false becomes "precision": "fp32"; train's "device" and "threads"
     (where it ran, not how) are dropped; such a run had no lexical stage ("lexical" disabled).
-    2 -> 3: the lexical stage had no one-vs-rest model ("ovr": "off"), the result no ensemble."""
+    2 -> 3: the lexical stage had no one-vs-rest model ("ovr": "off"), the result no ensemble, the
+    head no shortlist (the switch's settings get their defaults)."""
     version = config.get("version", 1)
     if not isinstance(version, int) or version > CONFIG_VERSION:
         raise ValueError(f"config version {version!r} is newer than this xmcnas-fast knows ({CONFIG_VERSION}): "
@@ -170,5 +194,6 @@ def migrate(config: dict) -> dict:
     if cfg["version"] < 3:
         cfg["lexical"] = {**LEXICAL_DEFAULTS, **cfg["lexical"], "ovr": "off"}
         cfg["final"] = {**FINAL_DEFAULTS, **cfg["final"], "ensemble": 0}
+        cfg["model"] = {"shortlist": 0, **cfg["model"]}
         cfg["version"] = 3
     return cfg

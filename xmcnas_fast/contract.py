@@ -62,9 +62,9 @@ class CandidateTask:
 #: the fields of a training's record (train.Trainer.result) a CandidateResult carries, in order
 TRAINING_FIELDS = ("status", "error", "valid", "test", "best_step", "curve", "layer_weights", "params",
                    "epochs", "steps", "seconds", "train_docs_per_s", "device", "predict_docs_per_s",
-                   "peak_memory_mb", "short", "rung", "fused")
+                   "peak_memory_mb", "short", "rung", "fused", "shortlist")
 #: fields left out of the record when they have no value (older records never had them)
-_OPTIONAL = ("predict_docs_per_s", "short", "rung", "inherited", "model_dir", "fused")
+_OPTIONAL = ("predict_docs_per_s", "short", "rung", "inherited", "model_dir", "fused", "shortlist")
 
 
 @dataclasses.dataclass
@@ -92,6 +92,7 @@ class CandidateResult:
     inherited: Optional[dict] = None
     model_dir: Optional[str] = None
     fused: Optional[dict] = None            # fused with the lexical stage: {"valid", "test", "fusion"}
+    shortlist: Optional[dict] = None        # a shortlisted head: {"k", "recall": {split: share of true labels}}
 
     @classmethod
     def from_training(cls, record: dict, inherited: Optional[dict] = None) -> "CandidateResult":

@@ -103,7 +103,8 @@ def run_ensemble(run, data, lexical: Optional[dict], progress, device="cpu") -> 
     """The ensemble step of a search, after its final training: records ensemble.json (whether an
     ensemble was kept and what it tried) and, when kept, saves models/ensemble and points best.json at
     it. Nothing to do when the run's final.ensemble is below 2, without a lexical stage or with a
-    residual one (a residual network is served with its own offset), or when recorded already."""
+    residual one (a residual network is served with its own offset), over a shortlist (the selection
+    scores every label of the validation split), or when recorded already."""
     from .bundle import load_bundle
     from .lexical.fusion import Fusion, LexicalLists, fused_metrics
     from .metrics import compute_metrics
@@ -117,7 +118,8 @@ def run_ensemble(run, data, lexical: Optional[dict], progress, device="cpu") -> 
             run.set_best(done)
         return done
     best = run.best()
-    if k < 2 or not lexical or lexical.get("residual") or not best or not best.get("model_dir"):
+    if k < 2 or not lexical or lexical.get("residual") or cfg["model"].get("shortlist") or not best \
+            or not best.get("model_dir"):
         return None
     pool = member_pool(run, best)
     if len(pool) < 2:

@@ -173,11 +173,13 @@ class Merge(nn.Module):
 
 class AttentionHead(nn.Module):
     """Label-wise attention, then an FC chain shared by all labels (Linear, ReLU, dropout), then
-    one score per label."""
+    one score per label. A shortlisted head (shortlist K > 0) scores the labels it is given, [B, K],
+    and its attention weights train with sparse gradients (only the rows used)."""
 
-    def __init__(self, d: int, num_labels: int, fc: list, dropout: float, use_kernels: bool = True):
+    def __init__(self, d: int, num_labels: int, fc: list, dropout: float, use_kernels: bool = True,
+                 shortlist: int = 0):
         super().__init__()
-        self.use_kernels, self.p = use_kernels, dropout
+        self.use_kernels, self.p, self.shortlist = use_kernels, dropout, shortlist
         self.attention = nn.Parameter(torch.empty(num_labels, d))
         self.fc = nn.ModuleList(nn.Linear(a, b) for a, b in zip([d] + fc[:-1], fc))
         self.out = nn.Linear(fc[-1] if fc else d, 1, bias=False)
@@ -193,7 +195,16 @@ class AttentionHead(nn.Module):
             return ops.dropout(x, self.p, self.training, relu=True)     # one fused pass
         return F.dropout(F.relu(x), self.p, self.training)
 
-    def forward(self, h, mask):
+    @property
+    def sparse_parameters(self) -> tuple:
+        """The parameters whose gradients are sparse (optim.optimizers gives them SparseAdam)."""
+        return (self.attention,) if self.shortlist else ()
+
+    def forward(self, h, mask, labels: Optional[torch.Tensor] = None):
+        """Scores [B, L]; with `labels` (ids [B, K], -1 padding), the scores [B, K] of those labels
+        (-inf at padding)."""
+        if labels is not None:
+            return self.shortlisted(h, mask, labels)
         W = self.attention.to(h.dtype)
         fc = list(self.fc)
         if self.use_kernels and fc:
@@ -221,6 +232,27 @@ class AttentionHead(nn.Module):
             x = self._act(lin(x))
         return self.out(x).squeeze(-1) + self.label_bias                        # [B, L]
 
+    def shortlisted(self, h, mask, labels):
+        """The scores [B, K] of the labels [B, K]: the attention over each document's own labels (the
+        first FC layer folded into the values, as the dense path does), the FC tail shared by the
+        labels, each label's bias; -inf at padding slots (-1). No [B, L] tensor."""
+        W = self.attention if self.attention.dtype == h.dtype else self.attention.to(h.dtype)
+        fc = list(self.fc)
+        first = fc.pop(0) if fc else None
+        v = F.linear(h, first.weight, first.bias).to(h.dtype) if first is not None else None
+        x = ops.label_attention_shortlist(h, mask, W, labels, v, sparse_grad=bool(self.shortlist))
+        if first is not None and not fc and not torch.is_autocast_enabled(x.device.type):
+            z = ops.relu_dropout_dot(x, self.out.weight[0], self.p, self.training)     # [B, K]
+        else:
+            if first is not None:
+                x = self._act(x)
+            for lin in fc:
+                x = self._act(lin(x))
+            z = self.out(x).squeeze(-1)
+        valid = labels >= 0
+        z = z + self.label_bias[labels.clamp(min=0)]
+        return z.masked_fill(~valid, float("-inf"))
+
 
 class XMCModel(nn.Module):
     """embedding -> DAG -> merge -> dropout -> label-wise attention -> FC -> scores [B, L]."""
@@ -246,15 +278,21 @@ class XMCModel(nn.Module):
         self.merge = Merge(self.genotype.depth, self.genotype.merge, use_kernels)
         merged = cfg.width * (self.genotype.depth if self.genotype.merge == "concat" else 1)
         self.use_kernels = use_kernels
-        self.head = AttentionHead(merged, num_labels, cfg.fc, cfg.dropout, use_kernels)
+        self.head = AttentionHead(merged, num_labels, cfg.fc, cfg.dropout, use_kernels, cfg.shortlist)
 
     def _drop(self, x, p):
         return ops.dropout(x, p, self.training) if self.use_kernels else F.dropout(x, p, self.training)
 
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    @property
+    def shortlist(self) -> int:
+        """K: the labels scored per document (0: every label)."""
+        return self.head.shortlist
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Scores [B, L], or with `labels` (ids [B, K], -1 padding) the scores [B, K] of those labels."""
         x = self._drop(self.embedding(tokens), self.cfg.dropout_emb)
         h = self._drop(self.merge(self.encoder(x, mask)), self.cfg.dropout)
-        return self.head(h, mask)
+        return self.head(h, mask) if labels is None else self.head(h, mask, labels)
 
     def init_label_bias(self, log_odds: np.ndarray) -> None:
         """Start every label's score at its prior log-odds, so training starts from the label

@@ -17,6 +17,8 @@ class ModelConfig:
     dropout_emb: float = 0.2
     dropout: float = 0.5
     freeze_emb: bool = False
+    shortlist: int = 0                    # K: labels scored per document, from the lexical stage's
+                                          # shortlist (docs/design.md "Extreme label spaces"); 0: every label
     # tfidf-mlp only
     hidden: list = field(default_factory=lambda: [512, 256])
     max_features: int = 60000

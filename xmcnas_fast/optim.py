@@ -26,10 +26,12 @@ class GradientClipper:
 
 
 def optimizers(model: nn.Module, lr: float) -> tuple[list, list]:
-    """AttentionXML's DenseSparseAdam, as two optimizers: Adam, and SparseAdam for sparse embedding rows.
+    """AttentionXML's DenseSparseAdam, as two optimizers: Adam, and SparseAdam for sparse embedding rows
+    (and a module's `sparse_parameters`: a shortlisted head's attention weights).
     Returns (the dense parameters, which are clipped; the optimizers)."""
     sparse_ids = {id(m.weight) for m in model.modules()
                   if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse}
+    sparse_ids |= {id(p) for m in model.modules() for p in getattr(m, "sparse_parameters", ())}
     params = [p for p in model.parameters() if p.requires_grad]
     dense = [p for p in params if id(p) not in sparse_ids]
     sparse = [p for p in params if id(p) in sparse_ids]

@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 
 from .candidate import train_candidate, worker_init
-from .config import devices_text, strategy_of
+from .config import devices_text, resolve_shortlist, strategy_of
 from .contract import CandidateTask, ParentWeights
 from .ensemble import run_ensemble
 from .evolution import Strategy, make_strategy
@@ -140,6 +140,7 @@ def run_search(run: Run, *, progress=None, backend: Optional[str] = None, device
     progress = progress or _Silent()
     timeout = candidate_timeout if candidate_timeout is not None else cfg["run"]["candidate_timeout"]
     data = load_data(cfg["data"])
+    resolve_shortlist(cfg, data.num_labels)
     vectors_path = _prepare_vectors(run, cfg, data, progress)
     strategy = strategy_of(cfg, make_strategy)
     reruns = replay(strategy, run)
@@ -173,7 +174,7 @@ def prepare_lexical(run: Run, data, progress) -> Optional[dict]:
     residual = lex["mode"] == "residual"
     t0 = time.monotonic()
     settings = LexicalSettings(tree=TreeSettings(ensemble=lex["trees"]), top_k=lex["top_k"],
-                               crossfit=2 if residual else 0, ovr=lex["ovr"])
+                               crossfit=2 if residual else 0, ovr=lex["ovr"], shortlist=run.config["model"]["shortlist"])
     progress.note("lexical stage: TF-IDF uni+bigrams, a label tree" + (" and a one-vs-rest model"
                   if settings.uses_ovr(data.num_labels) else "") + " (napkinXC), once per dataset and settings")
     stage = cached_stage(data, settings, threads=visible_cores(), log=progress.note)

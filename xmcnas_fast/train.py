@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from .fitness import validation_figure
 from .lexical.fusion import Fusion, LexicalLists, fused_metrics
+from .lexical.shortlist import force_positives, shortlist_fused_metrics, shortlist_recall, slot_targets
 from .metrics import MetricAccumulator, inv_propensity
 from .optim import GradientClipper, optimizers
 
@@ -107,35 +108,49 @@ def label_inv_propensity(data, columns: Optional[int] = None) -> np.ndarray:
 @torch.no_grad()
 def evaluate(model: nn.Module, ds, num_labels: int, *, inv_prop: Optional[np.ndarray] = None,
              batch_size: int = 200, max_len: Optional[int] = None, device="cpu", precision: str = "auto",
-             lexical: Optional[tuple] = None, fusion=None, fusion_methods=("weighted",)) -> dict:
+             lexical: Optional[tuple] = None, fusion=None, fusion_methods=("weighted",),
+             shortlist: Optional[np.ndarray] = None) -> dict:
     """P@k, nDCG@k, PSP@k of the model on a split; adds 'docs_per_s' (prediction throughput).
 
     With `lexical` (the split's lexical top lists), 'fused' holds the metrics of the network fused with
-    them: by `fusion`, or by the fusion that does best on this split (then 'fused'['fusion'] says which)."""
+    them: by `fusion`, or by the fusion that does best on this split (then 'fused'['fusion'] says which).
+    With `shortlist` (label ids [n, K] of the split, -1 padding), a shortlisted network ranks those labels
+    alone (every true label still counts in the denominators), and 'shortlist_recall' says how many of
+    the true labels they hold: nothing of size [B, L] is made."""
     from .data import iterate_batches
 
     device = torch.device(device)
     was_training = model.training
     model.eval()
     acc = MetricAccumulator(5, inv_prop)
-    logits = None                       # the split's network scores, kept on the device when fusing
+    logits = slots_all = None           # the split's network scores (and labels), kept on the device when fusing
     start = time.perf_counter()
-    for batch in iterate_batches(ds, num_labels, batch_size, shuffle=False, max_len=max_len):
+    for batch in iterate_batches(ds, num_labels, batch_size, shuffle=False, max_len=max_len, dense_labels=False):
         batch = batch.to(device)
+        rows = batch.index.numpy()           # the index stays on the host (Batch.to)
+        slots = None if shortlist is None else torch.from_numpy(np.asarray(shortlist[rows], dtype=np.int64)).to(device)
         with autocast(device, precision):
-            scores = model(batch.tokens, batch.mask)
-        acc.update(scores.float(), ds.labels[batch.index.numpy()])
+            scores = model(batch.tokens, batch.mask) if slots is None else model(batch.tokens, batch.mask, slots)
+        acc.update(scores.float(), ds.labels[rows], slots)
         if lexical is not None:
             if logits is None:
                 logits = scores.new_empty((len(ds), scores.shape[1]), dtype=torch.float32)
+                if slots is not None:
+                    slots_all = slots.new_full((len(ds), slots.shape[1]), -1)
             logits[batch.index.to(device)] = scores.float()
+            if slots is not None:
+                slots_all[batch.index.to(device)] = slots
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     model.train(was_training)
     out = acc.result()
     out["docs_per_s"] = len(ds) / seconds if seconds > 0 else float("nan")
-    if logits is not None:
+    if shortlist is not None:
+        out["shortlist_recall"] = shortlist_recall(shortlist, ds.labels)
+    if logits is not None and slots_all is not None:
+        out["fused"] = shortlist_fused_metrics(logits, slots_all, lexical, ds.labels, inv_prop, fusion)
+    elif logits is not None:
         out["fused"] = fused_metrics(logits, lexical, ds.labels, inv_prop, fusion, fusion_methods)
     return out
 
@@ -201,6 +216,13 @@ class Trainer:
         self.model, self.data, self.cfg, self.device = model, data, cfg, device
         self.on_progress = on_progress
         self.lexical = lexical
+        self.shortlist = getattr(model, "shortlist", 0)     # K: the head scores each document's shortlist
+        if self.shortlist:
+            if lexical is None or lexical.shortlists is None:
+                raise ValueError("a shortlisted network trains on the lexical stage's shortlists: give it a stage "
+                                 "fitted with a shortlist")
+            if lexical.residual:
+                raise ValueError("the residual lexical mode is not available over a shortlist: use fuse")
         self.dense, self.opts = optimizers(model, cfg.lr)
         self.clipper = GradientClipper(cfg.clip)
         self.inv_prop = label_inv_propensity(data)
@@ -233,7 +255,7 @@ class Trainer:
             self.epoch += 1
             self._batches = iterate_batches(self.data.train, self.data.num_labels, self.cfg.batch_size,
                                             shuffle=True, seed=self.cfg.seed * 1000 + self.epoch,
-                                            max_len=self.cfg.max_len)
+                                            max_len=self.cfg.max_len, dense_labels=not self.shortlist)
         for batch in self._batches:
             if not self.train_step(batch):
                 self.status, self.error = "nan", f"non-finite training loss at step {self.step + 1}"
@@ -250,12 +272,15 @@ class Trainer:
         t0 = time.perf_counter()
         batch = batch.to(self.device, non_blocking=True)
         self.set_lr()
-        with autocast(self.device, self.cfg.precision):
-            logits = self.model(batch.tokens, batch.mask)
-        logits = logits.float()
-        if self.lexical is not None and self.lexical.residual:
-            logits = logits + self.lexical.offset(batch.index.numpy(), logits.shape[1], self.device)
-        loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+        if self.shortlist:
+            loss = self.shortlist_loss(batch)
+        else:
+            with autocast(self.device, self.cfg.precision):
+                logits = self.model(batch.tokens, batch.mask)
+            logits = logits.float()
+            if self.lexical is not None and self.lexical.residual:
+                logits = logits + self.lexical.offset(batch.index.numpy(), logits.shape[1], self.device)
+            loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
         if not torch.isfinite(loss):
             return False
         self.update(loss)
@@ -264,6 +289,19 @@ class Trainer:
         self.running_loss.append(loss.item())
         self.train_seconds += time.perf_counter() - t0
         return True
+
+    def shortlist_loss(self, batch) -> torch.Tensor:
+        """BCE over the K slots of each document's shortlist, every true label forced in (padding slots
+        left out); the targets come from the split's CSR labels: no [B, L] tensor."""
+        rows = batch.index.numpy()
+        truth = self.data.train.labels[rows]
+        ids = force_positives(self.lexical.shortlists["train"][rows], truth, self.data.num_labels)
+        slots = torch.from_numpy(ids).to(self.device)
+        targets = torch.from_numpy(slot_targets(ids, truth)).to(self.device)
+        with autocast(self.device, self.cfg.precision):
+            logits = self.model(batch.tokens, batch.mask, slots)
+        valid = slots >= 0
+        return F.binary_cross_entropy_with_logits(logits.float()[valid], targets[valid])
 
     def set_lr(self) -> None:
         """The learning rate of the next step: a linear warm-up over the first `warmup_steps` steps;
@@ -317,11 +355,12 @@ class Trainer:
             return True
         return False
 
-    def evaluate(self, ds, lexical: Optional[tuple] = None, fusion=None) -> dict:
+    def evaluate(self, ds, lexical: Optional[tuple] = None, fusion=None, split: Optional[str] = None) -> dict:
         return evaluate(self.model, ds, self.data.num_labels, inv_prop=self.inv_prop,
                         batch_size=self.cfg.eval_batch_size, max_len=self.cfg.max_len, device=self.device,
                         precision=self.cfg.precision, lexical=lexical, fusion=fusion,
-                        fusion_methods=self.lexical.methods if self.lexical else ("weighted",))
+                        fusion_methods=self.lexical.methods if self.lexical else ("weighted",),
+                        shortlist=self.lexical.shortlists[split] if self.shortlist and split else None)
 
     def evaluations_due(self) -> float:
         """Seconds the evaluations after the last step will take (a last validation and the test split),
@@ -330,7 +369,7 @@ class Trainer:
 
     def validate(self) -> None:
         t0 = time.monotonic()
-        v = self.evaluate(self.data.valid, self.lexical.valid if self.lexical else None)
+        v = self.evaluate(self.data.valid, self.lexical.valid if self.lexical else None, split="valid")
         self.eval_seconds_per_doc = (time.monotonic() - t0) / max(1, len(self.data.valid))
         self.best.update(self.model, v, self.step, self.epoch)
         if self.on_progress:
@@ -348,6 +387,10 @@ class Trainer:
             "train_docs_per_s": self.docs / self.train_seconds if self.train_seconds > 0 else None,
             "device": str(self.device),
         }
+        if self.shortlist:
+            record["shortlist"] = {"k": self.shortlist, "recall": {
+                split: round(shortlist_recall(self.lexical.shortlists[split], getattr(self.data, split).labels), 6)
+                for split in ("train", "valid", "test")}}
         if self.best.state is not None:
             record.update(self.restore_best(evaluate_test))
         elif self.status == "ok":
@@ -367,7 +410,7 @@ class Trainer:
             out["fused"] = {"valid": {k: v for k, v in fused.items() if k != "fusion"}, "fusion": fused["fusion"]}
         if evaluate_test and self.status in ("ok", "stopped"):
             test = self.evaluate(self.data.test, self.lexical.test if fused is not None else None,
-                                 Fusion.from_dict(fused["fusion"]) if fused is not None else None)
+                                 Fusion.from_dict(fused["fusion"]) if fused is not None else None, split="test")
             out["predict_docs_per_s"] = test.pop("docs_per_s")
             if fused is not None:
                 out["fused"]["test"] = {k: v for k, v in test.pop("fused").items() if k != "fusion"}

@@ -68,11 +68,24 @@ def word_vectors(args, data, seed: int, out):
     return vectors
 
 
-def lexical_stage(data, out, args):
+def lexical_stage(data, out, args, shortlist: int = 0):
     from ..lexical import LexicalSettings, TreeSettings, cached_stage
 
-    settings = LexicalSettings(tree=TreeSettings(ensemble=args.lexical_trees or 1), ovr=args.lexical_ovr or "auto")
+    settings = LexicalSettings(tree=TreeSettings(ensemble=args.lexical_trees or 1), ovr=args.lexical_ovr or "auto",
+                               shortlist=shortlist)
     return cached_stage(data, settings, threads=args.threads or 0, log=out.print)
+
+
+def shortlist_of(args, data, kind: str) -> int:
+    """K, the labels the network scores per document (0: every label), by the data's label count."""
+    from ..lexical.shortlist import SHORTLIST_ABOVE, SHORTLIST_K, shortlist_size
+
+    above = SHORTLIST_ABOVE if args.shortlist_above is None else args.shortlist_above
+    k = shortlist_size(args.shortlist_k or SHORTLIST_K, above, data.num_labels)
+    if k and kind != "dag":
+        raise CLIError(f"{data.num_labels:,} labels call for a shortlist (above --shortlist-above {above}), which "
+                       f"only the attention networks score: pick one, or raise --shortlist-above")
+    return k
 
 
 def cmd_train_lexical(args, out) -> int:
@@ -104,12 +117,16 @@ def cmd_train(args) -> int:
     mcfg, name = model_config(args)
     tcfg, device = train_config(args), train_device(args)
     data = load_data(args.dataset, out, **data_kwargs(args))
+    mcfg.shortlist = shortlist_of(args, data, mcfg.kind)
     lexical = lists = None
-    if args.lexical:
+    if args.lexical or mcfg.shortlist:
         from ..train import LexicalLists
 
-        lexical = lexical_stage(data, out, args)
-        lists = LexicalLists(lexical.split_topk("valid"), lexical.split_topk("test"))
+        if mcfg.shortlist:
+            out.print(f"{data.num_labels:,} labels: the network scores a shortlist of {mcfg.shortlist} per document "
+                      f"from the lexical stage's label tree")
+        lexical = lexical_stage(data, out, args, mcfg.shortlist)
+        lists = LexicalLists.from_stage(lexical.folder)
     vectors = word_vectors(args, data, tcfg.seed, out)
     model = build_model(mcfg, len(data.vocab), data.num_labels, vectors=vectors, seed=tcfg.seed)
     if mcfg.kind == "tfidf-mlp":
@@ -145,6 +162,10 @@ def print_training(out, rec: dict, path: str) -> None:
         out.print(f"validation: {format_metrics(rec['fused']['valid'])}")
         if rec["fused"].get("test"):
             out.print(f"test:       {format_metrics(rec['fused']['test'])}")
+    if rec.get("shortlist"):
+        recall = rec["shortlist"]["recall"]
+        out.print(f"shortlist of {rec['shortlist']['k']} labels: recall " +
+                  "  ".join(f"{split} {100 * r:.2f}%" for split, r in recall.items()))
     out.print(f"{rec['epochs']} epochs, {rec['steps']} steps, {rec['seconds']:.0f} s, "
               f"{rec['train_docs_per_s'] or 0:.0f} training docs/s, "
               f"{rec.get('predict_docs_per_s') or 0:.0f} predict docs/s")
@@ -188,15 +209,19 @@ def cmd_evaluate(args) -> int:
     data = load_data(name, out, **data_kwargs(args, {"max_len": bundle.max_len,
                                                      **bundle.config["data"].get("settings", {})}))
     test, inv_prop = bundle.aligned_test(data)
-    rows, lists = {}, None
+    rows, lists, shortlist = {}, None, None
     if bundle.lexical is not None:
-        lists = bundle.lexical_lists(data)
+        top_k = bundle.lexical.settings.top_k
+        ids, probs = bundle.lexical_lists(data, max(top_k, bundle.shortlist))
+        lists = (ids[:, :top_k], probs[:, :top_k])
+        shortlist = ids[:, :bundle.shortlist] if bundle.shortlist else None
         from ..lexical.fusion import lists_metrics
 
         rows["lexical"] = lists_metrics(lists, test.labels, len(bundle.label_names), inv_prop)
     if bundle.model is not None:
         m = evaluate(bundle.model, test, len(bundle.label_names), inv_prop=inv_prop, device=bundle.device,
-                     max_len=bundle.max_len, precision=bundle.precision, lexical=lists, fusion=bundle.fusion)
+                     max_len=bundle.max_len, precision=bundle.precision, lexical=lists, fusion=bundle.fusion,
+                     shortlist=shortlist)
         rows = {"network": m, **rows}
         if "fused" in m:
             rows["fused"] = m.pop("fused")
@@ -213,9 +238,14 @@ def cmd_evaluate(args) -> int:
     out.print(t)
     if "network" in rows:
         out.print(f"{rows['network']['docs_per_s']:.0f} documents/s (network)")
+    recall = rows.get("network", {}).get("shortlist_recall")
+    if recall is not None:
+        out.print(f"shortlist of {bundle.shortlist} labels a document: it holds {100 * recall:.2f}% of the test "
+                  f"split's true labels (the rest count in every denominator, never hit)")
     if args.json:
         served = list(rows.values())[-1]
         print(json.dumps({**{k: served[k] for k in METRIC_NAMES},
+                          **({"shortlist_recall": recall} if recall is not None else {}),
                           **({"parts": {r: {k: m[k] for k in METRIC_NAMES} for r, m in rows.items()}}
                              if len(rows) > 1 else {})}))
     return 0

@@ -31,6 +31,7 @@ SETTINGS = [
     ("ensemble", "final", "ensemble"), ("ensemble_min_gain", "final", "ensemble_min_gain"),
     ("lexical", "lexical", "enabled"), ("lexical_mode", "lexical", "mode"), ("lexical_trees", "lexical", "trees"),
     ("lexical_ovr", "lexical", "ovr"),
+    ("shortlist_above", "lexical", "shortlist_above"), ("shortlist_k", "lexical", "shortlist_k"),
 ]
 #: data settings stored beside the budget's (CSV columns)
 COLUMNS = ("text_column", "labels_column")
@@ -91,7 +92,10 @@ def device_request(devices: str, backend: str):
 
 def check_before_creating(cfg: dict, devices: str, backend: str, out) -> None:
     """Devices, the lexical stage's library, word vectors and data, checked in that order (data errors
-    name the file and line); loading the data here also fills the cache the search reads it from."""
+    name the file and line); loading the data here also fills the cache the search reads it from. The
+    head's shortlist, decided by the data's label count, is recorded in `cfg` (model.shortlist)."""
+    from ..config import resolve_shortlist
+
     import importlib.util
 
     device_request(devices, backend)
@@ -101,8 +105,12 @@ def check_before_creating(cfg: dict, devices: str, backend: str, out) -> None:
     d = cfg["data"]
     if d.get("vectors") and not os.path.isfile(d["vectors"]):
         raise CLIError(f"{d['vectors']}: no such file (--vectors)")
-    load_data(d["dataset"], out, max_len=d["max_len"], min_count=d["min_count"], max_vocab=d["max_vocab"],
-              valid=d["valid"], seed=d["seed"], **{c: d[c] for c in COLUMNS if d.get(c) is not None})
+    data = load_data(d["dataset"], out, max_len=d["max_len"], min_count=d["min_count"], max_vocab=d["max_vocab"],
+                     valid=d["valid"], seed=d["seed"], **{c: d[c] for c in COLUMNS if d.get(c) is not None})
+    try:
+        resolve_shortlist(cfg, data.num_labels)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
 
 
 def check_backend(backend) -> None:
@@ -225,11 +233,24 @@ def print_summary(out, run) -> None:
     if final and final.get("candidates") is not None and final["candidates"] < candidate_total(run.config):
         out.print(f"the search's time was up after {final['candidates']} of {candidate_total(run.config)} "
                   f"candidates (the final training's share of --total-minutes was kept for it)")
+    out.print(peak_memory_line(recs + ([final] if final else [])))
     prog, bundle = program(), best.get("model_dir") or ""
     for line in (f"model bundle: {bundle}", "predict with:",
                  f"  {prog} predict {shlex.quote(bundle)} \"some text\"", "analysis:",
                  f"  {prog} analyze {shlex.quote(run.path)}"):
         out.print(line, soft_wrap=True)   # a path is never broken across lines: it copies as one
+
+
+def peak_memory_line(records: list) -> str:
+    """The search's memory high-water marks: this process's, its largest finished worker's (the
+    operating system's account of both) and the largest a training recorded."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20              # KiB on Linux
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    trained = max((r.get("peak_memory_mb") or 0 for r in records), default=0) / 1024
+    return (f"peak memory: {own:.1f} GiB this process, {workers:.1f} GiB its largest worker process, "
+            f"{trained:.1f} GiB the largest a training recorded")
 
 
 SUMMARY_METRICS = ("P@1", "P@3", "P@5", "nDCG@5", "PSP@5")

@@ -136,6 +136,24 @@ def add_model_args(p):
     g.add_argument("--freeze-emb", action="store_true", default=None, help="keep pretrained word vectors fixed")
 
 
+def add_lexical_ovr_arg(g):
+    """The lexical stage's one-vs-rest model beside its tree (to a group)."""
+    g.add_argument("--lexical-ovr", choices=["auto", "on", "off"],
+                   help="a one-vs-rest linear model (napkinXC's BR, one classifier per label) averaged with the "
+                   "tree: auto: with at most 1,000 labels, where it costs about as much as the tree (on debtags "
+                   "+0.3 P@1, +0.5 P@3 and P@5 over the tree alone) (default: auto)")
+
+
+def add_shortlist_args(g):
+    """The switch between heads that score every label and heads that score a shortlist (to a group)."""
+    g.add_argument("--shortlist-above", type=non_negative_int, metavar="LABELS",
+                   help="with more labels than this, the network scores a shortlist per document from the lexical "
+                   "stage's label tree instead of every label (every true label put in while training); below, "
+                   "every label (default 50000; 0: always a shortlist)")
+    g.add_argument("--shortlist-k", type=positive_int, metavar="K",
+                   help="labels in a document's shortlist (default 1000)")
+
+
 def add_train_args(p):
     g = p.add_argument_group("training (one candidate)")
     g.add_argument("--epochs", type=positive_int, help="at most this many epochs")

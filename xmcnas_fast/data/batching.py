@@ -1,8 +1,10 @@
-"""Mini-batches of padded token ids with dense label targets."""
+"""Mini-batches of padded token ids, with dense label targets unless asked for none (a shortlisted head
+takes its targets from the split's CSR labels: no [B, L] array)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -18,18 +20,19 @@ BUCKET_BATCHES = 50
 class Batch:
     tokens: torch.Tensor   # int64 [B, T], T = longest in the batch, padded with 0
     mask: torch.Tensor     # bool [B, T], True on real tokens
-    labels: torch.Tensor   # float32 [B, num_labels], dense 0/1, trained labels only
+    labels: Optional[torch.Tensor]   # float32 [B, num_labels], dense 0/1, trained labels only (None: not made)
     index: torch.Tensor    # int64 [B], rows of the split: always on the host (it addresses host arrays)
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         """The batch with its tensors on `device`; `index` stays on the host, where the split's labels
         and ids are, so that `ds.labels[batch.index.numpy()]` works for a batch on any device."""
-        tokens, mask, labels = (t.to(device, non_blocking=non_blocking)
+        tokens, mask, labels = (None if t is None else t.to(device, non_blocking=non_blocking)
                                 for t in (self.tokens, self.mask, self.labels))
         return Batch(tokens, mask, labels, self.index)
 
     def pin_memory(self) -> "Batch":
-        return Batch(*(t.pin_memory() for t in (self.tokens, self.mask, self.labels)), self.index)
+        return Batch(*(None if t is None else t.pin_memory() for t in (self.tokens, self.mask, self.labels)),
+                     self.index)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -60,8 +63,10 @@ def batch_order(lengths: np.ndarray, batch_size: int, *, shuffle: bool, seed: in
     return batches
 
 
-def make_batch(ds: TextDataset, rows: np.ndarray, num_labels: int, max_len: int | None = None) -> Batch:
-    """The padded batch of ``rows``: documents cut to ``max_len``; an empty document is one ``<unk>``."""
+def make_batch(ds: TextDataset, rows: np.ndarray, num_labels: int, max_len: int | None = None,
+               dense_labels: bool = True) -> Batch:
+    """The padded batch of ``rows``: documents cut to ``max_len``; an empty document is one ``<unk>``;
+    without ``dense_labels``, no [B, num_labels] targets (``labels`` None)."""
     rows = np.asarray(rows, dtype=np.int64)
     offsets = np.asarray(ds.offsets)
     starts = offsets[rows]
@@ -76,6 +81,9 @@ def make_batch(ds: TextDataset, rows: np.ndarray, num_labels: int, max_len: int 
     tokens = np.full((len(rows), width), PAD, dtype=np.int64)
     tokens[real] = np.asarray(ds.token_ids)[(starts[:, None] + cols[None, :])[real]]
     tokens[lens == 0, 0] = UNK
+    if not dense_labels:
+        return Batch(tokens=torch.from_numpy(tokens), mask=torch.from_numpy(mask), labels=None,
+                     index=torch.from_numpy(rows.copy()))
 
     lab = ds.labels
     label_cols, label_ptr = gather_segments(np.asarray(lab.indices), np.asarray(lab.indptr), rows)
@@ -89,7 +97,7 @@ def make_batch(ds: TextDataset, rows: np.ndarray, num_labels: int, max_len: int 
 
 def iterate_batches(ds: TextDataset, num_labels: int, batch_size: int, *, shuffle: bool, seed: int = 0,
                     bucket: bool = True, max_len: int | None = None, drop_last: bool = False, device=None,
-                    pin_memory: bool = False) -> Iterator[Batch]:
+                    pin_memory: bool = False, dense_labels: bool = True) -> Iterator[Batch]:
     """One epoch of batches over ``ds`` (every row once; see :func:`batch_order`). Deterministic for
     a ``seed``: pass a different one each epoch (e.g. ``seed + epoch``) for a new order. With
     ``device`` the batches are moved there (from pinned memory when ``pin_memory`` and the device
@@ -97,7 +105,7 @@ def iterate_batches(ds: TextDataset, num_labels: int, batch_size: int, *, shuffl
     device = torch.device(device) if device is not None else None
     pin = bool(pin_memory and device is not None and device.type == "cuda")
     for rows in batch_order(ds.lengths, batch_size, shuffle=shuffle, seed=seed, bucket=bucket, drop_last=drop_last):
-        batch = make_batch(ds, rows, num_labels, max_len)
+        batch = make_batch(ds, rows, num_labels, max_len, dense_labels)
         if pin:
             batch = batch.pin_memory()
         if device is not None:

@@ -80,10 +80,13 @@ def dense_lexical(lex_ids: torch.Tensor, lex_probs: torch.Tensor, num_labels: in
 
 
 def lists_metrics(lists: tuple, truth, num_labels: int, inv_prop=None) -> dict:
-    """P@k, nDCG@k, PSP@k of lexical top lists (ids, probs) against a split's truth rows."""
+    """P@k, nDCG@k, PSP@k of lexical top lists (ids, probs) against a split's truth rows, ranked within
+    the lists (no [n, L] array: `num_labels` may be 670K)."""
     from ..metrics import compute_metrics
 
-    return compute_metrics(dense_lexical(lists[0], lists[1], num_labels, "cpu")[0], truth, inv_prop)
+    ids = np.asarray(lists[0])
+    return compute_metrics(torch.as_tensor(np.asarray(lists[1], dtype=np.float32)), truth, inv_prop,
+                           slots=torch.from_numpy(np.where(ids < num_labels, ids, -1).astype(np.int64)))
 
 
 def lexical_logits(p_lex: torch.Tensor, listed: torch.Tensor) -> torch.Tensor:
@@ -154,6 +157,7 @@ class LexicalLists:
     test: tuple
     train: Optional[tuple] = None     # cross-fitted: each document's list from a tree that never saw it
     residual: bool = False            # the network trains with the lexical logits as a fixed offset
+    shortlists: Optional[dict] = None  # {split: label ids [n, K]} of a stage that keeps shortlists (lexical/shortlist.py)
 
     @classmethod
     def from_stage(cls, folder: str, residual: bool = False) -> "LexicalLists":
@@ -161,7 +165,9 @@ class LexicalLists:
 
         stage = LexicalStage.load(folder)
         train = stage.split_topk("train") if residual else None
-        return cls(stage.split_topk("valid"), stage.split_topk("test"), train, residual)
+        shortlists = ({s: stage.split_shortlist(s) for s in ("train", "valid", "test")}
+                      if stage.settings.shortlist else None)
+        return cls(stage.split_topk("valid"), stage.split_topk("test"), train, residual, shortlists)
 
     @property
     def methods(self) -> tuple:

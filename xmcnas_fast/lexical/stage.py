@@ -4,7 +4,8 @@ trained once per dataset and settings and cached, with its top lists for the val
 splits.
 
 A stage folder holds vocab.json, the feature tables, napkinXC's files under tree/ (and ovr/), the top lists of
-the splits (`<split>.ids.npy`, `<split>.probs.npy`) and lexical.json last, which lists every other
+the splits (`<split>.ids.npy`, `<split>.probs.npy`), with a shortlist size the shortlists of every
+split (`<split>.shortlist.npy`, the training split's cross-fitted) and lexical.json last, which lists every other
 file with its size and SHA-256: a folder whose files do not match is refused, naming the file,
 before napkinXC reads anything. Folders are written to a temporary sibling and renamed into place.
 """
@@ -43,6 +44,8 @@ class LexicalSettings:
                                     # network needs them: each from a tree that never saw the document)
     ovr: str = "auto"               # a one-vs-rest model averaged with the tree: "on", "off", or "auto":
                                     # on with at most OVR_MAX_LABELS labels
+    shortlist: int = 0              # K: candidate labels a document kept for a shortlisted head, of every
+                                    # split (the training split's cross-fitted, over 2 folds at least); 0: none
 
     def __post_init__(self):
         if self.ovr not in OVR_CHOICES:
@@ -51,6 +54,16 @@ class LexicalSettings:
     def uses_ovr(self, num_labels: int) -> bool:
         return self.ovr == "on" or (self.ovr == "auto" and num_labels <= OVR_MAX_LABELS)
 
+    @property
+    def list_k(self) -> int:
+        """Labels asked of the tree per document: the top lists are the first top_k of the shortlist."""
+        return max(self.top_k, self.shortlist)
+
+    @property
+    def folds(self) -> int:
+        """Folds of the training split's cross-fitted lists (0: none)."""
+        return max(self.crossfit, 2) if self.shortlist else self.crossfit
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -58,7 +71,8 @@ class LexicalSettings:
     def from_dict(cls, d: dict) -> "LexicalSettings":
         d = d or {}
         return cls(features=FeatureSettings(**d.get("features", {})), tree=TreeSettings(**d.get("tree", {})),
-                   top_k=int(d.get("top_k", 50)), crossfit=int(d.get("crossfit", 0)), ovr=d.get("ovr", "off"))
+                   top_k=int(d.get("top_k", 50)), crossfit=int(d.get("crossfit", 0)), ovr=d.get("ovr", "off"),
+                   shortlist=int(d.get("shortlist", 0)))
 
 
 class LexicalStage:
@@ -87,6 +101,13 @@ class LexicalStage:
         """The cached top lists (ids, probs) of the validation or test split of the data it was fit on."""
         return tuple(np.load(os.path.join(self.folder, f"{split}.{a}.npy"), allow_pickle=False)
                      for a in ("ids", "probs"))
+
+    def split_shortlist(self, split: str) -> np.ndarray:
+        """The cached shortlist (label ids int32 [n, K], best first, -1 padding; mapped from disk) of a
+        split of the data it was fit on; ValueError when the stage keeps none."""
+        if not self.settings.shortlist:
+            raise ValueError(f"{self.folder}: the lexical stage keeps no shortlist (fitted with shortlist 0)")
+        return np.load(os.path.join(self.folder, f"{split}.shortlist.npy"), mmap_mode="r", allow_pickle=False)
 
     @classmethod
     def load(cls, folder: str, threads: int = 0) -> "LexicalStage":
@@ -166,16 +187,22 @@ def fit_stage(data, folder: str, settings: Optional[LexicalSettings] = None, *, 
         data.vocab.save(os.path.join(tmp, "vocab.json"))
         feats.save(tmp)
         stage = LexicalStage(tmp, data.vocab, feats, tree, settings, data.num_labels, ovr)
-        lists = {split: stage.topk_tokens(getattr(data, split).token_ids, getattr(data, split).offsets)
-                 for split in splits}
-        if settings.crossfit:
+        t0 = time.monotonic()
+        lists = {split: stage.topk_tokens(getattr(data, split).token_ids, getattr(data, split).offsets,
+                                          settings.list_k) for split in splits}
+        if settings.shortlist:
+            say(f"shortlists of {settings.shortlist} labels: {', '.join(splits)} ({time.monotonic() - t0:.0f} s)")
+        if settings.folds:
             t0 = time.monotonic()
             lists["train"] = crossfit_lists(X, data.train.labels, settings, tmp, threads)
-            say(f"cross-fitted top lists of the training split: {settings.crossfit} folds "
+            say(f"cross-fitted top lists of the training split: {settings.folds} folds "
                 f"({time.monotonic() - t0:.0f} s)")
         for split, (ids, probs) in lists.items():
-            np.save(os.path.join(tmp, f"{split}.ids.npy"), ids)
-            np.save(os.path.join(tmp, f"{split}.probs.npy"), probs)
+            np.save(os.path.join(tmp, f"{split}.ids.npy"), ids[:, : settings.top_k])
+            np.save(os.path.join(tmp, f"{split}.probs.npy"), probs[:, : settings.top_k])
+            if settings.shortlist:
+                np.save(os.path.join(tmp, f"{split}.shortlist.npy"), ids[:, : settings.shortlist].astype(np.int32))
+        del lists
         for model in (tree, ovr):                             # napkinXC reads its files again from the final folder
             if model is not None:
                 model._plt = None
@@ -194,15 +221,20 @@ def fit_stage(data, folder: str, settings: Optional[LexicalSettings] = None, *, 
 
 
 def crossfit_lists(X, Y, settings: LexicalSettings, tmp: str, threads: int) -> tuple:
-    """Top lists of the training documents, each from a tree fitted on the other folds (a document's
-    fold is its position modulo the number of folds)."""
-    n, k = X.shape[0], settings.top_k
+    """Top lists (of the shortlist's length, when longer) of the training documents, each from a tree
+    fitted on the other folds (a document's fold is its position modulo the number of folds), over the
+    label hierarchy of the stage's own tree (fitted first, in `tmp`/tree: the folds train only their
+    classifiers). An ensemble's folds cluster their labels anew (each tree of it has its own)."""
+    n, k = X.shape[0], settings.list_k
     ids, probs = np.full((n, k), -1, dtype=np.int64), np.zeros((n, k), dtype=np.float32)
-    fold = np.arange(n) % settings.crossfit
-    for f in range(settings.crossfit):
+    fold = np.arange(n) % settings.folds
+    for f in range(settings.folds):
         inside, rest = np.flatnonzero(fold == f), np.flatnonzero(fold != f)
         folder = os.path.join(tmp, f".fold-{f}")
-        tree = LabelTree(os.path.join(folder, "tree"), settings.tree, threads=threads).fit(X[rest], Y[rest])
+        structure = os.path.join(tmp, "tree", "tree.txt")
+        tree = LabelTree(os.path.join(folder, "tree"), settings.tree, threads=threads,
+                         structure=structure if settings.tree.ensemble == 1 and os.path.isfile(structure) else None)
+        tree.fit(X[rest], Y[rest])
         ovr = LabelTree(os.path.join(folder, "ovr"), settings.tree, threads=threads, engine="br").fit(X[rest], Y[rest]) \
             if settings.uses_ovr(Y.shape[1]) else None
         ids[inside], probs[inside] = models_topk(tree, ovr, X[inside], k)
@@ -242,7 +274,8 @@ def cache_key(data, settings: LexicalSettings) -> str:
     src = data.source
     payload = {"files": [f["sha256"] for f in src.get("files", [])],
                "data": {k: v for k, v in (src.get("settings") or {}).items() if k != "max_len"},
-               "lexical": settings.to_dict(), "format": STAGE_FORMAT}
+               "lexical": {k: v for k, v in settings.to_dict().items() if k != "shortlist" or v},
+               "format": STAGE_FORMAT}     # (no shortlist: the key of stages fitted before there were any)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 

@@ -17,6 +17,10 @@ import numpy as np
 import scipy.sparse as sp
 
 
+#: (document, label) pairs asked of napkinXC at a time by `LabelTree.topk`
+TOPK_CHUNK = 2_000_000
+
+
 @dataclass
 class TreeSettings:
     arity: int = 2
@@ -49,12 +53,16 @@ def label_lists(Y: sp.csr_matrix) -> list:
 class LabelTree:
     """fit(X, Y) and topk(X, k) over a folder that holds napkinXC's files; `engine` "br": the same
     node classifier for every label, one-vs-rest, instead of the tree (arity, max_leaves and ensemble
-    unused)."""
+    unused). With `structure` (another tree's tree.txt), fit keeps that tree's label hierarchy and
+    trains only its classifiers: the hierarchical k-means over the labels is most of a tree's fitting
+    time at hundreds of thousands of labels."""
 
-    def __init__(self, folder: str, settings: Optional[TreeSettings] = None, threads: int = 0, engine: str = "plt"):
+    def __init__(self, folder: str, settings: Optional[TreeSettings] = None, threads: int = 0, engine: str = "plt",
+                 structure: Optional[str] = None):
         if engine not in ENGINES:
             raise ValueError(f"lexical engine {engine!r}: expected one of {', '.join(ENGINES)}")
         self.folder, self.settings, self.threads, self.engine = folder, settings or TreeSettings(), threads, engine
+        self.structure = structure
         self._plt = None
 
     def _model(self):
@@ -63,7 +71,8 @@ class LabelTree:
                       threads=self.threads, verbose=0)
         if self.engine == "br":
             return _napkinxc("br")(self.folder, **common)
-        return _napkinxc()(self.folder, arity=s.arity, max_leaves=s.max_leaves, ensemble=s.ensemble, **common)
+        extra = {"tree_structure": self.structure} if self.structure else {}
+        return _napkinxc()(self.folder, arity=s.arity, max_leaves=s.max_leaves, ensemble=s.ensemble, **common, **extra)
 
     def fit(self, X: sp.csr_matrix, Y: sp.csr_matrix) -> "LabelTree":
         if X.shape[0] != Y.shape[0]:
@@ -88,11 +97,14 @@ class LabelTree:
         probs = np.zeros((n, k), dtype=np.float32)
         if n == 0 or k == 0:
             return ids, probs
-        for i, row in enumerate(self._plt.predict_proba(_float64_csr(X), top_k=k)):
-            if row:
-                lab, p = zip(*row)
-                ids[i, : len(lab)] = lab
-                probs[i, : len(p)] = p
+        X = _float64_csr(X)
+        step = max(1, TOPK_CHUNK // k)       # napkinXC answers in Python tuples: a few million at a time
+        for s in range(0, n, step):
+            for i, row in enumerate(self._plt.predict_proba(X[s:s + step], top_k=k), start=s):
+                if row:
+                    lab, p = zip(*row)
+                    ids[i, : len(lab)] = lab
+                    probs[i, : len(p)] = p
         return ids, probs
 
     def settings_dict(self) -> dict:
