@@ -12,7 +12,7 @@ from xmcnas_fast.candidate import inherit_from
 from xmcnas_fast.config import make_config
 from xmcnas_fast.contract import CandidateResult, ParentWeights
 from xmcnas_fast.evolution import RegularizedEvolution
-from xmcnas_fast.final import final_settings, final_wins, search_deadline, stretch
+from xmcnas_fast.final import final_settings, final_wins, search_deadline, search_time_is_up, stretch
 from xmcnas_fast.model import ModelConfig, build_model, inherit_weights
 from xmcnas_fast.records import steps_to_reach
 from xmcnas_fast.runs import Run
@@ -143,6 +143,17 @@ def test_no_candidate_starts_once_only_the_final_trainings_share_is_left():
     assert search_deadline(make_config("paper")) is None                     # no total time: no deadline
     assert search_deadline(make_config("demo", overrides={"final": {"enabled": False}})) is None
     assert search_deadline(make_config("demo", overrides={"final": {"min_minutes": 12.0}})) == 0.0
+
+
+def test_no_candidate_starts_that_would_end_past_the_deadline():
+    cfg = make_config("demo")                                        # deadline: minute 5
+    took = [{"seconds": s, "fitness": 0.4, "reused_from": None, "steps": 581} for s in (20.0, 40.0, 90.0)]
+    assert not search_time_is_up(cfg, 250.0, took)                   # 250 + 40 < 300
+    assert search_time_is_up(cfg, 265.0, took)                       # 265 + 40 >= 300: it would overrun
+    assert not search_time_is_up(cfg, 299.0, [])                     # nothing recorded yet: the first starts
+    reused = [{"seconds": 0.0, "fitness": 0.4, "reused_from": 1}]
+    assert not search_time_is_up(cfg, 299.0, reused) and search_time_is_up(cfg, 300.0, reused)
+    assert not search_time_is_up(make_config("paper"), 10**6, took)  # no total time: no deadline
 
 
 def test_the_total_time_stretches_as_the_candidates_step_floor_outlasts_their_time_limit():

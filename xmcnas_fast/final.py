@@ -77,6 +77,19 @@ def search_deadline(cfg: dict, records: Iterable[dict] = ()) -> Optional[float]:
     return 60.0 * max(0.0, f["total_minutes"] - f["min_minutes"]) * stretch(cfg, records)
 
 
+def search_time_is_up(cfg: dict, seconds: float, records: Iterable[dict] = ()) -> bool:
+    """Is it too late, `seconds` into the search, for a candidate to start? When the median time of the
+    candidates trained so far (`records`) would take it past `search_deadline`: a candidate started
+    just before the deadline would eat into the final training's share, and the whole search would
+    end that much after its total time. Never before a candidate is recorded, never without a deadline."""
+    records = list(records)
+    deadline = search_deadline(cfg, records)
+    if deadline is None or not records:
+        return False
+    took = [r["seconds"] for r in records if r.get("reused_from") is None and r.get("seconds")]
+    return seconds + (statistics.median(took) if took else 0.0) >= deadline
+
+
 def final_wins(final: dict, candidate: dict) -> bool:
     """Is the final model the search's result? Only when it trained and its validation P@5 is at least
     that of the candidate it retrains (the same validation documents): a final training cut short

@@ -16,7 +16,7 @@ from typing import Optional
 from .candidate import train_candidate
 from .contract import CandidateTask, LexicalPart, ParentWeights, ShortRun
 from .evolution import Candidate, Strategy
-from .final import search_deadline
+from .final import search_time_is_up
 from .fitness import ranked
 from .model import ModelConfig
 from .records import proposal_record, result_record, steps_to_reach
@@ -105,12 +105,12 @@ class SearchLoop:
         return self.strategy.done or (self.closed and not self.in_flight and not self.reruns)
 
     def time_is_up(self) -> bool:
-        """Past the deadline (the final training's share of the total time is all that is left),
-        with a candidate recorded. A question only: `close_if_time_is_up` acts on it."""
+        """Too late for a candidate to start: one that takes the median time would end past the
+        deadline (the final training's share of the total time is all that is left then;
+        final.search_time_is_up). A question only: `close_if_time_is_up` acts on it."""
         if self.closed:
             return True
-        deadline = search_deadline(self.cfg, self.records.values())
-        return deadline is not None and bool(self.records) and self.clock.seconds() >= deadline
+        return search_time_is_up(self.cfg, self.clock.seconds(), self.records.values())
 
     def close_if_time_is_up(self) -> None:
         """From the deadline on, no candidate starts, on resume too (closed.json)."""
