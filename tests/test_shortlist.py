@@ -159,9 +159,10 @@ def test_training_a_few_steps_over_a_shortlist_lowers_its_loss(data, lists):
     batch = make_batch(data.train, np.arange(32), data.num_labels, 24, dense_labels=False)
     assert batch.labels is None
     first = trainer.shortlist_loss(batch).item()
-    for _ in range(15):
+    for _ in range(40):            # the tree's shortlists vary a little from fit to fit: room to spare
         trainer.update(trainer.shortlist_loss(batch))
-    assert trainer.shortlist_loss(batch).item() < 0.7 * first
+    last = trainer.shortlist_loss(batch).item()
+    assert last < 0.6 * first
     grad_kinds = {n: p.grad.is_sparse for n, p in model.named_parameters() if p.grad is not None}
     assert grad_kinds["head.attention"] and not grad_kinds["head.label_bias"]   # only the rows used
 
