@@ -277,13 +277,10 @@ def test_head(benchmark, shape, impl):
 
 
 
-@pytest.mark.parametrize("shape", list(HEAD_SHAPES))
-def test_head_interleaved(benchmark, shape):
-    """The three head cases in turn in each round; the group's time is that of a whole round."""
-    if not ops.has_kernel("label_attention", "cpu"):
-        pytest.skip(f"compiled kernel not in use: {ops.extension_status()}")
-    benchmark.group = f"label_attention + Linear({FC}) {shape} forward+backward, interleaved"
-    runs = {impl: step(impl, "forward+backward", shape) for impl in HEAD_IMPLS}
+def interleaved_rounds(benchmark, runs: dict, rounds: int):
+    """Each of `runs` ({name: callable}) in turn in every round, the order rotating from round to round,
+    so that a noisy machine slows every arm alike; the benchmark's time is that of a whole round.
+    Returns each arm's seconds per round (the warm-up round first), or None with benchmarks disabled."""
     times = {impl: [] for impl in runs}
     order = list(runs)
 
@@ -296,8 +293,21 @@ def test_head_interleaved(benchmark, shape):
 
     if benchmark.disabled:
         benchmark(one_round)
+        return None
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=1)
+    return times
+
+
+@pytest.mark.parametrize("shape", list(HEAD_SHAPES))
+def test_head_interleaved(benchmark, shape):
+    """The three head cases in turn in each round; the group's time is that of a whole round."""
+    if not ops.has_kernel("label_attention", "cpu"):
+        pytest.skip(f"compiled kernel not in use: {ops.extension_status()}")
+    benchmark.group = f"label_attention + Linear({FC}) {shape} forward+backward, interleaved"
+    times = interleaved_rounds(benchmark, {impl: step(impl, "forward+backward", shape) for impl in HEAD_IMPLS},
+                               ROUNDS[shape])
+    if times is None:
         return
-    benchmark.pedantic(one_round, rounds=ROUNDS[shape], iterations=1, warmup_rounds=1)
     fused = times["fused"][1:]  # after the warm-up round
     ratios = {impl: statistics.median(t / f for t, f in zip(times[impl][1:], fused)) for impl in ("eager", "unfused")}
     benchmark.extra_info.update({f"{impl}_over_fused": round(r, 3) for impl, r in ratios.items()})

@@ -34,7 +34,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -46,7 +45,7 @@ if ROOT not in sys.path:  # the in-place build of this checkout, also when run a
 
 from xmcnas_fast import ops  # noqa: E402
 
-from bench_label_attention import _status_kib  # noqa: E402  (the same measure of peak memory)
+from bench_label_attention import _status_kib, interleaved_rounds  # noqa: E402  (the same measures)
 
 THREADS = 2
 PADDING = 0.3
@@ -232,21 +231,10 @@ def test_step_interleaved(benchmark, case):
     if not ops.has_kernel("label_attention_shortlist", "cpu"):
         pytest.skip(f"compiled kernel not in use: {ops.extension_status()}")
     benchmark.group = f"label_attention_shortlist {case} forward+backward, interleaved"
-    runs = {impl: step(impl, case) for impl in ("ours", "ours-dense", "eager")}
-    times = {impl: [] for impl in runs}
-    order = list(runs)
-
-    def one_round():
-        for impl in order:
-            t = time.perf_counter()
-            runs[impl]()
-            times[impl].append(time.perf_counter() - t)
-        order.append(order.pop(0))
-
-    if benchmark.disabled:
-        benchmark(one_round)
+    times = interleaved_rounds(benchmark, {impl: step(impl, case) for impl in ("ours", "ours-dense", "eager")},
+                               2 * ROUNDS)
+    if times is None:
         return
-    benchmark.pedantic(one_round, rounds=2 * ROUNDS, iterations=1, warmup_rounds=1)
     INTERLEAVED[case] = {impl: statistics.median(t / o for t, o in zip(times[impl], times["ours"]))
                          for impl in ("ours-dense", "eager")}
 
