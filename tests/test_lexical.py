@@ -14,6 +14,8 @@ pytest.importorskip("napkinxc", reason="napkinXC (a dependency) is not installed
 from xmcnas_fast.bundle import load_bundle, save_bundle
 from xmcnas_fast.lexical import (FeatureSettings, Fusion, LexicalSettings, LexicalStage, NgramTfidf, TreeSettings,
                                  cached_stage, choose_fusion, dense_lexical, fit_stage, stage_data)
+from xmcnas_fast.lexical.fusion import lists_metrics
+from xmcnas_fast.lexical.stage import serving_data
 from xmcnas_fast.lexical.stage import OVR_MAX_LABELS
 from xmcnas_fast.lexical.tree import LabelTree, average_lists, label_lists
 from xmcnas_fast.metrics import compute_metrics
@@ -116,6 +118,48 @@ def test_the_cache_fits_once_per_data_and_settings(stage, data, cache):
     other = LexicalSettings(tree=TreeSettings(max_leaves=20), top_k=5)
     assert cached_stage(data, other, cache_dir=cache).folder != stage.folder
     assert not [p for p in os.listdir(cache) if p.startswith(".tmp-")]
+
+
+@pytest.fixture(scope="module")
+def serving(data, cache):
+    return cached_stage(data, SMALL_TREE, cache_dir=cache, threads=1, serving=True)
+
+
+def test_the_serving_stage_learned_every_training_document_and_lines_up_with_the_split(stage, serving, data):
+    whole = serving_data(data)
+    assert len(whole.train) == len(data.train) + len(data.valid) and len(whole.valid) == 0
+    assert whole.label_names == data.label_names and (whole.test.labels != data.test.labels).nnz == 0
+    assert serving.folder != stage.folder and serving.num_labels == stage.num_labels
+    # it saw the validation documents, the search's stage did not: it knows their labels far better
+    full = stage_data(data)
+    p5 = {name: lists_metrics(s.topk_tokens(*_tokens_in(s, full.valid, full)), data.valid.labels,
+                              data.num_labels)["P@5"] for name, s in (("split", stage), ("serving", serving))}
+    assert p5["serving"] > p5["split"] + 0.05, p5
+    # it keeps the test split's lists alone, the same as its model gives
+    test_ids, _ = serving.split_topk("test")
+    assert np.array_equal(test_ids, serving.topk_tokens(*_tokens_in(serving, whole.test, whole))[0])
+    with pytest.raises(FileNotFoundError):
+        serving.split_topk("valid")
+
+
+def _tokens_in(s, ds, data):
+    """A split's uncut texts in stage `s`'s vocabulary (token ids, offsets)."""
+    words = np.array([s.vocab.stoi.get(w, 1) for w in data.vocab.itos], dtype=np.int64)
+    words[0] = 0
+    return words[ds.token_ids], ds.offsets
+
+
+def test_lists_test_from_the_serving_stage_and_choose_from_the_search_stage(stage, serving):
+    lists = LexicalLists.from_stage(stage.folder, serving=serving.folder)
+    assert np.array_equal(lists.valid[0], stage.split_topk("valid")[0])
+    assert np.array_equal(lists.test[0], serving.split_topk("test")[0])
+    assert not np.array_equal(lists.test[1], stage.split_topk("test")[1])
+
+
+def test_a_serving_stage_with_training_lists_is_refused(data, tmp_path):
+    with pytest.raises(ValueError, match="serving stage keeps no training lists"):
+        cached_stage(data, LexicalSettings(tree=TreeSettings(max_leaves=20), crossfit=2), cache_dir=tmp_path,
+                     serving=True)
 
 
 def test_a_corrupt_cache_entry_is_fitted_again(data, tmp_path):

@@ -122,11 +122,14 @@ def test_the_summary_draws_the_best_architecture_and_shows_both_models(finished)
     assert "best architecture" in out and "0 embedding" in out
     assert "(search)" in out and "final, width 16" in out and "training the best architecture" in out
     # fused with the lexical stage: the result, its network alone and the stage alone, each a row
-    assert "fused with the lexical stage" in out and "its network alone" in out and "lexical stage alone" in out
+    assert "fused with the lexical stage" in out and "its network alone" in out and "lexical stage alone (test: refit)" in out
 
 
 def test_the_best_bundle_serves_the_fused_model(finished):
+    import numpy as np
+
     from xmcnas_fast.bundle import load_bundle
+    from xmcnas_fast.lexical import LexicalStage
 
     run_dir, _, _ = finished
     best = json.loads((run_dir / "best.json").read_text())
@@ -134,6 +137,13 @@ def test_the_best_bundle_serves_the_fused_model(finished):
     b = load_bundle(best["model_dir"])
     assert b.lexical is not None and b.fusion.to_dict() == result["fused"]["fusion"]
     assert b.lexical.folder == os.path.join(best["model_dir"], "lexical")
+    # it carries the serving stage (fitted on every training document: it has no validation lists), whose
+    # test lists the result was tested with; the search's own stage chose the fusion
+    lexical = json.loads((run_dir / "lexical.json").read_text())
+    assert lexical["serving"] != lexical["folder"] and "selection_test" in lexical
+    with open(os.path.join(b.lexical.folder, "lexical.json")) as f:
+        assert list(json.load(f)["splits"]) == ["test"]
+    assert np.array_equal(b.lexical.split_topk("test")[0], LexicalStage.load(lexical["serving"]).split_topk("test")[0])
 
 
 @pytest.mark.parametrize("min_gain", [-1.0, 1.0])

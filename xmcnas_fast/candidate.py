@@ -69,14 +69,14 @@ def train_candidate(task: CandidateTask, ctx) -> CandidateResult:
 
             fusion = Fusion.from_dict(result.fused["fusion"])
         save_bundle(task.model_dir, model, task.model, data, train_cfg=task.train.to_dict(),
-                    record=result.to_dict(), lexical=task.lexical.folder if result.fused else None, fusion=fusion)
+                    record=result.to_dict(), lexical=task.lexical.served if result.fused else None, fusion=fusion)
         result.model_dir = task.model_dir
     return result
 
 
 def lexical_lists(shared: dict, lexical: LexicalPart) -> LexicalLists:
     """The lexical stage's top lists, read once per worker."""
-    key = ("lexical", lexical.folder, lexical.residual)
+    key = ("lexical", lexical.folder, lexical.residual, lexical.serving)
     if key not in shared:
-        shared[key] = LexicalLists.from_stage(lexical.folder, residual=lexical.residual)
+        shared[key] = LexicalLists.from_stage(lexical.folder, residual=lexical.residual, serving=lexical.serving)
     return shared[key]

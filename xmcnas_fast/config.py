@@ -18,8 +18,9 @@ __all__ = ["CONFIG_VERSION", "BUDGETS", "make_config", "migrate", "strategy_of",
 
 #: the layout of a run's config.json; `migrate` brings an older one to it. 2: the "final" section
 #: always present, train without device/threads (where a training runs is no setting). 3: the lexical
-#: stage's one-vs-rest model ("lexical" "ovr") and the result's ensemble ("final" "ensemble").
-CONFIG_VERSION = 3
+#: stage's one-vs-rest model ("lexical" "ovr") and the result's ensemble ("final" "ensemble"). 4: the
+#: serving stage ("lexical" "refit").
+CONFIG_VERSION = 4
 
 # Budgets: starting points for every knob (each is also a flag).
 BUDGETS = {
@@ -92,8 +93,10 @@ def strategy_of(cfg: dict, factory=make_strategy) -> Strategy:
 #: lexical.stage.OVR_MAX_LABELS)
 #: shortlist_above, shortlist_k: above that many labels, networks score a shortlist of shortlist_k labels per
 #: document from the stage's tree (docs/design.md, "Extreme label spaces"; resolve_shortlist)
+#: refit: the result carries a serving stage, the same stage fitted again on every training document (the
+#: validation split's too), once the search's has served for choosing (fuse mode without a shortlist)
 LEXICAL_DEFAULTS = {"enabled": True, "mode": "fuse", "top_k": 50, "trees": 1, "ovr": "auto",
-                    "shortlist_above": SHORTLIST_ABOVE, "shortlist_k": SHORTLIST_K}
+                    "shortlist_above": SHORTLIST_ABOVE, "shortlist_k": SHORTLIST_K, "refit": True}
 LEXICAL_MODES = ("fuse", "residual")
 
 
@@ -170,7 +173,7 @@ def migrate(config: dict) -> dict:
     "final" is disabled); "amp": false becomes "precision": "fp32"; train's "device" and "threads"
     (where it ran, not how) are dropped; such a run had no lexical stage ("lexical" disabled).
     2 -> 3: the lexical stage had no one-vs-rest model ("ovr": "off"), the result no ensemble, the
-    head no shortlist (the switch's settings get their defaults)."""
+    head no shortlist (the switch's settings get their defaults). 3 -> 4: no serving stage ("refit" off)."""
     version = config.get("version", 1)
     if not isinstance(version, int) or version > CONFIG_VERSION:
         raise ValueError(f"config version {version!r} is newer than this xmcnas-fast knows ({CONFIG_VERSION}): "
@@ -196,4 +199,7 @@ def migrate(config: dict) -> dict:
         cfg["final"] = {**FINAL_DEFAULTS, **cfg["final"], "ensemble": 0}
         cfg["model"] = {"shortlist": 0, **cfg["model"]}
         cfg["version"] = 3
+    if cfg["version"] < 4:
+        cfg["lexical"] = {**cfg["lexical"], "refit": False}
+        cfg["version"] = 4
     return cfg

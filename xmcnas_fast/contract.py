@@ -39,10 +39,18 @@ class ShortRun:
 @dataclasses.dataclass(frozen=True)
 class LexicalPart:
     """The lexical stage a task's network is fused with (docs/design.md "The lexical stage and
-    fusion"): its folder, and whether the network trains against its residual."""
+    fusion"): its folder, whether the network trains against its residual, and the serving stage's
+    folder (fitted on every training document: the test lists and the bundle's lexical part come
+    from it; None: from `folder`)."""
 
     folder: str
     residual: bool = False
+    serving: Optional[str] = None
+
+    @property
+    def served(self) -> str:
+        """The folder of the stage a bundle of this task carries."""
+        return self.serving or self.folder
 
 
 @dataclasses.dataclass(frozen=True)

@@ -125,7 +125,7 @@ def run_ensemble(run, data, lexical: Optional[dict], progress, device="cpu") -> 
     if len(pool) < 2:
         return None
     device = torch.device(device)
-    lists = LexicalLists.from_stage(lexical["folder"])
+    lists = LexicalLists.from_stage(lexical["folder"], serving=lexical.get("serving"))
     inv_prop = label_inv_propensity(data)
     progress.note(f"ensemble: trying up to {k} of {len(pool)} trained networks with the lexical stage")
     bundles, valid = {}, {}
@@ -151,7 +151,8 @@ def run_ensemble(run, data, lexical: Optional[dict], progress, device="cpu") -> 
         record["fused"] = {"valid": _without_fusion(fused_valid), "test": _without_fusion(test),
                            "fusion": fusion.to_dict()}
         out = os.path.join(run.models_dir, "ensemble")
-        save_ensemble_bundle(out, [bundles[n] for n in names], data, lexical["folder"], fusion, record)
+        served = lexical.get("serving") or lexical["folder"]
+        save_ensemble_bundle(out, [bundles[n] for n in names], data, served, fusion, record)
         record["model_dir"] = out
     run.set_ensemble(record)
     gain = 100 * (record["fitness"] - record["fitness_alone"])

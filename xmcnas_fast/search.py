@@ -163,9 +163,10 @@ def run_search(run: Run, *, progress=None, backend: Optional[str] = None, device
 
 
 def prepare_lexical(run: Run, data, progress) -> Optional[dict]:
-    """The search's lexical stage, fitted (or found in the cache) before the first candidate; its time and
-    its own validation and test metrics are kept in the run's lexical.json (the time counts in the
-    search's budget). None when the search has none."""
+    """The search's lexical stage, fitted (or found in the cache) before the first candidate, and its
+    serving stage where the run has one (`serves_refit`); their time and the stage's validation and
+    test metrics (the serving stage's test metrics where there is one: the result carries it) are kept
+    in the run's lexical.json (the time counts in the search's budget). None when the search has none."""
     from .lexical import LexicalSettings, TreeSettings, cached_stage, lexical_split_metrics
 
     lex = run.config["lexical"]
@@ -178,14 +179,28 @@ def prepare_lexical(run: Run, data, progress) -> Optional[dict]:
     progress.note("lexical stage: TF-IDF uni+bigrams, a label tree" + (" and a one-vs-rest model"
                   if settings.uses_ovr(data.num_labels) else "") + " (napkinXC), once per dataset and settings")
     stage = cached_stage(data, settings, threads=visible_cores(), log=progress.note)
+    serving = None
+    if serves_refit(run.config):
+        progress.note("serving stage: the same, fitted on every training document, validation included")
+        serving = cached_stage(data, settings, threads=visible_cores(), log=progress.note, serving=True)
     info = run.lexical()
-    if not info or info.get("folder") != stage.folder:
+    if not info or info.get("folder") != stage.folder or info.get("serving") != (serving and serving.folder):
         info = {"folder": stage.folder, "seconds": round(time.monotonic() - t0, 3),
                 **lexical_split_metrics(stage, data)}
+        if serving is not None:
+            info.update(serving=serving.folder, selection_test=info["test"],
+                        **lexical_split_metrics(serving, data, ("test",)))
         run.set_lexical(info)
     m = info["valid"]
     progress.note(f"lexical stage alone: validation P@1 {100 * m['P@1']:.2f}  P@5 {100 * m['P@5']:.2f}")
     return {**info, "residual": residual}
+
+
+def serves_refit(cfg: dict) -> bool:
+    """Whether a run's result carries a serving stage: on, fusing (a residual network learned the
+    search's stage's own logits) and without a shortlist (whose cost grows with the labels)."""
+    lex = cfg["lexical"]
+    return bool(lex["enabled"] and lex.get("refit") and lex["mode"] == "fuse" and not cfg["model"].get("shortlist"))
 
 
 def _prepare_vectors(run: Run, cfg: dict, data, progress) -> Optional[str]:

@@ -72,7 +72,7 @@ class SearchClock:
 
 def lexical_part(lexical: Optional[dict]) -> Optional[LexicalPart]:
     """What a task says of the search's lexical stage (None: the search has none)."""
-    return LexicalPart(lexical["folder"], lexical["residual"]) if lexical else None
+    return LexicalPart(lexical["folder"], lexical["residual"], lexical.get("serving")) if lexical else None
 
 
 class SearchLoop:

@@ -68,12 +68,17 @@ def word_vectors(args, data, seed: int, out):
     return vectors
 
 
-def lexical_stage(data, out, args, shortlist: int = 0):
+def lexical_stage(data, out, args, shortlist: int = 0) -> tuple:
+    """(the stage fitted without the validation split, the serving stage or None: --lexical-refit)."""
     from ..lexical import LexicalSettings, TreeSettings, cached_stage
 
     settings = LexicalSettings(tree=TreeSettings(ensemble=args.lexical_trees or 1), ovr=args.lexical_ovr or "auto",
                                shortlist=shortlist)
-    return cached_stage(data, settings, threads=args.threads or 0, log=out.print)
+    stage = cached_stage(data, settings, threads=args.threads or 0, log=out.print)
+    if args.lexical_refit is False or shortlist:
+        return stage, None
+    out.print("serving stage: the same, fitted on every training document, validation included")
+    return stage, cached_stage(data, settings, threads=args.threads or 0, log=out.print, serving=True)
 
 
 def shortlist_of(args, data, kind: str) -> int:
@@ -95,10 +100,12 @@ def cmd_train_lexical(args, out) -> int:
     from ..lexical import lexical_split_metrics
 
     data = load_data(args.dataset, out, **data_kwargs(args))
-    stage = lexical_stage(data, out, args)
+    stage, serving = lexical_stage(data, out, args)
     rec = {"status": "ok", "model": "plt", **lexical_split_metrics(stage, data)}
+    if serving is not None:
+        rec.update(lexical_split_metrics(serving, data, ("test",)))
     path = args.out or os.path.join("models", "plt")
-    save_bundle(path, None, None, data, record=rec, lexical=stage.folder)
+    save_bundle(path, None, None, data, record=rec, lexical=(serving or stage).folder)
     from ..metrics import format_metrics
 
     out.print(f"validation: {format_metrics(rec['valid'])}")
@@ -125,8 +132,9 @@ def cmd_train(args) -> int:
         if mcfg.shortlist:
             out.print(f"{data.num_labels:,} labels: the network scores a shortlist of {mcfg.shortlist} per document "
                       f"from the lexical stage's label tree")
-        lexical = lexical_stage(data, out, args, mcfg.shortlist)
-        lists = LexicalLists.from_stage(lexical.folder)
+        stage, serving = lexical_stage(data, out, args, mcfg.shortlist)
+        lexical = serving or stage                       # the stage the bundle carries
+        lists = LexicalLists.from_stage(stage.folder, serving=serving and serving.folder)
     vectors = word_vectors(args, data, tcfg.seed, out)
     model = build_model(mcfg, len(data.vocab), data.num_labels, vectors=vectors, seed=tcfg.seed)
     if mcfg.kind == "tfidf-mlp":

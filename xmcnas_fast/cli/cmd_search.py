@@ -30,7 +30,7 @@ SETTINGS = [
     ("final_min_minutes", "final", "min_minutes"), ("final_inherit", "final", "inherit"),
     ("ensemble", "final", "ensemble"), ("ensemble_min_gain", "final", "ensemble_min_gain"),
     ("lexical", "lexical", "enabled"), ("lexical_mode", "lexical", "mode"), ("lexical_trees", "lexical", "trees"),
-    ("lexical_ovr", "lexical", "ovr"),
+    ("lexical_ovr", "lexical", "ovr"), ("lexical_refit", "lexical", "refit"),
     ("shortlist_above", "lexical", "shortlist_above"), ("shortlist_k", "lexical", "shortlist_k"),
 ]
 #: data settings stored beside the budget's (CSV columns)
@@ -282,7 +282,8 @@ def result_table(rec: dict, final, lexical: Optional[dict] = None, ensemble: Opt
         rows.append(("  its network" + ("s" if served is ensemble else "") + " alone", served.get("valid") or {},
                      served.get("test") or {}))
     if lexical:
-        rows.append(("lexical stage alone", lexical["valid"], lexical["test"]))
+        rows.append(("lexical stage alone" + (" (test: refit)" if lexical.get("serving") else ""), lexical["valid"],
+                     lexical["test"]))
     names = [n for n in SUMMARY_METRICS if any(n in test for _, _, test in rows)]
     t = Table(title="validation P@5 and test split" + (" (fused with the lexical stage)" if served.get("fused") else ""))
     t.add_column("model", no_wrap=True)

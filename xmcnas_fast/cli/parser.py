@@ -8,7 +8,7 @@ from ..space import OPERATIONS
 from .cmd_inspect import cmd_analyze, cmd_data_show
 from .cmd_models import cmd_evaluate, cmd_predict, cmd_train
 from .cmd_search import cmd_search
-from .common import (add_data_args, add_lexical_ovr_arg, add_model_args, add_shortlist_args, add_train_args, fraction,
+from .common import (add_data_args, add_lexical_model_args, add_model_args, add_shortlist_args, add_train_args, fraction,
                      non_negative_float, non_negative_int, positive_float, positive_int, positive_int_list, share)
 
 FMT = argparse.RawDescriptionHelpFormatter
@@ -90,7 +90,7 @@ def add_search(sub) -> None:
     g.add_argument("--lexical-trees", type=positive_int, metavar="N",
                    help="label trees in the lexical model, their probabilities averaged (default 1; 3 measured "
                    "+0.4 P@1 on debtags for 2.8x the fitting time)")
-    add_lexical_ovr_arg(g)
+    add_lexical_model_args(g)
     add_shortlist_args(g)
     g = s.add_argument_group("the final model (the best architecture trained to the end: the search's result)")
     g.add_argument("--no-final", dest="final", action="store_false", default=None,
@@ -158,7 +158,7 @@ def add_train(sub) -> None:
                    "validation P@5, and the bundle serves the fused model (--arch plt: the stage alone)")
     g.add_argument("--lexical-trees", type=positive_int, metavar="N",
                    help="label trees in the lexical model, their probabilities averaged (default 1)")
-    add_lexical_ovr_arg(g)
+    add_lexical_model_args(g)
     add_shortlist_args(g)
     add_train_args(t)
     t.set_defaults(func=cmd_train)

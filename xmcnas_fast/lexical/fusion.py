@@ -160,14 +160,17 @@ class LexicalLists:
     shortlists: Optional[dict] = None  # {split: label ids [n, K]} of a stage that keeps shortlists (lexical/shortlist.py)
 
     @classmethod
-    def from_stage(cls, folder: str, residual: bool = False) -> "LexicalLists":
+    def from_stage(cls, folder: str, residual: bool = False, serving: Optional[str] = None) -> "LexicalLists":
+        """The lists of the stage in `folder`; with `serving` (a serving stage's folder: fitted on every
+        training document), the test split's from that one, which the bundles carry."""
         from .stage import LexicalStage
 
         stage = LexicalStage.load(folder)
         train = stage.split_topk("train") if residual else None
         shortlists = ({s: stage.split_shortlist(s) for s in ("train", "valid", "test")}
                       if stage.settings.shortlist else None)
-        return cls(stage.split_topk("valid"), stage.split_topk("test"), train, residual, shortlists)
+        test = (LexicalStage.load(serving) if serving else stage).split_topk("test")
+        return cls(stage.split_topk("valid"), test, train, residual, shortlists)
 
     @property
     def methods(self) -> tuple:

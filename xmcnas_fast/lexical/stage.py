@@ -252,21 +252,44 @@ def _install(tmp: str, folder: str) -> None:
         os.replace(tmp, folder)
 
 
-def stage_data(data):
-    """The data the stage fits on: `data` itself when its texts are not cut, else the same source and split
-    loaded again with max_len None (its own cache entry); the rows are the same documents."""
+def _reload(data, **changes):
+    """`data`'s source loaded again with its settings but `changes` (its own cache entry)."""
     from ..data import load
 
-    if data.max_len is None:
-        return data
     settings = dict(data.source.get("settings") or {})
     kw = {k: settings[k] for k in ("min_count", "max_vocab", "valid", "seed", "strict", "text_column",
                                    "labels_column") if k in settings}
-    full = load(data.source["location"], max_len=None, **kw)
-    for split in ("train", "valid", "test"):
-        a, b = getattr(data, split).labels, getattr(full, split).labels
+    return load(data.source["location"], **{**kw, **changes})
+
+
+def _check_lined_up(data, other, splits, why: str) -> None:
+    if list(other.label_names) != list(data.label_names):
+        raise RuntimeError(f"{why} of {data.name} has another label space")
+    for split in splits:
+        a, b = getattr(data, split).labels, getattr(other, split).labels
         if a.shape != b.shape or (a != b).nnz:
-            raise RuntimeError(f"the uncut texts of {data.name} do not line up with its {split} split")
+            raise RuntimeError(f"{why} of {data.name} does not line up with its {split} split")
+
+
+def stage_data(data):
+    """The data the stage fits on: `data` itself when its texts are not cut, else the same source and split
+    loaded again with max_len None (its own cache entry); the rows are the same documents."""
+    if data.max_len is None:
+        return data
+    full = _reload(data, max_len=None)
+    _check_lined_up(data, full, ("train", "valid", "test"), "the uncut texts")
+    return full
+
+
+def serving_data(data):
+    """The data the serving stage fits on: the same source, texts uncut, with no validation split, so
+    that every training document (the validation ones too) trains it; its label space and test
+    documents are `data`'s."""
+    full = _reload(data, max_len=None, valid=0)
+    _check_lined_up(data, full, ("test",), "the whole training file")
+    if len(full.train) != len(data.train) + len(data.valid):
+        raise RuntimeError(f"the whole training file of {data.name} has {len(full.train)} documents, "
+                           f"its splits {len(data.train)} + {len(data.valid)}")
     return full
 
 
@@ -280,12 +303,18 @@ def cache_key(data, settings: LexicalSettings) -> str:
 
 
 def cached_stage(data, settings: Optional[LexicalSettings] = None, *, cache_dir=None, threads: int = 0,
-                 log=None) -> LexicalStage:
+                 log=None, serving: bool = False) -> LexicalStage:
     """The stage of `data` and `settings` from the cache (keyed by the data's source files and settings
-    and the stage's settings), fitted and stored there first when missing or broken."""
+    and the stage's settings), fitted and stored there first when missing or broken. With `serving`, the
+    serving stage instead: fitted on every training document (`serving_data`), with the test split's
+    lists alone (no validation split, no training lists: nothing is chosen with it)."""
     from ..data import default_cache_dir
 
     settings = settings or LexicalSettings()
+    if serving:
+        if settings.folds:
+            raise ValueError("a serving stage keeps no training lists: fit it without crossfit and shortlist")
+        data = serving_data(data)
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in data.name)
     folder = str(root / f"lexical-{stem}-{cache_key(data, settings)}")
@@ -296,14 +325,15 @@ def cached_stage(data, settings: Optional[LexicalSettings] = None, *, cache_dir=
         return stage
     except ValueError:
         pass
-    return fit_stage(stage_data(data), folder, settings, threads=threads, log=log)
+    return fit_stage(stage_data(data), folder, settings, threads=threads, log=log,
+                     splits=("test",) if serving else SPLITS)
 
 
-def lexical_split_metrics(stage: LexicalStage, data) -> dict:
-    """{"valid": metrics, "test": metrics} of the stage alone on the data it was fitted on."""
+def lexical_split_metrics(stage: LexicalStage, data, splits: Sequence[str] = SPLITS) -> dict:
+    """{split: metrics} of the stage alone on the data it was fitted on (`data`: those splits line up)."""
     from ..train import label_inv_propensity
     from .fusion import lists_metrics
 
     inv_prop = label_inv_propensity(data)
     return {split: lists_metrics(stage.split_topk(split), getattr(data, split).labels, data.num_labels, inv_prop)
-            for split in SPLITS}
+            for split in splits}
