@@ -313,13 +313,16 @@ def stage_data(data):
 def _key_settings(settings: LexicalSettings, num_labels: int) -> dict:
     """The stage's settings as its cache key takes them: without a shortlist, a matcher or centroid settings
     where they change nothing of a stage fitted before there were any (no shortlist; the tree), so that
-    those keep their keys; with the matcher that "auto" resolves to."""
+    those keep their keys; with the matcher that "auto" resolves to, and "train_lists" "own" where the
+    training split's shortlists come from the stage's own model."""
     d = settings.to_dict()
     if not d["shortlist"]:
         del d["shortlist"]
     d["matcher"] = settings.matcher_for(num_labels)
     if d["matcher"] == "tree":
         del d["matcher"], d["centroid_features"]
+    if settings.shortlist and not settings.train_folds(num_labels):
+        d["train_lists"] = "own"
     return d
 
 
