@@ -1,6 +1,7 @@
 """Heads over a per-document label shortlist (docs/design.md, "Extreme label spaces"): the stage's
 shortlists (recall, padding), forced positives, the switch between dense and shortlisted heads,
-training and evaluating over a shortlist, bundles that carry one, and no [B, L] tensor on that path."""
+training and evaluating over a shortlist, bundles that carry one, no [B, L] tensor on that path, and
+above a label count label centroids with the training split's lists from the stage's own model."""
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -13,7 +14,9 @@ from xmcnas_fast import ops
 from xmcnas_fast.bundle import load_bundle, save_bundle
 from xmcnas_fast.config import make_config, resolve_shortlist
 from xmcnas_fast.lexical import Fusion, LexicalSettings, TreeSettings, cached_stage, stage_data
+from xmcnas_fast.lexical.centroids import LabelCentroids, row_topk, top_per_row
 from xmcnas_fast.lexical.shortlist import force_positives, shortlist_recall, shortlist_size, slot_targets
+from xmcnas_fast.lexical.stage import LARGE_LABELS, LexicalStage, cache_key
 from xmcnas_fast.metrics import MetricAccumulator, shortlist_metric_sums
 from xmcnas_fast.model import ModelConfig, build_model
 from xmcnas_fast.space import Genotype
@@ -297,3 +300,98 @@ def test_a_search_above_the_switch_trains_and_serves_shortlisted_networks(debtag
     assert run.final()["shortlist"]["k"] == 10
     assert load_bundle(run.best()["model_dir"]).shortlist == 10
     assert "peak memory:" in out and "GiB this process" in out
+
+
+# ---- above LARGE_LABELS: label centroids, and the training split's lists from the stage's own model -----
+
+
+@pytest.fixture(scope="module")
+def centroid_stage(data, cache):
+    """A stage over debtags's labels as "auto" fits one above LARGE_LABELS labels (the switch moved below)."""
+    from xmcnas_fast.lexical import stage as stage_module
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(stage_module, "LARGE_LABELS", 10)
+        settings = LexicalSettings(top_k=5, shortlist=K, centroid_features=16)
+        assert settings.matcher_for(data.num_labels) == "centroids" and settings.train_folds(data.num_labels) == 0
+        return cached_stage(data, settings, cache_dir=cache, threads=2)
+
+
+def test_the_switch_takes_centroids_and_the_stage_s_own_lists_above_the_label_count():
+    auto = LexicalSettings(shortlist=1000)
+    assert auto.matcher_for(LARGE_LABELS) == "tree" and auto.matcher_for(LARGE_LABELS + 1) == "centroids"
+    assert auto.train_folds(LARGE_LABELS) == 2 and auto.train_folds(LARGE_LABELS + 1) == 0
+    assert LexicalSettings(shortlist=1000, crossfit=3).train_folds(670_091) == 3      # asked for: kept
+    assert LexicalSettings().train_folds(566) == 0                                  # no shortlist, no lists
+    assert LexicalSettings(matcher="tree").matcher_for(10 ** 6) == "tree"
+    assert LexicalSettings(matcher="centroids").matcher_for(5) == "centroids"
+    with pytest.raises(ValueError, match="matcher 'knn'"):
+        LexicalSettings(matcher="knn")
+
+
+def test_a_tree_stage_keeps_the_cache_key_it_had_before_there_were_matchers(data):
+    import hashlib
+    import json
+
+    settings = LexicalSettings(top_k=5, shortlist=K)
+    old = {k: v for k, v in settings.to_dict().items() if k not in ("matcher", "centroid_features")}
+    payload = {"files": [f["sha256"] for f in data.source.get("files", [])],
+               "data": {k: v for k, v in (data.source.get("settings") or {}).items() if k != "max_len"},
+               "lexical": old, "format": 1}
+    assert cache_key(data, settings) == hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
+    assert cache_key(data, LexicalSettings(top_k=5, shortlist=K, matcher="centroids")) != cache_key(data, settings)
+
+
+def test_rows_keep_their_largest_entries_best_first():
+    A = sp.csr_matrix(np.array([[0.1, 0.5, 0.0, 0.3], [0.0, 0.0, 0.0, 0.0], [0.2, 0.2, 0.9, 0.0]], np.float32))
+    np.testing.assert_allclose(top_per_row(A, 2).toarray(),
+                                  [[0, 0.5, 0, 0.3], [0, 0, 0, 0], [0.2, 0, 0.9, 0]])
+    ids, vals = row_topk(A, 3)
+    np.testing.assert_array_equal(ids, [[1, 3, 0], [-1, -1, -1], [2, 0, 1]])
+    np.testing.assert_allclose(vals, [[0.5, 0.3, 0.1], [0, 0, 0], [0.9, 0.2, 0.2]])
+
+
+def test_centroids_rank_a_document_s_labels_by_the_cosine_to_their_documents(tmp_path):
+    # labels 0 and 1 have documents on features 0-1 and 2-3; label 2 none
+    X = sp.csr_matrix(np.array([[1, 1, 0, 0], [0, 0, 1, 1], [1, 0, 0, 0]], np.float64))
+    Y = sp.csr_matrix(np.array([[1, 0, 0], [0, 1, 0], [1, 0, 0]], np.float32))
+    c = LabelCentroids(str(tmp_path / "c"), keep=4, threads=1).fit(X, Y)
+    ids, probs = c.topk(sp.csr_matrix(np.array([[0, 0, 1, 0], [1, 0, 0, 0]], np.float64)), 3)
+    np.testing.assert_array_equal(ids, [[1, -1, -1], [0, -1, -1]])       # no shared feature: not listed
+    assert probs[0, 0] == pytest.approx(1 / np.sqrt(2), rel=1e-5)
+    assert probs[1, 0] == pytest.approx(2 / np.sqrt(5), rel=1e-5)         # centroid (2, 1, 0, 0) normalised
+    again = LabelCentroids(str(tmp_path / "c")).topk(sp.csr_matrix(np.array([[0, 0, 1, 0]], np.float64)), 3)
+    np.testing.assert_array_equal(again[0], ids[:1])
+
+
+def test_the_centroid_stage_ranks_test_labels_above_the_label_prior(centroid_stage, data):
+    assert isinstance(centroid_stage.tree, LabelCentroids)
+    assert isinstance(LexicalStage.load(centroid_stage.folder).tree, LabelCentroids)     # saved as resolved
+    prior = np.argsort(-np.asarray(data.train.labels.sum(0)).ravel())[:K]
+    ours = centroid_stage.split_shortlist("test")
+    assert shortlist_recall(ours, data.test.labels) > shortlist_recall(np.tile(prior, (ours.shape[0], 1)),
+                                                                       data.test.labels) + 0.05
+
+
+def test_the_training_split_s_shortlists_come_from_the_stage_s_own_model(centroid_stage, data):
+    full = stage_data(data)
+    own = centroid_stage.topk_tokens(full.train.token_ids, full.train.offsets, K)[0]
+    train = centroid_stage.split_shortlist("train")
+    np.testing.assert_array_equal(train, own)                    # no fold refits: what the model says
+    assert shortlist_recall(train, data.train.labels) > shortlist_recall(centroid_stage.split_shortlist("test"),
+                                                                         data.test.labels)
+    forced = force_positives(train[:50], data.train.labels[:50], data.num_labels)
+    for r in range(50):                                          # every true label in, padding kept
+        true = data.train.labels.indices[data.train.labels.indptr[r]:data.train.labels.indptr[r + 1]]
+        assert set(true[: K].tolist()) <= set(forced[r].tolist()) or len(true) > K
+        assert (forced[r] == -1).sum() <= (train[r] == -1).sum()
+    assert slot_targets(forced, data.train.labels[:50]).sum() == min(
+        data.train.labels[:50].nnz, sum(min(K, n) for n in np.diff(data.train.labels[:50].indptr)))
+
+
+def test_a_document_that_shares_no_feature_with_any_centroid_gets_no_label(centroid_stage):
+    unk = np.array([1, 1], dtype=np.int64)                                       # <unk> <unk>
+    X = centroid_stage.features.transform(unk, np.array([0, 2], dtype=np.int64))
+    assert X.nnz == 0
+    ids, probs = centroid_stage.tree.topk(X, K)
+    assert (ids == -1).all() and (probs == 0).all()

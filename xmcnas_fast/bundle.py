@@ -8,8 +8,8 @@
     lexical/      optional: the lexical stage (lexical.json lists its files with their SHA-256), fused
                   with the network as config.json's "lexical" "fusion" says; a bundle of the lexical
                   stage alone has no network ("model": null, no weights.pt). A shortlisted network
-                  (config.json's "model" "shortlist": K > 0) always has it: its tree gives each
-                  text's K candidate labels, the only ones the network scores
+                  (config.json's "model" "shortlist": K > 0) always has it: its tree (or label
+                  centroids) gives each text's K candidate labels, the only ones the network scores
     members/N/    optional: an ensemble's other networks (model.json, weights.pt), their probabilities
                   averaged with the first's (config.json's "ensemble" lists them; ensemble.py)
 
@@ -130,7 +130,8 @@ class Bundle:
 
     @property
     def shortlist(self) -> int:
-        """K: the labels its network scores per text, from the lexical stage's tree (0: every label)."""
+        """K: the labels its network scores per text, from the lexical stage's candidate model (0: every
+        label)."""
         return int(getattr(self.model, "shortlist", 0) or 0)
 
     def fused(self, logits: torch.Tensor, lex_ids, lex_probs, slots: Optional[torch.Tensor] = None):

@@ -176,8 +176,9 @@ def prepare_lexical(run: Run, data, progress) -> Optional[dict]:
     t0 = time.monotonic()
     settings = LexicalSettings(tree=TreeSettings(ensemble=lex["trees"]), top_k=lex["top_k"],
                                crossfit=2 if residual else 0, ovr=lex["ovr"], shortlist=run.config["model"]["shortlist"])
-    progress.note("lexical stage: TF-IDF uni+bigrams, a label tree" + (" and a one-vs-rest model"
-                  if settings.uses_ovr(data.num_labels) else "") + " (napkinXC), once per dataset and settings")
+    model = ("a label tree (napkinXC)" if settings.matcher_for(data.num_labels) == "tree" else "label centroids")
+    progress.note(f"lexical stage: TF-IDF uni+bigrams, {model}" + (" and a one-vs-rest model (napkinXC)"
+                  if settings.uses_ovr(data.num_labels) else "") + ", once per dataset and settings")
     stage = cached_stage(data, settings, threads=visible_cores(), log=progress.note)
     serving = None
     if serves_refit(run.config):

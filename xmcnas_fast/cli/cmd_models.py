@@ -130,8 +130,11 @@ def cmd_train(args) -> int:
         from ..train import LexicalLists
 
         if mcfg.shortlist:
+            from ..lexical import LexicalSettings
+
+            source = ("label tree" if LexicalSettings().matcher_for(data.num_labels) == "tree" else "label centroids")
             out.print(f"{data.num_labels:,} labels: the network scores a shortlist of {mcfg.shortlist} per document "
-                      f"from the lexical stage's label tree")
+                      f"from the lexical stage's {source}")
         stage, serving = lexical_stage(data, out, args, mcfg.shortlist)
         lexical = serving or stage                       # the stage the bundle carries
         lists = LexicalLists.from_stage(stage.folder, serving=serving and serving.folder)

@@ -77,8 +77,9 @@ def add_search(sub) -> None:
                    "budget only if its validation P@5 is in the top --promote part of the population's at "
                    "STEPS steps (successive halving; figures of different budgets are never compared)")
     g.add_argument("--promote", type=share, metavar="FRACTION", help="that top part (default 1/3)")
-    g = s.add_argument_group("the lexical stage (TF-IDF uni+bigrams and napkinXC's label tree, fitted once per "
-                             "dataset and settings and cached, timed inside the budget)")
+    g = s.add_argument_group("the lexical stage (TF-IDF uni+bigrams and napkinXC's label tree, or above 100K labels "
+                             "label centroids, fitted once per dataset and settings and cached, timed inside the "
+                             "budget)")
     g.add_argument("--lexical", action=argparse.BooleanOptionalAction, default=None,
                    help="fuse every candidate with the lexical stage: its fitness is the fused model's "
                    "validation P@5, so evolution looks for the network that adds most to it, and the result "
@@ -152,7 +153,8 @@ def add_train(sub) -> None:
     g = t.add_argument_group("tfidf-mlp")
     g.add_argument("--hidden", type=positive_int_list, help="hidden layer sizes (default 512,256)")
     g.add_argument("--max-features", type=positive_int, help="unigrams and bigrams kept, by document frequency (default 60000)")
-    g = t.add_argument_group("lexical stage (TF-IDF uni+bigrams and napkinXC's label tree; cached per dataset)")
+    g = t.add_argument_group("lexical stage (TF-IDF uni+bigrams and napkinXC's label tree, or above 100K labels "
+                             "label centroids; cached per dataset)")
     g.add_argument("--lexical", action="store_true",
                    help="fuse the network with the lexical stage: weights are chosen by the fused model's "
                    "validation P@5, and the bundle serves the fused model (--arch plt: the stage alone)")

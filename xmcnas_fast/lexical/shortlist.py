@@ -1,9 +1,9 @@
-"""A shortlist per document: the K labels a shortlisted head scores, from the lexical stage's label tree
-(docs/design.md, "Extreme label spaces").
+"""A shortlist per document: the K labels a shortlisted head scores, from the lexical stage's candidate
+model, its label tree or above a label count its label centroids (docs/design.md, "Extreme label spaces").
 
-The stage keeps each split's shortlist (`LexicalStage.split_shortlist`: its tree's beam search, best
-first, -1 padding; the training split's cross-fitted, so that its negatives are the ones a tree that
-never saw the document proposes). While training, every true label is forced in (`force_positives`),
+The stage keeps each split's shortlist (`LexicalStage.split_shortlist`: the model's best first, -1
+padding; the training split's cross-fitted below that label count, so that its negatives are the ones a
+tree that never saw the document proposes, and above it from the centroids themselves). While training, every true label is forced in (`force_positives`),
 replacing the lowest-ranked candidates that are not true labels. Nothing here holds a [B, L] array:
 truth rows stay CSR, scores and targets are [B, K], fusion works slot by slot.
 """

@@ -17,13 +17,14 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
 from ..data.sources import file_digest
+from .centroids import LabelCentroids
 from .features import FeatureSettings, NgramTfidf
 from .tree import LabelTree, TreeSettings, average_lists
 
@@ -33,6 +34,11 @@ OVR_CHOICES = ("auto", "on", "off")
 #: "auto" adds the one-vs-rest model up to this many labels (its cost grows with them: 17 s on debtags's
 #: 566 labels and 2 threads, against 20 s for the tree; at 4,190 labels and 68K texts, about 6 minutes)
 OVR_MAX_LABELS = 1000
+MATCHER_CHOICES = ("auto", "tree", "centroids")
+#: "auto" takes label centroids instead of the tree above this many labels, and the training split's
+#: shortlists from the stage's own model instead of per-fold refits: at 646K labels the tree took 71
+#: minutes to fit on 2 cores and 0.28 s a document to list 1,000 labels (benchmarks/RESULTS.md)
+LARGE_LABELS = 100_000
 
 
 @dataclass
@@ -45,11 +51,31 @@ class LexicalSettings:
     ovr: str = "auto"               # a one-vs-rest model averaged with the tree: "on", "off", or "auto":
                                     # on with at most OVR_MAX_LABELS labels
     shortlist: int = 0              # K: candidate labels a document kept for a shortlisted head, of every
-                                    # split (the training split's cross-fitted, over 2 folds at least); 0: none
+                                    # split (the training split's cross-fitted, over 2 folds at least, up
+                                    # to LARGE_LABELS labels; above, from the stage's own model); 0: none
+    matcher: str = "auto"           # the candidate model: "tree" (napkinXC's PLT), "centroids" (label
+                                    # centroids, lexical/centroids.py) or "auto": centroids above LARGE_LABELS
+    centroid_features: int = 32     # features kept a label centroid
 
     def __post_init__(self):
         if self.ovr not in OVR_CHOICES:
             raise ValueError(f"lexical one-vs-rest {self.ovr!r}: expected one of {', '.join(OVR_CHOICES)}")
+        if self.matcher not in MATCHER_CHOICES:
+            raise ValueError(f"lexical matcher {self.matcher!r}: expected one of {', '.join(MATCHER_CHOICES)}")
+
+    def matcher_for(self, num_labels: int) -> str:
+        """"tree" or "centroids": the candidate model of a stage over `num_labels` labels."""
+        if self.matcher != "auto":
+            return self.matcher
+        return "centroids" if num_labels > LARGE_LABELS else "tree"
+
+    def train_folds(self, num_labels: int) -> int:
+        """Folds of the training split's cross-fitted lists over `num_labels` labels: those asked for
+        (crossfit), and 2 at least for a shortlist up to LARGE_LABELS labels; 0: the training split's
+        lists (if a shortlist wants them) come from the stage's own model, which saw those documents."""
+        if self.shortlist and num_labels <= LARGE_LABELS:
+            return max(self.crossfit, 2)
+        return self.crossfit
 
     def uses_ovr(self, num_labels: int) -> bool:
         return self.ovr == "on" or (self.ovr == "auto" and num_labels <= OVR_MAX_LABELS)
@@ -59,11 +85,6 @@ class LexicalSettings:
         """Labels asked of the tree per document: the top lists are the first top_k of the shortlist."""
         return max(self.top_k, self.shortlist)
 
-    @property
-    def folds(self) -> int:
-        """Folds of the training split's cross-fitted lists (0: none)."""
-        return max(self.crossfit, 2) if self.shortlist else self.crossfit
-
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -72,7 +93,8 @@ class LexicalSettings:
         d = d or {}
         return cls(features=FeatureSettings(**d.get("features", {})), tree=TreeSettings(**d.get("tree", {})),
                    top_k=int(d.get("top_k", 50)), crossfit=int(d.get("crossfit", 0)), ovr=d.get("ovr", "off"),
-                   shortlist=int(d.get("shortlist", 0)))
+                   shortlist=int(d.get("shortlist", 0)), matcher=d.get("matcher", "tree"),
+                   centroid_features=int(d.get("centroid_features", 32)))
 
 
 class LexicalStage:
@@ -116,11 +138,19 @@ class LexicalStage:
 
         meta = verify(folder)
         settings = LexicalSettings.from_dict(meta["settings"])
-        tree = LabelTree(os.path.join(folder, "tree"), settings.tree, threads=threads)
+        tree = candidate_model(folder, settings, meta["num_labels"], threads)
         ovr = LabelTree(os.path.join(folder, "ovr"), settings.tree, threads=threads, engine="br") \
             if settings.uses_ovr(meta["num_labels"]) else None
         return cls(folder, Vocab.load(os.path.join(folder, "vocab.json")), NgramTfidf.load(folder), tree,
                    settings, meta["num_labels"], ovr)
+
+
+def candidate_model(folder: str, settings: LexicalSettings, num_labels: int, threads: int = 0):
+    """The stage's candidate model in `folder` (unfitted): napkinXC's tree under tree/, or label centroids
+    under centroids/, as settings.matcher_for(num_labels) says."""
+    if settings.matcher_for(num_labels) == "centroids":
+        return LabelCentroids(os.path.join(folder, "centroids"), settings.centroid_features, threads=threads)
+    return LabelTree(os.path.join(folder, "tree"), settings.tree, threads=threads)
 
 
 def models_topk(tree: LabelTree, ovr: Optional[LabelTree], X, k: int) -> tuple:
@@ -167,6 +197,7 @@ def fit_stage(data, folder: str, settings: Optional[LexicalSettings] = None, *, 
     """Fit a stage on `data` (an XMCData, texts not cut: max_len None) into `folder`, atomically, with the
     top lists of `splits`. `log(str)` hears what it does and how long each part took."""
     settings = settings or LexicalSettings()
+    settings = replace(settings, matcher=settings.matcher_for(data.num_labels))   # saved as resolved
     say = log or (lambda s: None)
     folder = os.path.abspath(folder)
     os.makedirs(os.path.dirname(folder), exist_ok=True)
@@ -177,8 +208,9 @@ def fit_stage(data, folder: str, settings: Optional[LexicalSettings] = None, *, 
         X = feats.transform(data.train.token_ids, data.train.offsets)
         say(f"lexical features: {feats.num_features:,} uni+bigrams ({time.monotonic() - t0:.0f} s)")
         t0 = time.monotonic()
-        tree = LabelTree(os.path.join(tmp, "tree"), settings.tree, threads=threads).fit(X, data.train.labels)
-        say(f"label tree: {data.num_labels:,} labels, {X.shape[0]:,} documents ({time.monotonic() - t0:.0f} s)")
+        tree = candidate_model(tmp, settings, data.num_labels, threads).fit(X, data.train.labels)
+        say(f"{'label tree' if isinstance(tree, LabelTree) else 'label centroids'}: {data.num_labels:,} labels, "
+            f"{X.shape[0]:,} documents ({time.monotonic() - t0:.0f} s)")
         ovr = None
         if settings.uses_ovr(data.num_labels):
             t0 = time.monotonic()
@@ -192,11 +224,15 @@ def fit_stage(data, folder: str, settings: Optional[LexicalSettings] = None, *, 
                                           settings.list_k) for split in splits}
         if settings.shortlist:
             say(f"shortlists of {settings.shortlist} labels: {', '.join(splits)} ({time.monotonic() - t0:.0f} s)")
-        if settings.folds:
+        folds = settings.train_folds(data.num_labels)
+        if folds:
             t0 = time.monotonic()
-            lists["train"] = crossfit_lists(X, data.train.labels, settings, tmp, threads)
-            say(f"cross-fitted top lists of the training split: {settings.folds} folds "
-                f"({time.monotonic() - t0:.0f} s)")
+            lists["train"] = crossfit_lists(X, data.train.labels, settings, tmp, threads, folds)
+            say(f"cross-fitted top lists of the training split: {folds} folds ({time.monotonic() - t0:.0f} s)")
+        elif settings.shortlist:
+            t0 = time.monotonic()
+            lists["train"] = models_topk(tree, ovr, X, settings.list_k)
+            say(f"shortlists of the training split from the stage's own model ({time.monotonic() - t0:.0f} s)")
         for split, (ids, probs) in lists.items():
             np.save(os.path.join(tmp, f"{split}.ids.npy"), ids[:, : settings.top_k])
             np.save(os.path.join(tmp, f"{split}.probs.npy"), probs[:, : settings.top_k])
@@ -204,7 +240,7 @@ def fit_stage(data, folder: str, settings: Optional[LexicalSettings] = None, *, 
                 np.save(os.path.join(tmp, f"{split}.shortlist.npy"), ids[:, : settings.shortlist].astype(np.int32))
         del lists
         for model in (tree, ovr):                             # napkinXC reads its files again from the final folder
-            if model is not None:
+            if isinstance(model, LabelTree):
                 model._plt = None
         meta = {"format": STAGE_FORMAT, "settings": settings.to_dict(), "num_labels": data.num_labels,
                 "label_names": list(data.label_names), "splits": {s: len(getattr(data, s)) for s in splits},
@@ -220,20 +256,24 @@ def fit_stage(data, folder: str, settings: Optional[LexicalSettings] = None, *, 
     return LexicalStage.load(folder, threads=threads)
 
 
-def crossfit_lists(X, Y, settings: LexicalSettings, tmp: str, threads: int) -> tuple:
+def crossfit_lists(X, Y, settings: LexicalSettings, tmp: str, threads: int, folds: int) -> tuple:
     """Top lists (of the shortlist's length, when longer) of the training documents, each from a tree
     fitted on the other folds (a document's fold is its position modulo the number of folds), over the
     label hierarchy of the stage's own tree (fitted first, in `tmp`/tree: the folds train only their
-    classifiers). An ensemble's folds cluster their labels anew (each tree of it has its own)."""
+    classifiers). An ensemble's folds cluster their labels anew (each tree of it has its own); label
+    centroids are fitted again on the other folds."""
     n, k = X.shape[0], settings.list_k
     ids, probs = np.full((n, k), -1, dtype=np.int64), np.zeros((n, k), dtype=np.float32)
-    fold = np.arange(n) % settings.folds
-    for f in range(settings.folds):
+    fold = np.arange(n) % folds
+    for f in range(folds):
         inside, rest = np.flatnonzero(fold == f), np.flatnonzero(fold != f)
         folder = os.path.join(tmp, f".fold-{f}")
         structure = os.path.join(tmp, "tree", "tree.txt")
-        tree = LabelTree(os.path.join(folder, "tree"), settings.tree, threads=threads,
-                         structure=structure if settings.tree.ensemble == 1 and os.path.isfile(structure) else None)
+        if settings.matcher_for(Y.shape[1]) == "centroids":
+            tree = candidate_model(folder, settings, Y.shape[1], threads)
+        else:
+            tree = LabelTree(os.path.join(folder, "tree"), settings.tree, threads=threads,
+                             structure=structure if settings.tree.ensemble == 1 and os.path.isfile(structure) else None)
         tree.fit(X[rest], Y[rest])
         ovr = LabelTree(os.path.join(folder, "ovr"), settings.tree, threads=threads, engine="br").fit(X[rest], Y[rest]) \
             if settings.uses_ovr(Y.shape[1]) else None
@@ -293,12 +333,28 @@ def serving_data(data):
     return full
 
 
+def _key_settings(settings: LexicalSettings, num_labels: int) -> dict:
+    """The stage's settings as its cache key takes them: without a shortlist, a matcher or centroid settings
+    where they change nothing of a stage fitted before there were any (no shortlist; the tree), so that
+    those keep their keys; with the matcher that "auto" resolves to, and "train_lists" "own" where the
+    training split's shortlists come from the stage's own model."""
+    d = settings.to_dict()
+    if not d["shortlist"]:
+        del d["shortlist"]
+    d["matcher"] = settings.matcher_for(num_labels)
+    if d["matcher"] == "tree":
+        del d["matcher"], d["centroid_features"]
+    if settings.shortlist and not settings.train_folds(num_labels):
+        d["train_lists"] = "own"
+    return d
+
+
 def cache_key(data, settings: LexicalSettings) -> str:
     src = data.source
     payload = {"files": [f["sha256"] for f in src.get("files", [])],
                "data": {k: v for k, v in (src.get("settings") or {}).items() if k != "max_len"},
-               "lexical": {k: v for k, v in settings.to_dict().items() if k != "shortlist" or v},
-               "format": STAGE_FORMAT}     # (no shortlist: the key of stages fitted before there were any)
+               "lexical": _key_settings(settings, data.num_labels), "format": STAGE_FORMAT}
+
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -312,7 +368,7 @@ def cached_stage(data, settings: Optional[LexicalSettings] = None, *, cache_dir=
 
     settings = settings or LexicalSettings()
     if serving:
-        if settings.folds:
+        if settings.crossfit or settings.shortlist:
             raise ValueError("a serving stage keeps no training lists: fit it without crossfit and shortlist")
         data = serving_data(data)
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
