@@ -452,9 +452,12 @@ if EXTENSION_LOADED:
             h, mask, W, v, w, ctx.p, seed = inputs
             _, lse, gate = output
             ctx.mark_non_differentiable(lse, gate)
+            ctx.set_materialize_grads(False)  # no zeros made for lse's and the gate's gradients
             ctx.save_for_backward(h, mask, W, v, w, seed, lse, gate)
 
         def _label_attention_head_backward(ctx, grad, grad_lse, grad_gate):
+            if grad is None:
+                return None, None, None, None, None, None, None
             h, mask, W, v, w, seed, lse, gate = ctx.saved_tensors
             grad_h, grad_W, grad_v, grad_w = torch.ops.xmcnas_fast.label_attention_head_backward(
                 grad.contiguous(), h, mask, W, v, w, ctx.p, seed, lse, gate)
