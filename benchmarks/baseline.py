@@ -99,7 +99,8 @@ def kernels():
 
 def install(monkeypatch):
     """Make ops.label_attention and ops.relu_dropout_dot the revision's for the rest of a test, and
-    ops.label_attention_score (the head's scores out of training) the two of them, as the revision ran it."""
+    ops.label_attention_score and ops.label_attention_head (the head's scores out of and in training) the two
+    of them, as the revision ran them."""
     from xmcnas_fast import ops
     k = kernels()
     monkeypatch.setattr(ops, "label_attention", k.label_attention)
@@ -107,6 +108,9 @@ def install(monkeypatch):
     monkeypatch.setattr(ops, "label_attention_score",
                         lambda h, mask, W, v, w: k.relu_dropout_dot(k.label_attention(h, mask, W, v), w, 0.0, False),
                         raising=False)
+    monkeypatch.setattr(ops, "label_attention_head",
+                        lambda h, mask, W, v, w, p, training=True:
+                        k.relu_dropout_dot(k.label_attention(h, mask, W, v), w, p, training), raising=False)
 
 
 if __name__ == "__main__":

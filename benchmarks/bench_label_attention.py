@@ -35,6 +35,10 @@ and floor/ours (the fraction of the floor reached). Cases whose [B,L,Dv]
 output (or eager's [B,L,N] scores) passes 2.2 GB are left out (B = 500 at
 L = 31,000). Select a subset with -k, e.g. -k "short and n16 and l4190".
 
+The head in training at short texts (test_short_head_train, ids "head-..."): the attention, ReLU,
+dropout and the score (ops.label_attention_head) forward and backward, beside this checkout's two ops,
+"today"'s and eager, the arms in turn in every round; the summary prints per-round ratios.
+
 Peak memory is the extra resident memory of one call, measured in a fresh
 subprocess: the RSS high-water mark (VmHWM, reset through
 /proc/self/clear_refs once the inputs exist and a call on two rows has set up
@@ -185,7 +189,7 @@ def summary(request):
     yield
     tr = request.config.pluginmanager.getplugin("terminalreporter")
     capture = request.config.pluginmanager.getplugin("capturemanager")
-    if not (RESULTS or INTERLEAVED or SHORT) or tr is None:
+    if not (RESULTS or INTERLEAVED or SHORT or HEAD_SHORT) or tr is None:
         return
     lines = ["", f"label_attention (CPU, {THREADS} threads, torch {torch.__version__}): medians and extra peak RSS"]
     for (shape, mode), r in RESULTS.items():
@@ -209,6 +213,10 @@ def summary(request):
                  f"floor/ours {r['floor'] / ours:.2f}"]
         parts += [f"{peer} {r[peer] / ours:.2f}x slower" for peer in ("today", "eager") if peer in r]
         lines.append(" | ".join(parts))
+    for (case, threads), r in sorted(HEAD_SHORT.items()):
+        lines.append(f"{case:32s} {threads} thread{'s' if threads > 1 else ' '} ours {r['ours_s'] * 1e3:9.2f} ms | "
+                     f"floor/ours {r['floor_s'] / r['ours_s']:.2f} | " +
+                     ", ".join(f"{arm} {r[arm]:.2f}x slower" for arm in ("two ops", "today", "eager") if arm in r))
     for shape, ratios in INTERLEAVED.items():
         lines.append(f"{shape:12s} forward+backward interleaved, per-round ratios to fused: " +
                      ", ".join(f"{impl} {r:.2f}x slower" for impl, r in ratios.items()))
@@ -378,6 +386,64 @@ def test_short_texts(benchmark, case, threads, impl):
     finally:
         torch.set_num_threads(THREADS)
     SHORT.setdefault((case, threads), {"floor": floor})[impl] = benchmark.stats.stats.median
+
+
+# The head in training at short texts (ids "head-..."): the attention, ReLU, dropout (p = 0.5) and the score,
+# forward and backward to the [B, L] scores' gradient, B = 40, values v as the model passes them. Arms, in
+# turn in every round (interleaved_rounds): "ours" (ops.label_attention_head: the one op where its packed
+# path runs, else the two ops), "two ops" (this checkout's label_attention then relu_dropout_dot), "today"
+# (an earlier revision's two ops, with XMCNAS_BASELINE_LIB) and "eager" (the reference composition); the
+# floor, 7 L R D multiply-adds at torch.mm's rate. D = 256 is past the packed path: there ours is the two ops.
+HEAD_SHORT_CASES = {f"head-n{N}-l{L}-d{D}": (N, L, D)
+                    for N, L, D in [(8, 4190, 64), (16, 4190, 64), (32, 4190, 64), (64, 4190, 64), (16, 31000, 64),
+                                    (16, 4190, 256)]}
+HEAD_SHORT = {}  # (case, threads) -> {arm: median over rounds of (its time / ours in that round), "ours_s", "floor_s"}
+
+
+def head_short_arms(N, L, D):
+    """{arm: a forward+backward of the head's scores} on one set of inputs."""
+    h, mask, W, v, _ = short_inputs(40, N, D, L, requires_grad=True)
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(D, generator=g).requires_grad_()
+    grad = torch.randn(40, L, generator=g)
+    arms = {"ours": lambda: ops.label_attention_head(h, mask, W, v, w, 0.5),
+            "two ops": lambda: ops.relu_dropout_dot(ops.label_attention(h, mask, W, v), w, 0.5),
+            "eager": lambda: ops.relu_dropout_dot_reference(ops.label_attention_reference(h, mask, W, v), w, 0.5)}
+    if baseline.kernels() is not None:
+        k = baseline.kernels()
+        arms["today"] = lambda: k.relu_dropout_dot(k.label_attention(h, mask, W, v), w, 0.5)
+
+    def run(fn):
+        def once():
+            h.grad = W.grad = v.grad = w.grad = None
+            fn().backward(grad)
+        return once
+    return {arm: run(fn) for arm, fn in arms.items()}, int(mask.sum())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", list(HEAD_SHORT_CASES))
+def test_short_head_train(benchmark, case, threads):
+    if not ops.has_kernel("label_attention", "cpu"):
+        pytest.skip(f"compiled kernel not in use: {ops.extension_status()}")
+    N, L, D = HEAD_SHORT_CASES[case]
+    benchmark.group = f"head in training {case} {threads} thread(s), interleaved"
+    if benchmark.disabled and L * D > 4190 * 64:
+        return  # a plain test run: one round of the small cases only
+    arms, real = head_short_arms(N, L, D)
+    torch.set_num_threads(threads)
+    try:
+        floor = None if benchmark.disabled else floor_seconds(7 * L * real * D, threads)
+        times = interleaved_rounds(benchmark, arms, 7)
+    finally:
+        torch.set_num_threads(THREADS)
+    if times is None:
+        return
+    ours = times["ours"][1:]
+    r = {arm: statistics.median(t / o for t, o in zip(times[arm][1:], ours)) for arm in arms if arm != "ours"}
+    r.update(ours_s=statistics.median(ours), floor_s=floor)
+    benchmark.extra_info.update({k: round(v, 5) for k, v in r.items()})
+    HEAD_SHORT[(case, threads)] = r
 
 
 if __name__ == "__main__":  # python benchmarks/bench_label_attention.py IMPL MODE SHAPE

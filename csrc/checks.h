@@ -213,6 +213,16 @@ inline void topk_metrics_values(bool bad_ends, bool decreasing, bool negative, b
   TORCH_CHECK_VALUE(!nan, "topk_metrics: scores contain NaN");
 }
 
+// The head's last weights w [Dv] of label_attention_score and label_attention_head: float32 or h's dtype,
+// on h's device.
+inline void head_weights(const char* op, const at::Tensor& h, const at::Tensor& w, int64_t Dv) {
+  TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == Dv, op, ": w must be [Dv] with Dv = ", Dv, ", got ", w.sizes());
+  TORCH_CHECK_VALUE(w.scalar_type() == at::kFloat || w.scalar_type() == h.scalar_type(), op,
+                    ": w must be float32 or h's dtype (", dtype_name(h.scalar_type()), "), got ",
+                    dtype_name(w.scalar_type()));
+  check_device(op, w, "w", h, "h");
+}
+
 // `op` is dropout or dropout_backward; x is the input (the backward: grad).
 inline void dropout_inputs(const char* op, const at::Tensor& x, double p, const at::Tensor& seed) {
   TORCH_CHECK_VALUE(p >= 0.0 && p < 1.0, op, ": p must be in [0, 1), got ", p);

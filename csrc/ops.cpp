@@ -28,6 +28,16 @@ TORCH_LIBRARY(xmcnas_fast, m) {
   // writes only the scores [B,L] (h's dtype): score[b,l] = sum_d w[d] relu(ctx[b,l,d]), w [Dv]
   // float32 or h's dtype. Not differentiable. CPU kernel; elsewhere ops.py composes the two.
   m.def("label_attention_score(Tensor h, Tensor mask, Tensor W, Tensor? v, Tensor w) -> Tensor");
+  // The head in training, label_attention then relu_dropout_dot, in one op: score[b,l] = sum_d w[d]
+  // dropout(relu(ctx))[b,l,d] with ctx = label_attention(h, mask, W, v) (v required) and dropout's mask at
+  // ctx's element indices (the two ops' results with the same seed). Returns (score [B,L] in h's dtype, lse
+  // [B,L] float32, gate int16 [B,L,(Dv+15)/16]: bit d%16 of word d/16 set where ctx > 0 and the element is
+  // kept). The backward returns (grad_h, grad_W, grad_v, grad_w), grad_w in w's dtype. CPU kernel only.
+  m.def("label_attention_head(Tensor h, Tensor mask, Tensor W, Tensor v, Tensor w, float p, Tensor seed) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "label_attention_head_backward(Tensor grad, Tensor h, Tensor mask, Tensor W, Tensor v, Tensor w, float p, "
+      "Tensor seed, Tensor lse, Tensor gate) -> (Tensor, Tensor, Tensor, Tensor)");
   // The same two through the device's matrix products, a block of labels at a
   // time (csrc/label_attention_gemm.h: what CUDA runs for float32), for any
   // device and dtype: private, for the tests, which set the labels per block

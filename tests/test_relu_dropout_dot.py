@@ -139,12 +139,13 @@ def test_out_of_training_nothing_is_dropped_and_no_seed_is_drawn():
 
 
 def test_the_head_uses_it_and_scores_as_the_unfused_tail(monkeypatch):
-    """A model with one FC layer takes the fused tail (not under autocast), and scores as the unfused head."""
+    """A model with one FC layer takes the fused tail (label_attention_head: the attention and this op's
+    tail; not under autocast), and scores as the unfused head."""
     from xmcnas_fast import model as model_module
     from xmcnas_fast.model import ModelConfig, build_model
 
-    calls, real = [], ops.relu_dropout_dot
-    monkeypatch.setattr(model_module.ops, "relu_dropout_dot", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls, real = [], ops.label_attention_head
+    monkeypatch.setattr(model_module.ops, "label_attention_head", lambda *a, **k: calls.append(1) or real(*a, **k))
 
     torch.manual_seed(0)
     cfg = ModelConfig(genotype={"nodes": [["conv3", 0]], "merge": "sum"}, emb_dim=8, width=8, fc=[8])

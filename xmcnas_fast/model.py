@@ -214,17 +214,15 @@ class AttentionHead(nn.Module):
             # (Rows always hold a real token: the data layer gives an empty text one <unk>.)
             first = fc.pop(0)
             v = F.linear(h, first.weight, first.bias).to(h.dtype)                # [B, N, fc0]
-            # One FC layer (the presets, the budgets): ReLU, dropout and the score in one pass. Not under
-            # autocast, whose products cast their weights to its dtype (the precision rule: one dtype
-            # through the head); there the two steps, as the Linear layers. Out of training, with no
-            # gradient wanted, the attention too: only the [B, L] scores are written, never the context.
-            one_pass = not fc and not torch.is_autocast_enabled(h.device.type)
-            if one_pass and not self.training:
-                return ops.label_attention_score(h, mask, W, v, self.out.weight[0]) + self.label_bias
-            ctx = ops.label_attention(h, mask, W, v)                             # [B, L, fc0]
-            if one_pass:
-                return ops.relu_dropout_dot(ctx, self.out.weight[0], self.p, self.training) + self.label_bias
-            x = self._act(ctx)
+            # One FC layer (the presets, the budgets): the attention, ReLU, dropout and the score in one
+            # op, which writes only the [B, L] scores where its kernel runs (out of training; in training
+            # at short texts), else label_attention then relu_dropout_dot. Not under autocast, whose
+            # products cast their weights to its dtype (the precision rule: one dtype through the head);
+            # there the two steps, as the Linear layers.
+            if not fc and not torch.is_autocast_enabled(h.device.type):
+                return ops.label_attention_head(h, mask, W, v, self.out.weight[0], self.p, self.training) \
+                    + self.label_bias
+            x = self._act(ops.label_attention(h, mask, W, v))                   # [B, L, fc0]
         else:
             fn = ops.label_attention if self.use_kernels else ops.label_attention_reference
             x = fn(h, mask, W)                                                  # [B, L, D]

@@ -11,8 +11,8 @@ Each operator has
     torch (a warning says so once, at import). The references check their
     inputs as the kernels do, with the very same messages.
 
-Public functions: label_attention, label_attention_score, label_attention_shortlist, topk_metrics,
-layer_sum, dropout, relu_dropout_dot. Use these, never torch.ops.xmcnas_fast directly: they choose the
+Public functions: label_attention, label_attention_score, label_attention_head, label_attention_shortlist,
+topk_metrics, layer_sum, dropout, relu_dropout_dot. Use these, never torch.ops.xmcnas_fast directly: they choose the
 compiled op or the reference.
 """
 from __future__ import annotations
@@ -32,9 +32,9 @@ from .op_contracts import (check_label_attention_inputs, check_label_attention_s
 
 __all__ = [
     "label_attention", "label_attention_score", "label_attention_shortlist", "topk_metrics", "layer_sum", "dropout",
-    "relu_dropout_dot", "label_attention_reference", "label_attention_score_reference",
+    "relu_dropout_dot", "label_attention_head", "label_attention_reference", "label_attention_score_reference",
     "label_attention_shortlist_reference", "topk_metrics_reference", "layer_sum_reference", "dropout_reference",
-    "relu_dropout_dot_reference",
+    "relu_dropout_dot_reference", "label_attention_head_reference",
     "EXTENSION_LOADED", "extension_status", "has_kernel",
 ]
 
@@ -81,7 +81,8 @@ def extension_status() -> str:
 
 _OPS = ("label_attention", "label_attention_backward", "label_attention_score", "label_attention_shortlist",
         "label_attention_shortlist_backward", "topk_metrics", "layer_sum", "layer_sum_backward",
-        "dropout", "dropout_backward", "relu_dropout_dot", "relu_dropout_dot_backward")
+        "dropout", "dropout_backward", "relu_dropout_dot", "relu_dropout_dot_backward", "label_attention_head",
+        "label_attention_head_backward")
 # which compiled op has a kernel for which device: asked once, so that choosing traces under torch.compile
 
 
@@ -95,6 +96,11 @@ def _dispatch_has_kernel(op: str, key: str) -> bool:
 
 
 _KERNELS = {(op, dev): _dispatch_has_kernel(op, key) for op in _OPS for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))}
+
+
+# whether the CPU has AVX-512, as torch sees it (the kernels' own check also honours XMCNAS_CPU_ISA=generic)
+_CPU_AVX512 = (torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX")
+               and os.environ.get("XMCNAS_CPU_ISA", "") != "generic")
 
 
 def has_kernel(op: str, device_type: str) -> bool:
@@ -127,7 +133,11 @@ def check_label_attention_score_inputs(h: torch.Tensor, mask: torch.Tensor, W: t
                                        v: Optional[torch.Tensor], w: torch.Tensor) -> None:
     """Raise ValueError, as the compiled op does, unless (h, mask, W, v, w) is a valid label_attention_score input."""
     check_label_attention_inputs(h, mask, W, v)
-    op, Dv = "label_attention_score", (h if v is None else v).shape[2]
+    _check_head_weights("label_attention_score", h, w, (h if v is None else v).shape[2])
+
+
+def _check_head_weights(op: str, h: torch.Tensor, w: torch.Tensor, Dv: int) -> None:
+    """The head's last weights w [Dv]: float32 or h's dtype, on h's device (csrc/checks.h's head_weights)."""
     if w.dim() != 1 or w.shape[0] != Dv:
         raise ValueError(f"{op}: w must be [Dv] with Dv = {Dv}, got {list(w.shape)}")
     if w.dtype not in (torch.float32, h.dtype):
@@ -142,6 +152,24 @@ def label_attention_score_reference(h: torch.Tensor, mask: torch.Tensor, W: torc
     """relu(label_attention_reference(h, mask, W, v)) @ w, in h's dtype."""
     check_label_attention_score_inputs(h, mask, W, v, w)
     return F.relu(label_attention_reference(h, mask, W, v)) @ w.to(h.dtype)
+
+
+def check_label_attention_head_inputs(h: torch.Tensor, mask: torch.Tensor, W: torch.Tensor, v: torch.Tensor,
+                                      w: torch.Tensor, p: float, op: str = "label_attention_head") -> None:
+    """Raise ValueError, as the compiled op does, unless (h, mask, W, v, w, p) is a valid label_attention_head
+    input (the seed, drawn by ops.label_attention_head itself, is always valid)."""
+    check_label_attention_inputs(h, mask, W, v, op)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"{op}: p must be in [0, 1), got {p:g}")
+    _check_head_weights(op, h, w, v.shape[2])
+
+
+def label_attention_head_reference(h: torch.Tensor, mask: torch.Tensor, W: torch.Tensor, v: Optional[torch.Tensor],
+                                   w: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """relu_dropout_dot_reference(label_attention_reference(h, mask, W, v), w, p, training): the head's
+    scores [B, L] through torch's own dropout (another random stream)."""
+    check_label_attention_head_inputs(h, mask, W, h if v is None else v, w, p)
+    return relu_dropout_dot_reference(label_attention_reference(h, mask, W, v), w, p, training)
 
 
 def label_attention_shortlist_reference(h: torch.Tensor, mask: torch.Tensor, W: torch.Tensor, labels: torch.Tensor,
@@ -406,6 +434,39 @@ if EXTENSION_LOADED:
                                     setup_context=_relu_dropout_dot_setup)
 
 
+    if _op_defined("label_attention_head"):
+
+        @torch.library.register_fake("xmcnas_fast::label_attention_head")
+        def _label_attention_head_fake(h, mask, W, v, w, p, seed):
+            check_label_attention_head_inputs(h, mask, W, v, w, p)
+            B, L, words = h.shape[0], W.shape[0], (v.shape[2] + 15) // 16
+            return (h.new_empty(B, L), h.new_empty(B, L, dtype=torch.float32),
+                    h.new_empty(B, L, words, dtype=torch.int16))
+
+        @torch.library.register_fake("xmcnas_fast::label_attention_head_backward")
+        def _label_attention_head_backward_fake(grad, h, mask, W, v, w, p, seed, lse, gate):
+            check_label_attention_head_inputs(h, mask, W, v, w, p, "label_attention_head_backward")
+            return torch.empty_like(h), torch.empty_like(W), torch.empty_like(v), torch.empty_like(w)
+
+        def _label_attention_head_setup(ctx, inputs, output):
+            h, mask, W, v, w, ctx.p, seed = inputs
+            _, lse, gate = output
+            ctx.mark_non_differentiable(lse, gate)
+            ctx.set_materialize_grads(False)  # no zeros made for lse's and the gate's gradients
+            ctx.save_for_backward(h, mask, W, v, w, seed, lse, gate)
+
+        def _label_attention_head_backward(ctx, grad, grad_lse, grad_gate):
+            if grad is None:
+                return None, None, None, None, None, None, None
+            h, mask, W, v, w, seed, lse, gate = ctx.saved_tensors
+            grad_h, grad_W, grad_v, grad_w = torch.ops.xmcnas_fast.label_attention_head_backward(
+                grad.contiguous(), h, mask, W, v, w, ctx.p, seed, lse, gate)
+            return grad_h, None, grad_W, grad_v, grad_w, None, None
+
+        torch.library.register_autograd("xmcnas_fast::label_attention_head", _label_attention_head_backward,
+                                        setup_context=_label_attention_head_setup)
+
+
 def _compiled(op: str, device: torch.device) -> bool:
     return has_kernel(op, device.type)
 
@@ -449,6 +510,36 @@ def label_attention_score(h: torch.Tensor, mask: torch.Tensor, W: torch.Tensor, 
         return torch.ops.xmcnas_fast.label_attention_score(h, mask, W, v, w)
     check_label_attention_score_inputs(h, mask, W, v, w)
     return relu_dropout_dot(label_attention(h, mask, W, v), w, 0.0, training=False)
+
+
+def _head_packs(h: torch.Tensor, v: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether label_attention_head's CPU kernel takes its packed path for these shapes (float32, rows of at
+    most 64 tokens, D and Dv at most 128, AVX-512: csrc/cpu/label_attention_plan.h), where it beats the two
+    ops; from the shapes alone (the padded length, not the real tokens), so that the choice traces."""
+    return (h.dtype == torch.float32 and w.dtype == torch.float32 and h.shape[1] <= 64 and h.shape[2] <= 128
+            and v.shape[2] <= 128 and _CPU_AVX512)
+
+
+def label_attention_head(h: torch.Tensor, mask: torch.Tensor, W: torch.Tensor, v: Optional[torch.Tensor],
+                         w: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """The attention head's scores, relu_dropout_dot(label_attention(h, mask, W, v), w, p, training), [B, L] in
+    h's dtype. In training on the CPU, where the shapes are short texts' (see _head_packs), one op that never
+    writes the [B, L, Dv] context nor its gradient: the backward makes what it needs from a bit a context
+    element (ReLU and dropout's gate) and the saved log-sum-exp. Its dropout mask is relu_dropout_dot's (the
+    same draw from torch's generator gives the same scores). Elsewhere the two ops; out of training with no
+    gradient wanted, label_attention_score. Inputs as label_attention_score takes them, and p in [0, 1)."""
+    mask = mask.bool()
+    vals = h if v is None else v
+    if not training:
+        p = 0.0
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, W, v, w))
+    if p == 0.0 and not grad:
+        return label_attention_score(h, mask, W, v, w)
+    if _compiled("label_attention_head", h.device) and _head_packs(h, vals, w):
+        seed = torch.randint(0, 2**62, (), dtype=torch.int64) if p > 0 else torch.zeros((), dtype=torch.int64)
+        return torch.ops.xmcnas_fast.label_attention_head(h, mask, W, vals, w, float(p), seed)[0]
+    check_label_attention_head_inputs(h, mask, W, vals, w, p)
+    return relu_dropout_dot(label_attention(h, mask, W, v), w, p, training)
 
 
 def label_attention_shortlist(h: torch.Tensor, mask: torch.Tensor, W: torch.Tensor, labels: torch.Tensor,

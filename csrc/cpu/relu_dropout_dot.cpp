@@ -30,9 +30,15 @@
 #include "../checks.h"
 #include "avx512.h"
 #include "dropout_mask.h"
+#include "dropout_bits.h"
 #include "output_buffers.h"
 
 namespace {
+
+using xmcnas_fast::cpu::chunk_bits_portable;
+#if XMCNAS_HAS_AVX512_CODE
+using xmcnas_fast::cpu::chunk_bits_avx512;
+#endif
 
 constexpr int64_t kRowChunk = 256;
 
@@ -64,29 +70,6 @@ struct Chunk {
   const uint64_t* words = nullptr;  // null: nothing is dropped
   int64_t g0 = 0;
 };
-
-void chunk_bits_portable(uint64_t seed, uint64_t g0, int64_t count, uint64_t* out) {
-  for (int64_t g = 0; g < count; ++g) out[g] = xmcnas_fast::dropout_bits(seed, g0 + static_cast<uint64_t>(g));
-}
-
-#if XMCNAS_HAS_AVX512_CODE
-XMCNAS_AVX512 void chunk_bits_avx512(uint64_t seed, uint64_t g0, int64_t count, uint64_t* out) {
-  const __m512i phi = _mm512_set1_epi64(static_cast<long long>(0x9e3779b97f4a7c15ULL));
-  const __m512i c1 = _mm512_set1_epi64(static_cast<long long>(0xbf58476d1ce4e5b9ULL));
-  const __m512i c2 = _mm512_set1_epi64(static_cast<long long>(0x94d049bb133111ebULL));
-  const __m512i s = _mm512_set1_epi64(static_cast<long long>(seed));
-  __m512i g = _mm512_add_epi64(_mm512_set1_epi64(static_cast<long long>(g0)), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0));
-  const __m512i eight = _mm512_set1_epi64(8);
-  int64_t i = 0;
-  for (; i + 8 <= count; i += 8, g = _mm512_add_epi64(g, eight)) {
-    __m512i z = _mm512_add_epi64(s, _mm512_mullo_epi64(g, phi));
-    z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 30)), c1);
-    z = _mm512_mullo_epi64(_mm512_xor_si512(z, _mm512_srli_epi64(z, 27)), c2);
-    _mm512_storeu_si512(out + i, _mm512_xor_si512(z, _mm512_srli_epi64(z, 31)));
-  }
-  chunk_bits_portable(seed, g0 + static_cast<uint64_t>(i), count - i, out + i);
-}
-#endif
 
 // keep_i * relu(x_i) * scale, and the gate keep_i * (x_i > 0) * scale, for element i of a chunk.
 template <typename opmath_t>
