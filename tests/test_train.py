@@ -11,6 +11,8 @@ import torch.nn as nn
 from xmcnas_fast.model import ModelConfig, build_model
 from xmcnas_fast.space import Genotype
 from xmcnas_fast.optim import GradientClipper
+from xmcnas_fast.evolution import RegularizedEvolution
+from xmcnas_fast.fitness import ranked, record_tie
 from xmcnas_fast.train import BestWeights, Trainer, TrainConfig, evaluate, train_model
 
 SMALL = dict(emb_dim=16, width=16, fc=[16])
@@ -189,6 +191,35 @@ def test_best_weights_are_a_copy_and_only_a_strictly_better_p5_replaces_them():
     best.update(model, {"P@1": 0.1, "P@5": 0.3}, step=3, epoch=2)
     assert (best.step, best.stale, best.figure) == (3, 0, 0.3) and torch.equal(best.state["weight"], model.weight)
     assert best.curve == [[1, 1, 0.5, 0.2], [2, 1, 0.9, 0.2], [3, 2, 0.1, 0.3]] and best.evaluated_at(3)
+
+
+def test_a_tie_of_the_fused_figure_goes_to_the_better_network():
+    """Where the lexical model leaves the network nothing to add, the fused P@5 stays at the lexical
+    model's own: the weights kept are then those of the better network, not the first evaluated."""
+    model = nn.Linear(3, 1)
+    best = BestWeights()
+    best.update(model, {"P@1": 0.4, "P@5": 0.22, "fused": {"P@5": 0.7}}, step=1, epoch=1)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    best.update(model, {"P@1": 0.6, "P@5": 0.30, "fused": {"P@5": 0.7}}, step=2, epoch=1)
+    assert (best.step, best.stale, best.figure) == (2, 0, 0.7) and torch.equal(best.state["weight"], model.weight)
+    best.update(model, {"P@1": 0.7, "P@5": 0.35, "fused": {"P@5": 0.69}}, step=3, epoch=1)   # the fused one rules
+    best.update(model, {"P@1": 0.5, "P@5": 0.25, "fused": {"P@5": 0.7}}, step=4, epoch=1)
+    assert (best.step, best.stale) == (2, 2)
+
+
+def test_the_search_ranks_a_fused_tie_by_the_network_alone():
+    flat = {"status": "ok", "rung": 1, "fused": {"valid": {"P@5": 0.7}}}
+    weak, strong = ({**flat, "id": i, "fitness": 0.7, "valid": {"P@5": p}} for i, p in ((1, 0.22), (2, 0.31)))
+    better_fused = {**flat, "id": 3, "fitness": 0.71, "valid": {"P@5": 0.05}}
+    assert [r["id"] for r in ranked([weak, better_fused, strong])] == [3, 2, 1]
+    evo = RegularizedEvolution(population_size=2, cycles=0, sample_size=2, seed=0)
+    a, b = evo.propose(), evo.propose()
+    evo.tell(a.id, 0.7, rung=1, tie=record_tie(weak))
+    evo.tell(b.id, 0.7, rung=1, tie=record_tie(strong))
+    assert evo.best() is b
+    unfused = {"status": "ok", "rung": 1, "fitness": 0.3, "valid": {"P@5": 0.3}}
+    assert record_tie(unfused) is None and record_tie({**weak, "short": {"P@5": 0.6}, "rung": 0}) is None
 
 
 def test_gradient_clipping_follows_the_recent_norms_as_attentionxml_does():

@@ -35,11 +35,12 @@ class Candidate:
     stands_in_for: Optional[int] = None   # drawn at random for this parent: its mutations were all in flight
     rung: int = 0                         # the budget `fitness` comes from: 0 the short one, 1 the full one
     short_fitness: Optional[float] = None  # validation P@5 at the short budget (short runs first only)
+    tie: Optional[float] = None           # its network's own figure, where `fitness` is fused (rank_key)
 
 
 def _key(c: Candidate) -> tuple:
     """How candidates rank: fitness.rank_key, the one order of the search."""
-    return rank_key(c.rung, c.fitness)
+    return rank_key(c.rung, c.fitness, c.tie)
 
 
 def _finite(x: Optional[float]) -> Optional[float]:
@@ -92,13 +93,15 @@ class Strategy:
         raise NotImplementedError
 
     def tell(self, cand_id: int, fitness: Optional[float], *, rung: int = 0,
-             short_fitness: Optional[float] = None) -> Candidate:
+             short_fitness: Optional[float] = None, tie: Optional[float] = None) -> Candidate:
         """A finished candidate: its fitness at budget `rung` (1: it went on to the full budget after
-        its short run), and its figure at the short budget when it had one."""
+        its short run), its figure at the short budget when it had one, and the figure that breaks a
+        tie of fitness (`fitness.rank_key`)."""
         if cand_id in self.told:
             raise ValueError(f"candidate {cand_id} was told twice")
         c = self.candidates[cand_id]
         c.fitness, c.rung, c.short_fitness = _finite(fitness), int(rung), _finite(short_fitness)
+        c.tie = _finite(tie)
         self.told.add(cand_id)
         self.history.append(c)
         return c

@@ -10,6 +10,11 @@ stores it in each record's "fitness" field when the record is made, and everythi
 strategy, the ranking, best.json, the bundles kept, the final model's test, the analysis) reads that
 field through `rank_key`.
 
+Where two fused figures are equal, the network's own figure (`network_figure`) breaks the tie: on
+data where the lexical model leaves the network nothing to add (a fused figure flat at the lexical
+model's own), the trainer still keeps the weights of a better network and the search still ranks
+the stronger networks first, instead of the first evaluated.
+
 To optimize another figure, change `validation_figure` (and what the trainer's evaluation
 computes): nothing else decides what "better" means.
 
@@ -34,6 +39,27 @@ def validation_figure(metrics: Optional[Mapping]) -> Optional[float]:
     return (metrics.get("fused") or metrics).get(FIGURE)
 
 
+def network_figure(metrics: Optional[Mapping]) -> Optional[float]:
+    """The network's own figure in a validation evaluation fused with the lexical stage (None when it
+    was not fused: then the validation figure is the network's already)."""
+    if not metrics or not metrics.get("fused"):
+        return None
+    return metrics.get(FIGURE)
+
+
+def better(metrics: Mapping, best: Optional[Mapping]) -> bool:
+    """Whether a validation evaluation beats the best so far: a higher validation figure, or the same
+    with a higher network figure."""
+    if best is None:
+        return True
+    return _order(metrics) > _order(best)
+
+
+def _order(metrics: Mapping) -> tuple:
+    tie = network_figure(metrics)
+    return (validation_figure(metrics), -math.inf if tie is None else tie)
+
+
 def fitness(record: Mapping) -> Optional[float]:
     """The fitness of a training's record ({"status", "valid": metrics, "fused": {"valid": ...}?,
     ...}): its validation figure when the training ended well, else None."""
@@ -44,16 +70,27 @@ def fitness(record: Mapping) -> Optional[float]:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
 
 
-def rank_key(rung: Optional[int], figure: Optional[float]) -> tuple:
+def rank_key(rung: Optional[int], figure: Optional[float], tie: Optional[float] = None) -> tuple:
     """Higher is better. A figure ranks first by the budget it comes from (rung 1, the full budget,
     above rung 0, a short run: figures of different budgets are never weighed against each other,
-    as in successive halving), then by the figure; no figure ranks below every figure."""
-    return (-math.inf, -math.inf) if figure is None else (rung or 0, figure)
+    as in successive halving), then by the figure, then by `tie` (the network's own figure of a fused
+    one); no figure ranks below every figure."""
+    if figure is None:
+        return (-math.inf, -math.inf, -math.inf)
+    return (rung or 0, figure, -math.inf if tie is None else tie)
+
+
+def record_tie(record: Mapping) -> Optional[float]:
+    """The tie-breaking figure of a history record: its network's own validation figure where its
+    fitness is a fused one (full-budget records; a short run's figure has none)."""
+    if not (record.get("fused") or {}).get("valid") or (record.get("short") and not record.get("rung")):
+        return None
+    return (record.get("valid") or {}).get(FIGURE)
 
 
 def record_rank(record: Mapping) -> tuple:
     """`rank_key` of a history record (or anything with "rung" and "fitness" keys)."""
-    return rank_key(record.get("rung"), record.get("fitness"))
+    return rank_key(record.get("rung"), record.get("fitness"), record_tie(record))
 
 
 def ranked(records) -> list:

@@ -17,7 +17,7 @@ from .candidate import train_candidate
 from .contract import CandidateTask, LexicalPart, ParentWeights, ShortRun
 from .evolution import Candidate, Strategy
 from .final import search_time_is_up
-from .fitness import ranked
+from .fitness import ranked, record_tie
 from .model import ModelConfig
 from .records import proposal_record, result_record, steps_to_reach
 from .runs import Run, RunError
@@ -35,7 +35,7 @@ def training_seed(search_seed: int, cand_id: int) -> int:
 def tell(strategy: Strategy, rec: dict) -> None:
     """Tell the strategy a finished candidate's fitness, with the budget it comes from."""
     strategy.tell(rec["id"], rec["fitness"], rung=rec.get("rung") or 0,
-                  short_fitness=(rec.get("short") or {}).get("P@5"))
+                  short_fitness=(rec.get("short") or {}).get("P@5"), tie=record_tie(rec))
 
 
 def replay(strategy: Strategy, run: Run) -> list[Candidate]:

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fitness import validation_figure
+from .fitness import better, validation_figure
 from .lexical.fusion import Fusion, LexicalLists, fused_metrics
 from .lexical.shortlist import force_positives, shortlist_fused_metrics, shortlist_recall, slot_targets
 from .metrics import MetricAccumulator, inv_propensity
@@ -180,9 +180,8 @@ class BestWeights:
     def update(self, model: nn.Module, v: dict, step: int, epoch: int) -> None:
         self.curve.append([step, epoch, round(v["P@1"], 6), round(v["P@5"], 6)]
                           + ([round(v["fused"]["P@5"], 6)] if "fused" in v else []))
-        figure = validation_figure(v)
-        if figure > self.figure:
-            self.figure, self.valid, self.step, self.stale = figure, v, step, 0
+        if better(v, self.valid):          # (a tie on the fused figure goes to the better network)
+            self.figure, self.valid, self.step, self.stale = validation_figure(v), v, step, 0
             self.state = {k: t.detach().to("cpu", copy=True) for k, t in model.state_dict().items()}
         else:
             self.stale += 1
