@@ -122,7 +122,8 @@ def test_the_summary_draws_the_best_architecture_and_shows_both_models(finished)
     assert "best architecture" in out and "0 embedding" in out
     assert "(search)" in out and "final, width 16" in out and "training the best architecture" in out
     # fused with the lexical stage: the result, its network alone and the stage alone, each a row
-    assert "fused with the lexical stage" in out and "its network alone" in out and "lexical stage alone (test: refit)" in out
+    assert "fused with the lexical stage" in out and "its network alone" in out and "lexical stage alone" in out
+    assert "test figures with the lexical stage are its serving stage's" in out
 
 
 def test_the_best_bundle_serves_the_fused_model(finished):

@@ -224,6 +224,8 @@ def print_summary(out, run) -> None:
     shown = final if final and final.get("layer_weights") else rec
     out.print(Genotype.from_dict(rec["genotype"]).draw(shown.get("layer_weights")))
     out.print(result_table(rec, final, run.lexical(), run.ensemble()))
+    if (run.lexical() or {}).get("serving"):
+        out.print("test figures with the lexical stage are its serving stage's: refit on every training document")
     if final and final.get("fitness") is None:
         out.print(f"[red]the final training ended {final['status']}[/red]: {final.get('error') or ''}; "
                   f"the result is the best candidate")
@@ -282,8 +284,7 @@ def result_table(rec: dict, final, lexical: Optional[dict] = None, ensemble: Opt
         rows.append(("  its network" + ("s" if served is ensemble else "") + " alone", served.get("valid") or {},
                      served.get("test") or {}))
     if lexical:
-        rows.append(("lexical stage alone" + (" (test: refit)" if lexical.get("serving") else ""), lexical["valid"],
-                     lexical["test"]))
+        rows.append(("lexical stage alone", lexical["valid"], lexical["test"]))
     names = [n for n in SUMMARY_METRICS if any(n in test for _, _, test in rows)]
     t = Table(title="validation P@5 and test split" + (" (fused with the lexical stage)" if served.get("fused") else ""))
     t.add_column("model", no_wrap=True)
