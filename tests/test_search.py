@@ -257,8 +257,11 @@ def test_kill_9_during_the_final_training_then_resume_trains_it_once(tmp_path, d
     out, _ = r.communicate(timeout=600)
     assert r.returncode == 0, out
     assert len(candidates(run_dir)) == 7 and out.count("training the best architecture") == 1
-    assert json.loads((run_dir / "final.json").read_text())["status"] == "ok"
-    assert json.loads((run_dir / "best.json").read_text())["id"] == "final"
+    final = json.loads((run_dir / "final.json").read_text())
+    assert final["status"] == "ok"
+    # the result is the final model where it does at least as well as the candidate it retrains (how
+    # well each does on this slice varies with torch's build), else that candidate
+    assert json.loads((run_dir / "best.json").read_text())["id"] == ("final" if final["chosen"] else final["of"])
 
 
 def test_once_only_the_final_share_of_the_time_is_left_no_candidate_starts_and_resume_agrees(tmp_path, debtags_slice):
