@@ -1,9 +1,18 @@
 import os
 
 import json
+import signal
 
 import pytest
 import torch
+
+
+def pytest_configure(config):
+    # Tests press Ctrl-C on the processes they start (a search, a scheduler's parent). A shell starts a
+    # background job (`cmd &`) with SIGINT ignored, which every child inherits through exec, and a
+    # child that ignores SIGINT never stops: the suite hands its children Python's own handler instead.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_addoption(parser):
