@@ -8,8 +8,9 @@ model's, and of the wall time; whether the difference is within the noise.
 
 An arm is a strategy with options: evolution, random, and evolution-noinherit /
 evolution-fidelity (inheritance off; short runs first, --set search.fidelity=STEPS), and for the
-lexical stage evolution-nolexical (fitness from the network alone) / evolution-residual (networks
-trained against the lexical model's residual). The test figures are those of the model a search
+lexical stage evolution-nolexical (no stage: the network alone, fitted and served) / evolution-network
+(fitness from the network alone, the result fused) / evolution-residual (networks trained against the
+lexical model's residual). The test figures are those of the model a search
 serves: fused with the lexical stage when it used one. Every run is a
 normal search directory under --runs-dir, so `xmcnas-fast analyze` reads each one.
 """
@@ -36,6 +37,7 @@ ARMS = {
     "evolution-fidelity": {"search": {"strategy": "evolution", "fidelity": 200}},
     "evolution-nolexical": {"search": {"strategy": "evolution"}, "lexical": {"enabled": False}},
     "evolution-residual": {"search": {"strategy": "evolution"}, "lexical": {"mode": "residual"}},
+    "evolution-network": {"search": {"strategy": "evolution"}, "lexical": {"fitness": "network"}},
 }
 FIGURES = ("best valid P@5", "best test P@5", "final valid P@5", "final test P@5", "result test P@1",
            "result test P@3", "result test P@5", "result network test P@1", "lexical test P@1", "lexical test P@3",

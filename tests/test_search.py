@@ -307,6 +307,22 @@ def test_torn_last_line_is_dropped(tmp_path):
     assert [r["id"] for r in JsonLog(str(tmp_path / "h.jsonl")).records] == [0, 1, 2]
 
 
+def test_a_search_judged_by_the_network_alone_still_serves_the_fused_model(tmp_path, debtags_slice):
+    from xmcnas_fast.bundle import load_bundle
+
+    p = search_cli(tmp_path, debtags_slice, "by-network", "--lexical-fitness", "network")
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+    run = Run.open(str(tmp_path / "runs" / "by-network"))
+    assert run.config["lexical"]["fitness"] == "network"
+    recs = [r for r in run.history.records if r["fitness"] is not None]
+    assert len(recs) >= 5
+    for r in [*recs, run.final()]:
+        assert r["judge"] == "network" and r["fitness"] == r["valid"]["P@5"] and r["fused"]["valid"]["P@5"] > 0
+    best = load_bundle(run.best()["model_dir"])
+    assert best.lexical is not None and best.fusion is not None      # the result is still the fused model
+
+
 def test_ctrl_c_stops_cleanly_and_resume_finishes(tmp_path, debtags_slice):
     p = search_cli(tmp_path, debtags_slice, "interrupted")
     run_dir = tmp_path / "runs" / "interrupted"

@@ -11,8 +11,10 @@ import torch.nn as nn
 from xmcnas_fast.model import ModelConfig, build_model
 from xmcnas_fast.space import Genotype
 from xmcnas_fast.optim import GradientClipper
-from xmcnas_fast.evolution import RegularizedEvolution
-from xmcnas_fast.fitness import ranked, record_tie
+from xmcnas_fast.evolution import Candidate, RegularizedEvolution
+from xmcnas_fast.fitness import fitness, ranked, record_tie, validation_figure
+from xmcnas_fast.records import result_record
+from xmcnas_fast.scheduler import TaskResult
 from xmcnas_fast.train import BestWeights, Trainer, TrainConfig, evaluate, train_model
 
 SMALL = dict(emb_dim=16, width=16, fc=[16])
@@ -220,6 +222,39 @@ def test_the_search_ranks_a_fused_tie_by_the_network_alone():
     assert evo.best() is b
     unfused = {"status": "ok", "rung": 1, "fitness": 0.3, "valid": {"P@5": 0.3}}
     assert record_tie(unfused) is None and record_tie({**weak, "short": {"P@5": 0.6}, "rung": 0}) is None
+
+
+def test_the_network_judge_keeps_the_best_network_and_breaks_its_ties_by_the_fused_figure():
+    """--lexical-fitness network: the weights kept are those of the best network alone, whatever the
+    fused figure says, and a tie of the network's figure goes to the better fused one."""
+    model = nn.Linear(3, 1)
+    best = BestWeights(judge="network")
+    best.update(model, {"P@1": 0.4, "P@5": 0.22, "fused": {"P@5": 0.71}}, step=1, epoch=1)
+    best.update(model, {"P@1": 0.6, "P@5": 0.30, "fused": {"P@5": 0.69}}, step=2, epoch=1)
+    assert (best.step, best.figure) == (2, 0.30)
+    best.update(model, {"P@1": 0.6, "P@5": 0.30, "fused": {"P@5": 0.70}}, step=3, epoch=1)
+    best.update(model, {"P@1": 0.6, "P@5": 0.30, "fused": {"P@5": 0.65}}, step=4, epoch=1)
+    assert (best.step, best.stale, best.figure) == (3, 1, 0.30)
+    fused_judge = BestWeights()
+    for step, v in enumerate([{"P@1": 0.4, "P@5": 0.22, "fused": {"P@5": 0.71}},
+                              {"P@1": 0.6, "P@5": 0.30, "fused": {"P@5": 0.69}}], 1):
+        fused_judge.update(model, v, step=step, epoch=1)
+    assert (fused_judge.step, fused_judge.figure) == (1, 0.71)
+
+
+def test_a_network_judged_record_ranks_by_the_network_and_ties_by_the_fused_figure():
+    genotype = Genotype([("conv1", 0)])
+    trained = {"status": "ok", "valid": {"P@5": 0.31}, "fused": {"valid": {"P@5": 0.46}}, "rung": 1}
+    cands = [Candidate(i, genotype) for i in range(3)]
+    recs = [result_record(c, TaskResult(str(c.id), "ok", None, None, "cpu", 1.0, 1), None, None, "network")
+            for c in cands]
+    for rec, (net, fused) in zip(recs, ((0.31, 0.46), (0.31, 0.47), (0.35, 0.44))):
+        rec.update({**trained, "valid": {"P@5": net}, "fused": {"valid": {"P@5": fused}}})
+        rec["fitness"] = fitness(rec, "network")
+    assert [r["judge"] for r in recs] == ["network"] * 3 and [r["fitness"] for r in recs] == [0.31, 0.31, 0.35]
+    assert [r["id"] for r in ranked(recs)] == [2, 1, 0]          # by the network, a tie by the fused figure
+    assert record_tie(recs[1]) == 0.47 and fitness(recs[1]) == 0.47   # the fused judge would take the fused one
+    assert validation_figure({"P@5": 0.3, "fused": {"P@5": 0.5}}, "network") == 0.3
 
 
 def test_gradient_clipping_follows_the_recent_norms_as_attentionxml_does():

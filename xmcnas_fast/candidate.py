@@ -46,7 +46,8 @@ def inherit_from(model, parent: Optional[ParentWeights]) -> Optional[dict]:
 def train_candidate(task: CandidateTask, ctx) -> CandidateResult:
     """Train one candidate in a worker (the scheduler's task function). Saves its bundle if its
     fitness beats task.save_above; with task.lexical, fused with that lexical stage (the fitness is
-    the fused model's, and the bundle carries the stage)."""
+    the fused model's, or the network's own where task.lexical.judge says so, and the bundle carries
+    the stage)."""
     from .bundle import save_bundle
 
     data, vectors = ctx.shared["data"], ctx.shared["vectors"]
@@ -61,7 +62,7 @@ def train_candidate(task: CandidateTask, ctx) -> CandidateResult:
                       short_steps=None if short is None else short.steps,
                       go_on=None if threshold is None else (lambda figure: figure >= threshold), lexical=lists)
     result = CandidateResult.from_training(res.record, inherited)
-    figure = fitness(res.record)
+    figure = fitness(res.record, task.lexical.judge if task.lexical else "fused")
     if res.state is not None and figure is not None and figure > task.save_above:
         fusion = None
         if result.fused:
@@ -76,7 +77,8 @@ def train_candidate(task: CandidateTask, ctx) -> CandidateResult:
 
 def lexical_lists(shared: dict, lexical: LexicalPart) -> LexicalLists:
     """The lexical stage's top lists, read once per worker."""
-    key = ("lexical", lexical.folder, lexical.residual, lexical.serving)
+    key = ("lexical", lexical.folder, lexical.residual, lexical.serving, lexical.judge)
     if key not in shared:
-        shared[key] = LexicalLists.from_stage(lexical.folder, residual=lexical.residual, serving=lexical.serving)
+        shared[key] = LexicalLists.from_stage(lexical.folder, residual=lexical.residual, serving=lexical.serving,
+                                              judge=lexical.judge)
     return shared[key]

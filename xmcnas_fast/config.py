@@ -19,8 +19,8 @@ __all__ = ["CONFIG_VERSION", "BUDGETS", "make_config", "migrate", "strategy_of",
 #: the layout of a run's config.json; `migrate` brings an older one to it. 2: the "final" section
 #: always present, train without device/threads (where a training runs is no setting). 3: the lexical
 #: stage's one-vs-rest model ("lexical" "ovr") and the result's ensemble ("final" "ensemble"). 4: the
-#: serving stage ("lexical" "refit").
-CONFIG_VERSION = 4
+#: serving stage ("lexical" "refit"). 5: what candidates are judged by ("lexical" "fitness").
+CONFIG_VERSION = 5
 
 # Budgets: starting points for every knob (each is also a flag).
 BUDGETS = {
@@ -95,8 +95,12 @@ def strategy_of(cfg: dict, factory=make_strategy) -> Strategy:
 #: document from the stage's tree (docs/design.md, "Extreme label spaces"; resolve_shortlist)
 #: refit: the result carries a serving stage, the same stage fitted again on every training document (the
 #: validation split's too), once the search's has served for choosing (fuse mode without a shortlist)
+#: fitness: what a candidate's validation evaluation is judged by (fitness.JUDGES): "fused", the network fused
+#: with the stage, or "network", the network alone (fuse mode; the fusion is still chosen and served on the
+#: fused figure; a residual network is always judged fused)
 LEXICAL_DEFAULTS = {"enabled": True, "mode": "fuse", "top_k": 50, "trees": 1, "ovr": "auto",
-                    "shortlist_above": SHORTLIST_ABOVE, "shortlist_k": SHORTLIST_K, "refit": True}
+                    "shortlist_above": SHORTLIST_ABOVE, "shortlist_k": SHORTLIST_K, "refit": True,
+                    "fitness": "fused"}
 LEXICAL_MODES = ("fuse", "residual")
 
 
@@ -173,7 +177,8 @@ def migrate(config: dict) -> dict:
     "final" is disabled); "amp": false becomes "precision": "fp32"; train's "device" and "threads"
     (where it ran, not how) are dropped; such a run had no lexical stage ("lexical" disabled).
     2 -> 3: the lexical stage had no one-vs-rest model ("ovr": "off"), the result no ensemble, the
-    head no shortlist (the switch's settings get their defaults). 3 -> 4: no serving stage ("refit" off)."""
+    head no shortlist (the switch's settings get their defaults). 3 -> 4: no serving stage ("refit" off).
+    4 -> 5: candidates judged by the fused figure ("fitness": "fused")."""
     version = config.get("version", 1)
     if not isinstance(version, int) or version > CONFIG_VERSION:
         raise ValueError(f"config version {version!r} is newer than this xmcnas-fast knows ({CONFIG_VERSION}): "
@@ -202,4 +207,7 @@ def migrate(config: dict) -> dict:
     if cfg["version"] < 4:
         cfg["lexical"] = {**cfg["lexical"], "refit": False}
         cfg["version"] = 4
+    if cfg["version"] < 5:
+        cfg["lexical"] = {**cfg["lexical"], "fitness": "fused"}
+        cfg["version"] = 5
     return cfg

@@ -41,11 +41,12 @@ class LexicalPart:
     """The lexical stage a task's network is fused with (docs/design.md "The lexical stage and
     fusion"): its folder, whether the network trains against its residual, and the serving stage's
     folder (fitted on every training document: the test lists and the bundle's lexical part come
-    from it; None: from `folder`)."""
+    from it; None: from `folder`), and what the network's evaluations are judged by (fitness.JUDGES)."""
 
     folder: str
     residual: bool = False
     serving: Optional[str] = None
+    judge: str = "fused"
 
     @property
     def served(self) -> str:

@@ -35,7 +35,7 @@ class Candidate:
     stands_in_for: Optional[int] = None   # drawn at random for this parent: its mutations were all in flight
     rung: int = 0                         # the budget `fitness` comes from: 0 the short one, 1 the full one
     short_fitness: Optional[float] = None  # validation P@5 at the short budget (short runs first only)
-    tie: Optional[float] = None           # its network's own figure, where `fitness` is fused (rank_key)
+    tie: Optional[float] = None           # the figure that breaks a tie of `fitness` (fitness.record_tie, rank_key)
 
 
 def _key(c: Candidate) -> tuple:

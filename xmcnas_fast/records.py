@@ -14,7 +14,7 @@ from .scheduler import TaskResult
 
 #: what a reused candidate takes from the record of the identical network trained before it
 REUSED_FIELDS = ("status", "error", "valid", "test", "fused", "layer_weights", "params", "epochs", "steps", "rung",
-                 "short")
+                 "short", "judge")
 
 
 def candidate_fields(c: Candidate) -> dict:
@@ -31,13 +31,14 @@ def proposal_record(c: Candidate, after_results: int) -> dict:
 
 
 def result_record(c: Candidate, res: Optional[TaskResult], result: Optional[CandidateResult],
-                  prior: Optional[dict]) -> dict:
+                  prior: Optional[dict], judge: str = "fused") -> dict:
     """A line of history.jsonl: the candidate, then the task's outcome (`res`, from the scheduler)
-    and the worker's `result`; for a reused candidate (`prior`: the record of the same network
-    trained before), that record's result instead."""
+    and the worker's `result`, its fitness judged by `judge` (fitness.JUDGES; recorded as "judge" where
+    it is not "fused"); for a reused candidate (`prior`: the record of the same network trained
+    before), that record's result instead."""
     base = {**candidate_fields(c), "depth": c.genotype.depth}
     if prior is not None:
-        return {**base, **{k: prior.get(k) for k in REUSED_FIELDS}, "fitness": prior.get("fitness"),
+        return {**base, **{k: prior.get(k) for k in REUSED_FIELDS if k != "judge" or k in prior}, "fitness": prior.get("fitness"),
                 "seconds": 0.0, "device": None, "attempts": 0, "finished": time.time()}
     out = {**base, "status": res.status, "error": res.error, "device": res.device,
            "attempts": res.attempts, "seconds": round(res.seconds, 3), "finished": time.time()}
@@ -45,7 +46,9 @@ def result_record(c: Candidate, res: Optional[TaskResult], result: Optional[Cand
         trained = result.to_dict()
         out.update({k: v for k, v in trained.items() if k not in ("device", "seconds")})
         out["train_seconds"] = trained["seconds"]
-    out["fitness"] = fitness(out)
+    out["fitness"] = fitness(out, judge)
+    if judge != "fused":
+        out["judge"] = judge
     return _json_safe(out)
 
 
@@ -59,9 +62,11 @@ def _json_safe(x):
     return x
 
 
-def steps_to_reach(curve: Optional[list], target: Optional[float]) -> Optional[int]:
+def steps_to_reach(curve: Optional[list], target: Optional[float], judge: str = "fused") -> Optional[int]:
     """The first step at which a validation curve reaches the fitness `target` (its rows: [step, epoch, P@1,
-    P@5] and, when fused with the lexical stage, the fused P@5: the fitness is the last column)."""
+    P@5] and, when fused with the lexical stage, the fused P@5: the fitness is the last column, or the
+    network's P@5 where the judge is the network)."""
     if not curve or target is None:
         return None
-    return next((row[0] for row in curve if row[-1] >= target), None)
+    col = 3 if judge == "network" else -1
+    return next((row[0] for row in curve if row[col] >= target), None)

@@ -31,7 +31,7 @@ from .records import result_record
 from .runs import Run, write_json_atomic
 from .scheduler import Event, TaskResult, make_scheduler
 from .scheduler.devices import DeviceRequest, parse_request, visible_cores
-from .search_loop import SEED_STRIDE, SearchLoop, lexical_part, replay, training_seed
+from .search_loop import SEED_STRIDE, SearchLoop, judge_of, lexical_part, replay, training_seed
 from .train import TrainConfig
 
 __all__ = ["run_search", "run_final", "final_threads", "load_data", "SearchOutcome"]
@@ -93,7 +93,8 @@ def run_final(run: Run, strategy: Strategy, sched, progress, threads: Optional[i
     sched.submit("final", train_candidate, task)
     progress.started("final", sched.running().get("final", "?"), label)
     res = _wait_for(sched, "final", progress)
-    out = {**result_record(strategy.candidates[best.id], res, res.value, None), "id": "final", "of": best.id,
+    out = {**result_record(strategy.candidates[best.id], res, res.value, None, judge_of(lexical)), "id": "final",
+           "of": best.id,
            "settings": {"model": {k: model[k] for k in FINAL_MODEL_KEYS},
                         "train": {k: train.get(k) for k in ("max_minutes", *FINAL_TRAIN_KEYS)}},
            "search_seconds": elapsed, "candidates": len(records)}
@@ -194,7 +195,7 @@ def prepare_lexical(run: Run, data, progress) -> Optional[dict]:
         run.set_lexical(info)
     m = info["valid"]
     progress.note(f"lexical stage alone: validation P@1 {100 * m['P@1']:.2f}  P@5 {100 * m['P@5']:.2f}")
-    return {**info, "residual": residual}
+    return {**info, "residual": residual, "judge": "fused" if residual else lex.get("fitness", "fused")}
 
 
 def serves_refit(cfg: dict) -> bool:

@@ -72,7 +72,13 @@ class SearchClock:
 
 def lexical_part(lexical: Optional[dict]) -> Optional[LexicalPart]:
     """What a task says of the search's lexical stage (None: the search has none)."""
-    return LexicalPart(lexical["folder"], lexical["residual"], lexical.get("serving")) if lexical else None
+    return LexicalPart(lexical["folder"], lexical["residual"], lexical.get("serving"), judge_of(lexical)) if lexical else None
+
+
+def judge_of(lexical: Optional[dict]) -> str:
+    """What the search's evaluations are judged by (fitness.JUDGES): its lexical stage's "judge" ("fused"
+    without a stage, where the two are one figure)."""
+    return (lexical or {}).get("judge", "fused")
 
 
 class SearchLoop:
@@ -194,10 +200,10 @@ class SearchLoop:
 
     def finish(self, c: Candidate, res: Optional[TaskResult], result) -> None:
         prior = self.records.get(c.reused_from) if c.reused_from is not None else None
-        out = result_record(c, res, result, prior)
+        out = result_record(c, res, result, prior, judge_of(self.lexical))
         if c.parent is not None and prior is None:
             parent = self.records.get(c.parent) or {}
-            out["steps_to_parent"] = steps_to_reach(out.get("curve"), parent.get("fitness"))
+            out["steps_to_parent"] = steps_to_reach(out.get("curve"), parent.get("fitness"), judge_of(self.lexical))
         out["elapsed"] = self.clock.seconds()
         self.run.history.append(dict(out))           # recorded first: a crash after this loses nothing
         self.records[c.id] = out

@@ -176,12 +176,13 @@ class BestWeights:
     state: Optional[dict] = None          # its weights, on the CPU
     stale: int = 0                        # evaluations without a better validation P@5
     curve: list = field(default_factory=list)   # [step, epoch, valid P@1, valid P@5 (, fused P@5)] each evaluation
+    judge: str = "fused"                  # what a fused evaluation is judged by (fitness.JUDGES)
 
     def update(self, model: nn.Module, v: dict, step: int, epoch: int) -> None:
         self.curve.append([step, epoch, round(v["P@1"], 6), round(v["P@5"], 6)]
                           + ([round(v["fused"]["P@5"], 6)] if "fused" in v else []))
-        if better(v, self.valid):          # (a tie on the fused figure goes to the better network)
-            self.figure, self.valid, self.step, self.stale = validation_figure(v), v, step, 0
+        if better(v, self.valid, self.judge):      # (a tie goes to the better other figure)
+            self.figure, self.valid, self.step, self.stale = validation_figure(v, self.judge), v, step, 0
             self.state = {k: t.detach().to("cpu", copy=True) for k, t in model.state_dict().items()}
         else:
             self.stale += 1
@@ -226,7 +227,7 @@ class Trainer:
         self.clipper = GradientClipper(cfg.clip)
         self.inv_prop = label_inv_propensity(data)
         self.deadline = time.monotonic() + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
-        self.best = BestWeights()
+        self.best = BestWeights(judge=lexical.judge if lexical else "fused")
         self.status, self.error = "ok", None
         self.step = self.epoch = self.docs = 0
         self.train_seconds = 0.0
@@ -374,7 +375,7 @@ class Trainer:
         if self.on_progress:
             loss = float(np.mean(self.running_loss)) if self.running_loss else None
             self.on_progress(epoch=self.epoch, step=self.step, loss=loss, valid_p1=v["P@1"],
-                             valid_p5=validation_figure(v), best_p5=self.best.figure)
+                             valid_p5=validation_figure(v, self.best.judge), best_p5=self.best.figure)
 
     def result(self, evaluate_test: bool = True) -> TrainResult:
         """The record of the run; the model is left holding its best weights."""
@@ -432,8 +433,9 @@ def train_model(model: nn.Module, data, cfg: TrainConfig, *, device="cpu", threa
     With `short_steps`, training stops after that many steps and goes on to its full budget only if
     go_on(best validation P@5 so far) says so; the record's "short" holds the short run's figure and
     "rung" says which budget its metrics come from (0 the short one, 1 the full one).
-    With `lexical`, weights and the short run's figure are chosen by the fused model's validation P@5
-    (`fitness.validation_figure`), and the record's "fused" holds its validation and test metrics and the fusion.
+    With `lexical`, weights and the short run's figure are chosen by the fused model's validation P@5, or
+    the network's own where lexical.judge is "network" (`fitness.validation_figure`), and the record's
+    "fused" holds its validation and test metrics and the fusion (chosen on the fused figure either way).
     Never raises for a diverging run: a NaN/inf loss ends it with status "nan".
     """
     device = _prepare(model, data, cfg, device, threads, label_bias=not (lexical is not None and lexical.residual))

@@ -30,7 +30,7 @@ SETTINGS = [
     ("final_min_minutes", "final", "min_minutes"), ("final_inherit", "final", "inherit"),
     ("ensemble", "final", "ensemble"), ("ensemble_min_gain", "final", "ensemble_min_gain"),
     ("lexical", "lexical", "enabled"), ("lexical_mode", "lexical", "mode"), ("lexical_trees", "lexical", "trees"),
-    ("lexical_ovr", "lexical", "ovr"), ("lexical_refit", "lexical", "refit"),
+    ("lexical_ovr", "lexical", "ovr"), ("lexical_refit", "lexical", "refit"), ("lexical_fitness", "lexical", "fitness"),
     ("shortlist_above", "lexical", "shortlist_above"), ("shortlist_k", "lexical", "shortlist_k"),
 ]
 #: data settings stored beside the budget's (CSV columns)

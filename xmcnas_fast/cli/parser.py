@@ -88,6 +88,10 @@ def add_search(sub) -> None:
                    help="fuse: the two models' probabilities combined as validation says (a weight on a grid); "
                    "residual: networks train with the lexical logits as a fixed offset, to learn what the "
                    "lexical model misses (default: fuse)")
+    g.add_argument("--lexical-fitness", choices=["fused", "network"],
+                   help="what a candidate is judged by: fused, the validation P@5 of the network fused with the "
+                   "stage; network, the network's own (the fusion is still chosen on validation and served). "
+                   "fuse mode only: a residual network is judged fused (default: fused; network measured no better on debtags)")
     g.add_argument("--lexical-trees", type=positive_int, metavar="N",
                    help="label trees in the lexical model, their probabilities averaged (default 1; 3 measured "
                    "+0.4 P@1 on debtags for 2.8x the fitting time)")

@@ -158,9 +158,11 @@ class LexicalLists:
     train: Optional[tuple] = None     # cross-fitted: each document's list from a tree that never saw it
     residual: bool = False            # the network trains with the lexical logits as a fixed offset
     shortlists: Optional[dict] = None  # {split: label ids [n, K]} of a stage that keeps shortlists (lexical/shortlist.py)
+    judge: str = "fused"              # what the trainer keeps weights by: the fused figure or the network's (fitness.JUDGES)
 
     @classmethod
-    def from_stage(cls, folder: str, residual: bool = False, serving: Optional[str] = None) -> "LexicalLists":
+    def from_stage(cls, folder: str, residual: bool = False, serving: Optional[str] = None,
+                   judge: str = "fused") -> "LexicalLists":
         """The lists of the stage in `folder`; with `serving` (a serving stage's folder: fitted on every
         training document), the test split's from that one, which the bundles carry."""
         from .stage import LexicalStage
@@ -170,7 +172,7 @@ class LexicalLists:
         shortlists = ({s: stage.split_shortlist(s) for s in ("train", "valid", "test")}
                       if stage.settings.shortlist else None)
         test = (LexicalStage.load(serving) if serving else stage).split_topk("test")
-        return cls(stage.split_topk("valid"), test, train, residual, shortlists)
+        return cls(stage.split_topk("valid"), test, train, residual, shortlists, judge)
 
     @property
     def methods(self) -> tuple:
