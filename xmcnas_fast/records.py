@@ -14,7 +14,7 @@ from .scheduler import TaskResult
 
 #: what a reused candidate takes from the record of the identical network trained before it
 REUSED_FIELDS = ("status", "error", "valid", "test", "fused", "layer_weights", "params", "epochs", "steps", "rung",
-                 "short", "judge")
+                 "short")
 
 
 def candidate_fields(c: Candidate) -> dict:
@@ -36,9 +36,9 @@ def result_record(c: Candidate, res: Optional[TaskResult], result: Optional[Cand
     and the worker's `result`, its fitness judged by `judge` (fitness.JUDGES; recorded as "judge" where
     it is not "fused"); for a reused candidate (`prior`: the record of the same network trained
     before), that record's result instead."""
-    base = {**candidate_fields(c), "depth": c.genotype.depth}
+    base = {**candidate_fields(c), "depth": c.genotype.depth, **({} if judge == "fused" else {"judge": judge})}
     if prior is not None:
-        return {**base, **{k: prior.get(k) for k in REUSED_FIELDS if k != "judge" or k in prior}, "fitness": prior.get("fitness"),
+        return {**base, **{k: prior.get(k) for k in REUSED_FIELDS}, "fitness": prior.get("fitness"),
                 "seconds": 0.0, "device": None, "attempts": 0, "finished": time.time()}
     out = {**base, "status": res.status, "error": res.error, "device": res.device,
            "attempts": res.attempts, "seconds": round(res.seconds, 3), "finished": time.time()}
@@ -47,8 +47,6 @@ def result_record(c: Candidate, res: Optional[TaskResult], result: Optional[Cand
         out.update({k: v for k, v in trained.items() if k not in ("device", "seconds")})
         out["train_seconds"] = trained["seconds"]
     out["fitness"] = fitness(out, judge)
-    if judge != "fused":
-        out["judge"] = judge
     return _json_safe(out)
 
 

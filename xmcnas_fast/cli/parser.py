@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from .. import __version__
+from ..fitness import JUDGES
 from ..space import OPERATIONS
 from .cmd_inspect import cmd_analyze, cmd_data_show
 from .cmd_models import cmd_evaluate, cmd_predict, cmd_train
@@ -88,7 +89,7 @@ def add_search(sub) -> None:
                    help="fuse: the two models' probabilities combined as validation says (a weight on a grid); "
                    "residual: networks train with the lexical logits as a fixed offset, to learn what the "
                    "lexical model misses (default: fuse)")
-    g.add_argument("--lexical-fitness", choices=["fused", "network"],
+    g.add_argument("--lexical-fitness", choices=JUDGES,
                    help="what a candidate is judged by: fused, the validation P@5 of the network fused with the "
                    "stage; network, the network's own (the fusion is still chosen on validation and served). "
                    "fuse mode only: a residual network is judged fused (default: fused; network measured no better on debtags)")
