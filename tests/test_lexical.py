@@ -375,6 +375,18 @@ def test_the_stage_averages_its_tree_with_a_one_vs_rest_model_where_labels_are_f
         LexicalSettings(ovr="maybe")
 
 
+def test_a_shorter_list_is_the_head_of_the_stages_list_whatever_k(stage, data):
+    # averaged lists are cut from each model's list of the stage's own depth: asking for 3 labels gives the
+    # first 3 of the cached lists, probabilities included, not an average of two shorter lists
+    full = stage_data(data)
+    assert stage.ovr is not None
+    ids, probs = stage.split_topk("test")
+    for k in (1, 3, SMALL_TREE.top_k):
+        short = stage.topk_tokens(full.test.token_ids, full.test.offsets, k)
+        np.testing.assert_array_equal(short[0], ids[:, :k])
+        np.testing.assert_allclose(short[1], probs[:, :k], rtol=1e-6)
+
+
 def test_a_stage_written_before_the_one_vs_rest_model_loads_without_it(stage, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(stage.folder, old)

@@ -108,7 +108,7 @@ class LexicalStage:
 
     def topk_tokens(self, token_ids, offsets, k: Optional[int] = None):
         X = self.features.transform(token_ids, offsets)
-        return models_topk(self.tree, self.ovr, X, k or self.settings.top_k)
+        return models_topk(self.tree, self.ovr, X, k or self.settings.top_k, depth=self.settings.list_k)
 
     def topk(self, texts: Sequence[str], k: Optional[int] = None):
         from ..data import tokenize
@@ -153,11 +153,14 @@ def candidate_model(folder: str, settings: LexicalSettings, num_labels: int, thr
     return LabelTree(os.path.join(folder, "tree"), settings.tree, threads=threads)
 
 
-def models_topk(tree: LabelTree, ovr: Optional[LabelTree], X, k: int) -> tuple:
-    """The top k labels of the tree, or of the tree and the one-vs-rest model averaged."""
+def models_topk(tree: LabelTree, ovr: Optional[LabelTree], X, k: int, depth: int = 0) -> tuple:
+    """The top k labels of the tree, or of the tree and the one-vs-rest model averaged. The average is
+    taken over each model's top max(k, depth) labels (a label missing from one list counts 0 there), so
+    with the stage's list depth every k gives the head of the same ranking, probabilities included."""
     if ovr is None:
         return tree.topk(X, k)
-    return average_lists(tree.topk(X, k), ovr.topk(X, k), k)
+    d = max(k, depth)
+    return average_lists(tree.topk(X, d), ovr.topk(X, d), k)
 
 
 def verify(folder: str) -> dict:
