@@ -1,5 +1,6 @@
 """Genotype -> module: shapes, padding invariance, the presets, kernels vs eager."""
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -103,6 +104,17 @@ def test_pretrained_vectors_frozen_or_trainable():
     torch.testing.assert_close(m.embedding.weight[1:], torch.from_numpy(vec[1:]))
     with pytest.raises(ValueError):
         XMCModel(cfg, V + 1, L, vectors=vec)
+
+
+def test_vectors_mapped_read_only_load_without_a_warning(tmp_path):
+    # the workers map the run's vectors.npy read-only; the embedding takes a copy, silently
+    np.save(tmp_path / "v.npy", np.random.default_rng(0).standard_normal((V, 10)).astype(np.float32))
+    vec = np.load(tmp_path / "v.npy", mmap_mode="r")
+    cfg = ModelConfig(genotype=Genotype((("conv1", 0),)).to_dict(), width=8, fc=[4])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m = XMCModel(cfg, V, L, vectors=vec)
+    torch.testing.assert_close(m.embedding.weight[1:], torch.from_numpy(np.array(vec[1:])))
 
 
 def test_tfidf_mlp_features():

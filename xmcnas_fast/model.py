@@ -266,7 +266,7 @@ class XMCModel(nn.Module):
         if vectors is not None:
             if vectors.shape[0] != vocab_size:
                 raise ValueError(f"word vectors have {vectors.shape[0]} rows for a vocabulary of {vocab_size}")
-            self.embedding.weight.data.copy_(torch.from_numpy(np.asarray(vectors, dtype=np.float32)))
+            self.embedding.weight.data.copy_(torch.from_numpy(np.array(vectors, dtype=np.float32)))  # a copy: may be read-only
         else:
             nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
         with torch.no_grad():
