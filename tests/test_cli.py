@@ -146,3 +146,31 @@ def test_help_explains_every_command(capsys):
     out = capsys.readouterr().out
     for flag in ("--budget", "--resume", "--population", "--cycles", "--devices", "--strategy", "--candidate-timeout"):
         assert flag in out
+
+
+def test_train_starts_from_vectors_of_the_training_texts(debtags_slice, tmp_path, capsys, monkeypatch):
+    import torch
+
+    from xmcnas_fast import model as model_module
+    from xmcnas_fast.data import corpus_vectors as cv
+
+    genotype = tmp_path / "g.json"
+    genotype.write_text(json.dumps({"nodes": [["conv3", 0]], "merge": "sum"}))
+    seen = {}
+    real = model_module.build_model
+
+    def build(*args, **kwargs):                      # the embedding as built, before any step
+        m = real(*args, **kwargs)
+        seen["emb"] = m.embedding.weight.detach().clone()
+        return m
+
+    monkeypatch.setattr(model_module, "build_model", build)
+    assert main(["train", "--arch", str(genotype), "--dataset", debtags_slice, "--out", str(tmp_path / "b"),
+                 "--width", "8", "--emb-dim", "12", "--fc", "8", "--max-steps", "2", "--eval-every", "1",
+                 "--valid", "40", "--max-len", "32", "--device", "cpu", "--vectors", "corpus"]) == 0
+    assert "word vectors learned from the 160 training texts (PPMI + SVD): 12 dimensions" in capsys.readouterr().out
+    from xmcnas_fast.data import load
+
+    data = load(debtags_slice, max_len=32, valid=40)
+    expected = cv.corpus_vectors(data.train.token_ids, data.train.offsets, len(data.vocab), 12, seed=0)
+    torch.testing.assert_close(seen["emb"], torch.from_numpy(expected))

@@ -5,6 +5,7 @@ import json
 import random
 import types
 
+import numpy as np
 import pytest
 
 from xmcnas_fast import search
@@ -62,7 +63,7 @@ def search_with(monkeypatch, tmp_path, name, workers, stop_after=None, run=None)
     """A search of 40 candidates in a space of about a hundred networks, whose strategy gives up
     redrawing a child after two collisions (so that children in flight are often stood in for)."""
     cfg = make_config("demo", overrides={"search": {"population": 4, "cycles": 36, "sample": 2, "max_depth": 2},
-                                         "lexical": {"enabled": False}})
+                                         "lexical": {"enabled": False}, "data": {"vectors": "none"}})
     run = run or Run.create(str(tmp_path / name), cfg)
     monkeypatch.setattr(search, "load_data", lambda data_cfg: types.SimpleNamespace(cache_path=None, num_labels=10))
     sched = ScoringScheduler(workers, stop_after)
@@ -141,3 +142,36 @@ def test_word_vector_coverage_is_shown_at_every_start(tmp_path, debtags_slice):
     share = json.loads((tmp_path / "r" / "vectors.json").read_text())["coverage"]
     assert share == pytest.approx(len(found) / (len(data.vocab) - 2), abs=0.02)
     assert f"{100 * share:.1f}% of the vocabulary" in notes.lines[0]
+
+
+def test_corpus_vectors_are_learned_once_from_the_training_texts_and_kept_in_the_run(tmp_path, debtags_slice):
+    from xmcnas_fast.data import load
+    from xmcnas_fast.data import corpus_vectors as cv
+
+    data = load(debtags_slice, max_len=24, valid=60, cache_dir=str(tmp_path / "cache"))
+    cfg = make_config("demo", dataset=debtags_slice)
+    cfg["data"]["vectors"] = "corpus"
+    run = Run.create(str(tmp_path / "r"), cfg)
+    notes = types.SimpleNamespace(lines=[])
+    notes.note = notes.lines.append
+    path = search._prepare_vectors(run, cfg, data, notes)
+    kept = np.load(path)
+    expected = cv.corpus_vectors(data.train.token_ids, data.train.offsets, len(data.vocab), cfg["model"]["emb_dim"],
+                                 seed=cfg["data"]["seed"])
+    np.testing.assert_array_equal(kept, expected)
+    assert search._prepare_vectors(run, cfg, data, notes) == path and notes.lines[0] == notes.lines[1]
+    assert notes.lines[0].startswith(f"word vectors learned from the {len(data.train):,} training texts")
+    assert f"{cfg['model']['emb_dim']} dimensions" in notes.lines[0]
+
+
+def test_the_demo_starts_from_corpus_vectors_and_none_turns_them_off(tmp_path, debtags_slice):
+    from xmcnas_fast.data import load
+
+    assert make_config("demo")["data"]["vectors"] == "corpus" and make_config("paper")["data"]["vectors"] is None
+    data = load(debtags_slice, max_len=24, valid=60, cache_dir=str(tmp_path / "cache"))
+    cfg = make_config("demo", dataset=debtags_slice, overrides={"data": {"vectors": "none"}})
+    run = Run.create(str(tmp_path / "r"), cfg)
+    notes = types.SimpleNamespace(lines=[])
+    notes.note = notes.lines.append
+    assert search._prepare_vectors(run, cfg, data, notes) is None
+    assert notes.lines == [] and not (tmp_path / "r" / "vectors.npy").exists()

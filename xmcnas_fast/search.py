@@ -206,23 +206,30 @@ def serves_refit(cfg: dict) -> bool:
 
 
 def _prepare_vectors(run: Run, cfg: dict, data, progress) -> Optional[str]:
-    """Pretrained word vectors, aligned to the vocabulary once and stored in the run for the workers;
-    how much of the vocabulary they cover is kept beside them and shown at every start."""
+    """The word vectors the networks start from (a file's, aligned to the vocabulary, or learned from
+    the training texts: data.vectors "corpus"), made once and stored in the run for the workers; where
+    they came from and how much of the vocabulary they cover is kept beside them and shown at every
+    start."""
+    from .data import wants_vectors
+
     path = cfg["data"]["vectors"]
-    if not path:
+    if not wants_vectors(path):
         return None
     out = os.path.join(run.path, "vectors.npy")
     info_path = os.path.join(run.path, "vectors.json")
     if not os.path.exists(out):
-        from .data import load_word_vectors
+        from .data import word_vectors
 
-        matrix, coverage = load_word_vectors(path, data.vocab, seed=cfg["data"]["seed"])
+        t0 = time.monotonic()
+        matrix, coverage, said = word_vectors(path, data, cfg["model"]["emb_dim"], seed=cfg["data"]["seed"])
         tmp = out + ".tmp.npy"
         np.save(tmp, matrix.astype(np.float32))
-        write_json_atomic(info_path, {"source": path, "coverage": coverage, "dim": int(matrix.shape[1])})
+        write_json_atomic(info_path, {"source": path, "coverage": coverage, "dim": int(matrix.shape[1]),
+                                      "said": said, "seconds": round(time.monotonic() - t0, 3)})
         os.replace(tmp, out)
     if os.path.exists(info_path):                    # (runs from before it was kept have none)
         with open(info_path, encoding="utf-8") as f:
             info = json.load(f)
-        progress.note(f"word vectors {info['source']}: {100 * info['coverage']:.1f}% of the vocabulary found")
+        said = info.get("said") or f"word vectors {info['source']}"
+        progress.note(f"{said}: {info['dim']} dimensions, {100 * info['coverage']:.1f}% of the vocabulary")
     return out

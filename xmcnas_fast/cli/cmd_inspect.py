@@ -87,12 +87,12 @@ def show_candidate(out, rank: int, r: dict) -> None:
 
 
 def cmd_data_show(args) -> int:
-    from ..data import dataset_stats, load_word_vectors, render_stats
+    from ..data import dataset_stats, render_stats, wants_vectors, word_vectors
 
     out = console()
     data = load_data(args.dataset, out, **data_kwargs(args))
     coverage = None
-    if args.vectors:
-        _, coverage = load_word_vectors(args.vectors, data.vocab)
+    if wants_vectors(args.vectors):
+        _, coverage, _ = word_vectors(args.vectors, data, 2)
     out.print(render_stats(dataset_stats(data, coverage)))
     return 0

@@ -58,13 +58,13 @@ def train_device(args) -> str:
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def word_vectors(args, data, seed: int, out):
-    if not args.vectors:
-        return None
-    from ..data import load_word_vectors
+def word_vectors(args, data, dim: int, seed: int, out):
+    from ..data import wants_vectors, word_vectors as make
 
-    vectors, coverage = load_word_vectors(args.vectors, data.vocab, seed=seed)
-    out.print(f"word vectors: {vectors.shape[1]} dimensions, {100 * coverage:.1f}% of the vocabulary")
+    if not wants_vectors(args.vectors):
+        return None
+    vectors, coverage, said = make(args.vectors, data, dim, seed=seed)
+    out.print(f"{said}: {vectors.shape[1]} dimensions, {100 * coverage:.1f}% of the vocabulary")
     return vectors
 
 
@@ -138,7 +138,7 @@ def cmd_train(args) -> int:
         stage, serving = lexical_stage(data, out, args, mcfg.shortlist)
         lexical = serving or stage                       # the stage the bundle carries
         lists = LexicalLists.from_stage(stage.folder, serving=serving and serving.folder)
-    vectors = word_vectors(args, data, tcfg.seed, out)
+    vectors = word_vectors(args, data, mcfg.emb_dim, tcfg.seed, out)
     model = build_model(mcfg, len(data.vocab), data.num_labels, vectors=vectors, seed=tcfg.seed)
     if mcfg.kind == "tfidf-mlp":
         model.fit(data.train.token_ids, data.train.offsets)

@@ -95,6 +95,7 @@ def check_before_creating(cfg: dict, devices: str, backend: str, out) -> None:
     name the file and line); loading the data here also fills the cache the search reads it from. The
     head's shortlist, decided by the data's label count, is recorded in `cfg` (model.shortlist)."""
     from ..config import resolve_shortlist
+    from ..data.corpus_vectors import CORPUS, wants_vectors
 
     import importlib.util
 
@@ -103,7 +104,7 @@ def check_before_creating(cfg: dict, devices: str, backend: str, out) -> None:
         raise CLIError("the lexical stage needs napkinXC, which is not installed: pip install napkinxc==0.7.2 "
                        "(or search the networks alone: --no-lexical)")
     d = cfg["data"]
-    if d.get("vectors") and not os.path.isfile(d["vectors"]):
+    if wants_vectors(d.get("vectors")) and d["vectors"] != CORPUS and not os.path.isfile(d["vectors"]):
         raise CLIError(f"{d['vectors']}: no such file (--vectors)")
     data = load_data(d["dataset"], out, max_len=d["max_len"], min_count=d["min_count"], max_vocab=d["max_vocab"],
                      valid=d["valid"], seed=d["seed"], **{c: d[c] for c in COLUMNS if d.get(c) is not None})

@@ -123,14 +123,17 @@ def add_data_args(p, dataset_default: Optional[str] = "debtags", dataset_flag: b
     g.add_argument("--max-len", type=positive_int, help="tokens kept per text")
     g.add_argument("--valid", type=count_or_fraction,
                    help="validation split drawn from train: a count (200) or a fraction (0.1)")
-    g.add_argument("--vectors", help="pretrained word vectors (GloVe / word2vec text, .txt or .txt.gz)")
+    g.add_argument("--vectors",
+                   help="word vectors the embedding starts from: a GloVe / word2vec text file (.txt or .txt.gz), "
+                        "'corpus': learned from the training texts (PPMI + SVD, --emb-dim dimensions; the demo "
+                        "search's default), or 'none': random")
     g.add_argument("--data-seed", type=non_negative_int, help="seed of the validation split")
 
 
 def add_model_args(p):
     g = p.add_argument_group("model")
     g.add_argument("--width", type=positive_int, help="output width D of every layer node")
-    g.add_argument("--emb-dim", type=positive_int, help="word embedding size (ignored with --vectors)")
+    g.add_argument("--emb-dim", type=positive_int, help="word embedding size (a vectors file sets its own)")
     g.add_argument("--fc", type=positive_int_list, help="FC chain of the head, e.g. 256 or 1024,512,256")
     g.add_argument("--dropout", type=probability, help="dropout after the merge and in the head (default 0.5)")
     g.add_argument("--freeze-emb", action="store_true", default=None, help="keep pretrained word vectors fixed")

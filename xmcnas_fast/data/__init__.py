@@ -1,5 +1,5 @@
 """The data layer: formats, tokenizer and vocabulary, encoded datasets with an on-disk cache,
-batching, pretrained word vectors, and the bundled ``debtags`` dataset.
+batching, pretrained word vectors or vectors learned from the training texts, and the bundled ``debtags`` dataset.
 
 ``load("debtags")`` gives the bundled dataset; ``load(path)`` reads a file or a directory:
 
@@ -19,11 +19,12 @@ from .errors import DataError
 from .readers import BowDataset, json_objects, open_lines, read_attentionxml, read_csv, read_jsonl, read_xc_sparse
 from .stats import dataset_stats, render_stats
 from .text import PAD, UNK, Vocab, tokenize
+from .corpus_vectors import CORPUS, wants_vectors, word_vectors
 from .vectors import load_word_vectors
 
 __all__ = [
-    "Batch", "BowDataset", "DataError", "FORMAT_VERSION", "PAD", "TextDataset", "UNK", "Vocab", "XMCData",
+    "Batch", "BowDataset", "CORPUS", "DataError", "FORMAT_VERSION", "PAD", "TextDataset", "UNK", "Vocab", "XMCData",
     "batch_order", "dataset_stats", "default_cache_dir", "hash_unit", "is_test_key", "iterate_batches",
     "json_objects", "load", "load_word_vectors", "make_batch", "open_lines", "read_attentionxml", "read_csv",
-    "read_jsonl", "read_xc_sparse", "render_stats", "tokenize",
+    "read_jsonl", "read_xc_sparse", "render_stats", "tokenize", "wants_vectors", "word_vectors",
 ]
