@@ -14,7 +14,7 @@ import scipy.sparse as sp
 from .text import PAD
 
 #: tokens counted per pass when the co-occurrence pairs are gathered (bounds the pairs in memory)
-PAIR_CHUNK_TOKENS = 4_000_000
+PAIR_CHUNK_TOKENS = 1_000_000
 #: the standard deviation of the vectors' components (the scale of the random vectors they replace)
 VECTOR_STD = 0.1
 
