@@ -45,7 +45,7 @@ BUDGETS = {
         "train": {"max_epochs": 1, "max_minutes": 0.5, "min_steps": 800, "eval_every": 100, "patience": 50,
                   "max_len": 64, "eval_batch_size": 500, "lr": 4e-3},
         # word vectors learned from the training texts (data/corpus_vectors.py): a candidate's one epoch
-        # learns little of the words from noise; on debtags the result's network went from 82.5 to 83.6 P@1
+        # learns little of the words from noise; on debtags the result's network went from 82.5 to 83.5 P@1
         "data": {"valid": 1000, "max_len": 64, "vectors": "corpus"},
         # the result may be an ensemble of up to 3 of the run's networks, kept where it gains 0.2 points of
         # validation P@5 (ensemble.py): on the demo's 1,000 validation documents, ensembles of the final
