@@ -115,6 +115,18 @@ def test_a_search_without_napkinxc_is_one_line_before_anything_is_created(tmp_pa
     assert not runs.exists()
 
 
+def test_a_missing_vectors_file_is_one_line_naming_the_choices_before_anything_is_created(tmp_path, debtags_slice,
+                                                                                          capsys):
+    runs = tmp_path / "runs"
+    missing = tmp_path / "glove.txt"
+    rc = main(["search", "--dataset", debtags_slice, "--runs-dir", str(runs), "--name", "r", *TINY,
+               "--vectors", str(missing)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.count("\n") == 0
+    assert f"{missing}: no such file" in err and "'corpus' or 'none'" in err
+    assert not runs.exists()
+
+
 def test_analyze_of_a_run_without_a_finished_candidate_says_so(tmp_path, capsys):
     path = str(tmp_path / "bad1")
     Run.create(path, make_config("demo"))

@@ -105,7 +105,8 @@ def check_before_creating(cfg: dict, devices: str, backend: str, out) -> None:
                        "(or search the networks alone: --no-lexical)")
     d = cfg["data"]
     if wants_vectors(d.get("vectors")) and d["vectors"] != CORPUS and not os.path.isfile(d["vectors"]):
-        raise CLIError(f"{d['vectors']}: no such file (--vectors)")
+        raise CLIError(f"{d['vectors']}: no such file (--vectors takes a GloVe / word2vec text file, "
+                       f"'corpus' or 'none')")
     data = load_data(d["dataset"], out, max_len=d["max_len"], min_count=d["min_count"], max_vocab=d["max_vocab"],
                      valid=d["valid"], seed=d["seed"], **{c: d[c] for c in COLUMNS if d.get(c) is not None})
     try:
