@@ -53,12 +53,13 @@ def test_words_in_the_same_contexts_get_near_vectors():
     # 2 and 3 are seen among 6, 7; 4 and 5 among 8, 9: two meanings
     docs = [[rng.choice([6, 7]), w, rng.choice([6, 7])] for w in rng.choice([2, 3], 200)] + \
            [[rng.choice([8, 9]), w, rng.choice([8, 9])] for w in rng.choice([4, 5], 200)]
-    v = cv.corpus_vectors(*corpus(*docs), 12, 4, window=1)
+    v, learned = cv.corpus_vectors(*corpus(*docs), 12, 4, window=1)
     cos = lambda a, b: v[a] @ v[b] / np.linalg.norm(v[a]) / np.linalg.norm(v[b])  # noqa: E731
     assert cos(2, 3) > 0.9 and cos(4, 5) > 0.9 and abs(cos(2, 4)) < 0.3
     assert v.shape == (12, 4) and v.dtype == np.float32
     np.testing.assert_array_equal(v[0], 0)
     assert 0 < np.abs(v[10]).max() < 1                    # never in the corpus: a small random vector
+    assert learned.tolist() == [False, False] + [True] * 8 + [False, False]
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +73,8 @@ def debtags_train():
 def test_the_vectors_of_debtags_are_seeded_scaled_and_follow_the_texts(debtags_train):
     data, train = debtags_train
     V = len(data.vocab.itos)
-    v = cv.corpus_vectors(train.token_ids, train.offsets, V, 32, seed=3)
-    np.testing.assert_array_equal(v, cv.corpus_vectors(train.token_ids, train.offsets, V, 32, seed=3))
+    v, _ = cv.corpus_vectors(train.token_ids, train.offsets, V, 32, seed=3)
+    np.testing.assert_array_equal(v, cv.corpus_vectors(train.token_ids, train.offsets, V, 32, seed=3)[0])
     assert v.shape == (V, 32) and v.std() == pytest.approx(cv.VECTOR_STD, rel=0.1)
     # the strongest pairs of the corpus (highest PPMI among words seen 50 times or more) lie closer than
     # random pairs of such words

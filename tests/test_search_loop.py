@@ -156,12 +156,14 @@ def test_corpus_vectors_are_learned_once_from_the_training_texts_and_kept_in_the
     notes.note = notes.lines.append
     path = search._prepare_vectors(run, cfg, data, notes)
     kept = np.load(path)
-    expected = cv.corpus_vectors(data.train.token_ids, data.train.offsets, len(data.vocab), cfg["model"]["emb_dim"],
-                                 seed=cfg["data"]["seed"])
+    expected, learned = cv.corpus_vectors(data.train.token_ids, data.train.offsets, len(data.vocab),
+                                          cfg["model"]["emb_dim"], seed=cfg["data"]["seed"])
     np.testing.assert_array_equal(kept, expected)
     assert search._prepare_vectors(run, cfg, data, notes) == path and notes.lines[0] == notes.lines[1]
     assert notes.lines[0].startswith(f"word vectors learned from the {len(data.train):,} training texts")
     assert f"{cfg['model']['emb_dim']} dimensions" in notes.lines[0]
+    share = json.loads((tmp_path / "r" / "vectors.json").read_text())["coverage"]
+    assert share == pytest.approx(learned[2:].mean())      # the words that got a learned vector, not a random one
 
 
 def test_the_demo_starts_from_corpus_vectors_and_none_turns_them_off(tmp_path, debtags_slice):

@@ -93,6 +93,6 @@ def cmd_data_show(args) -> int:
     data = load_data(args.dataset, out, **data_kwargs(args))
     coverage = None
     if wants_vectors(args.vectors):
-        _, coverage, _ = word_vectors(args.vectors, data, 2)
+        _, coverage, _ = word_vectors(args.vectors, data, 2)     # (corpus: 2 dimensions do for the coverage)
     out.print(render_stats(dataset_stats(data, coverage)))
     return 0

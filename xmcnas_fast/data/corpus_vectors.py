@@ -59,10 +59,11 @@ def ppmi(counts: sp.csr_matrix, smoothing: float = 0.75) -> sp.csr_matrix:
 
 
 def corpus_vectors(token_ids, offsets, vocab_size: int, dim: int, *, window: int = 4, smoothing: float = 0.75,
-                   seed: int = 0) -> np.ndarray:
-    """Vectors float32 [vocab_size, dim] for the words of a tokenised corpus (CSR-style `token_ids`
-    and `offsets`), scaled to VECTOR_STD a component; the padding row is zero. Words the corpus
-    never puts beside another get N(0, VECTOR_STD^2) vectors drawn with `seed`."""
+                   seed: int = 0) -> tuple:
+    """(vectors float32 [vocab_size, dim], learned bool [vocab_size]) for the words of a tokenised corpus
+    (CSR-style `token_ids` and `offsets`), scaled to VECTOR_STD a component; the padding row is zero.
+    Words the corpus never puts beside another (learned False) get N(0, VECTOR_STD^2) vectors drawn
+    with `seed`."""
     if dim < 1:
         raise ValueError(f"corpus vectors of dimension {dim}: expected at least 1")
     rng = np.random.default_rng(seed)
@@ -85,7 +86,7 @@ def corpus_vectors(token_ids, offsets, vocab_size: int, dim: int, *, window: int
     unseen = ~seen
     out[unseen] = rng.normal(0.0, VECTOR_STD, size=(int(unseen.sum()), dim))
     out[PAD] = 0.0
-    return out.astype(np.float32)
+    return out.astype(np.float32), seen
 
 
 #: the values of --vectors (data.vectors) that ask for vectors learned from the training texts, and for none
@@ -99,7 +100,8 @@ def wants_vectors(source) -> bool:
 
 def word_vectors(source: str, data, dim: int, seed: int = 0) -> tuple:
     """The embedding matrix float32 [len(vocab), d] for `data`'s vocabulary, its coverage (the share of
-    the vocabulary's words, padding and <unk> aside, that got a vector of the source), and a line
+    the vocabulary's words, padding and <unk> aside, that got a vector of the source, not a random
+    one), and a line
     saying where it came from: "corpus" learns `dim`-dimensional vectors from `data`'s training
     split (corpus_vectors); any other value is a GloVe / word2vec text file (load_word_vectors, whose
     dimension wins over `dim`)."""
@@ -109,8 +111,6 @@ def word_vectors(source: str, data, dim: int, seed: int = 0) -> tuple:
         matrix, coverage = load_word_vectors(source, data.vocab, seed=seed)
         return matrix, coverage, f"word vectors {source}"
     train = data.train
-    matrix = corpus_vectors(train.token_ids, train.offsets, len(data.vocab), dim, seed=seed)
-    used = np.zeros(len(data.vocab), dtype=bool)
-    used[np.asarray(train.token_ids)] = True
-    coverage = float(used[2:].mean()) if len(data.vocab) > 2 else 0.0
+    matrix, learned = corpus_vectors(train.token_ids, train.offsets, len(data.vocab), dim, seed=seed)
+    coverage = float(learned[2:].mean()) if len(data.vocab) > 2 else 0.0
     return matrix, coverage, f"word vectors learned from the {len(train):,} training texts (PPMI + SVD)"
