@@ -17,7 +17,7 @@ from xmcnas_fast.lexical import Fusion, LexicalSettings, TreeSettings, cached_st
 from xmcnas_fast.lexical.centroids import LabelCentroids, row_topk, top_per_row
 from xmcnas_fast.lexical.shortlist import force_positives, shortlist_recall, shortlist_size, slot_targets
 from xmcnas_fast.lexical.stage import LARGE_LABELS, LexicalStage, cache_key
-from xmcnas_fast.metrics import MetricAccumulator, shortlist_metric_sums
+from xmcnas_fast.metrics import MetricAccumulator, compute_metrics, shortlist_metric_sums
 from xmcnas_fast.model import ModelConfig, build_model
 from xmcnas_fast.space import Genotype
 from xmcnas_fast.train import LexicalLists, TrainConfig, Trainer, evaluate, label_inv_propensity, train_model
@@ -395,3 +395,17 @@ def test_a_document_that_shares_no_feature_with_any_centroid_gets_no_label(centr
     assert X.nnz == 0
     ids, probs = centroid_stage.tree.topk(X, K)
     assert (ids == -1).all() and (probs == 0).all()
+
+
+def test_equal_scores_over_a_shortlist_rank_in_the_lists_own_order():
+    # the lexical stage's probabilities saturate at 1: a ranked list with ties is scored as ranked
+    B, K, L = 64, 6, 40
+    slots = torch.stack([torch.randperm(L, generator=torch.Generator().manual_seed(r))[:K] for r in range(B)])
+    scores = torch.tensor([1.0, 1.0, 1.0, 0.5, 0.5, 0.1]).repeat(B, 1)
+    truth = csr([[int(slots[r, 0]), int(slots[r, 3])] for r in range(B)], L)   # the first of each tie is true
+    m = compute_metrics(scores, truth, slots=slots, k=5)
+    assert m["P@1"] == 1.0
+    assert m["P@3"] == pytest.approx(1 / 3)
+    assert m["P@5"] == pytest.approx(2 / 5)
+    truth_last = csr([[int(slots[r, 2])] for r in range(B)], L)               # the last of the first tie
+    assert compute_metrics(scores, truth_last, slots=slots, k=5)["P@1"] == 0.0

@@ -109,11 +109,13 @@ def shortlist_metric_sums(scores: torch.Tensor, slots: torch.Tensor, indptr: tor
     """ops.topk_metrics' sums [4, k] (hits, nDCG, PSP numerator and denominator, each cumulative over the
     ranks) and top-k label ids [B, k] (-1 where the shortlist is shorter), of scores [B, K] of the labels
     `slots` [B, K] (-1: padding, never ranked): the denominators count every true label of the CSR truth,
-    the ones outside the shortlist included. Only [B, K] and [B, k] tensors: no [B, L]."""
+    the ones outside the shortlist included. Equal scores rank in slot order (a ranked list's own order:
+    the lexical stage's probabilities saturate at 1 and tie), never as topk happens to leave them. Only
+    [B, K] and [B, k] tensors: no [B, L]."""
     dev = scores.device
     B, K = scores.shape
     s = scores.float().masked_fill(slots < 0, float("-inf"))
-    top_pos = torch.topk(s, k, dim=1).indices                             # [B, k]
+    top_pos = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :k]   # [B, k]
     top = slots.long().gather(1, top_pos)
     top = torch.where(torch.isfinite(s.gather(1, top_pos)), top, torch.full_like(top, -1))
     counts = indptr[1:] - indptr[:-1]
