@@ -29,9 +29,9 @@ def test_an_old_run_opens_in_the_present_layout_and_replays_to_the_same_state(ol
     assert written["version"] == 1 and "device" in written["train"]     # what the fixture holds
     run = Run.open(old_run)
     cfg = run.config
-    assert cfg["version"] == CONFIG_VERSION == 5
+    assert cfg["version"] == CONFIG_VERSION == 6
     assert cfg["lexical"]["enabled"] is False and cfg["lexical"]["ovr"] == "off" and cfg["lexical"]["refit"] is False
-    assert cfg["lexical"]["fitness"] == "fused"
+    assert cfg["lexical"]["fitness"] == "fused" and cfg["lexical"]["ranker"] is False
     assert "device" not in cfg["train"] and "threads" not in cfg["train"]
     assert set(cfg) == set(make_config("demo"))
     assert set(cfg["train"]) == set(make_config("demo")["train"])
@@ -59,30 +59,40 @@ def test_an_old_bundle_loads_and_predicts(old_run):
 def test_a_version_2_run_keeps_its_lexical_stage_without_the_one_vs_rest_model():
     cfg = make_config("demo")
     cfg["version"] = 2
-    del cfg["lexical"]["ovr"], cfg["lexical"]["refit"], cfg["lexical"]["fitness"]
+    del cfg["lexical"]["ovr"], cfg["lexical"]["refit"], cfg["lexical"]["fitness"], cfg["lexical"]["ranker"]
     cfg["lexical"]["trees"] = 3
     now = migrate(cfg)
-    assert now["version"] == 5 and now["lexical"] == {**make_config("demo")["lexical"], "trees": 3, "ovr": "off",
-                                                      "refit": False, "fitness": "fused"}
+    assert now["version"] == 6 and now["lexical"] == {**make_config("demo")["lexical"], "trees": 3, "ovr": "off",
+                                                      "refit": False, "fitness": "fused", "ranker": False}
     assert make_config("demo")["lexical"]["ovr"] == "auto"
 
 
 def test_a_version_3_run_keeps_the_stage_it_tested_with():
     cfg = make_config("demo")
     cfg["version"] = 3
-    del cfg["lexical"]["refit"], cfg["lexical"]["fitness"]
+    del cfg["lexical"]["refit"], cfg["lexical"]["fitness"], cfg["lexical"]["ranker"]
     now = migrate(cfg)
-    assert now["version"] == 5 and now["lexical"] == {**make_config("demo")["lexical"], "refit": False,
-                                                      "fitness": "fused"}
+    assert now["version"] == 6 and now["lexical"] == {**make_config("demo")["lexical"], "refit": False,
+                                                      "fitness": "fused", "ranker": False}
     assert make_config("demo")["lexical"]["refit"] is True
 
 
 def test_a_version_4_run_judges_its_candidates_as_it_did():
     cfg = make_config("demo")
     cfg["version"] = 4
-    del cfg["lexical"]["fitness"]
+    del cfg["lexical"]["fitness"], cfg["lexical"]["ranker"]
     now = migrate(cfg)
-    assert now["version"] == 5 and now["lexical"] == {**make_config("demo")["lexical"], "fitness": "fused"}
+    assert now["version"] == 6 and now["lexical"] == {**make_config("demo")["lexical"], "fitness": "fused",
+                                                      "ranker": False}
+
+
+def test_a_version_5_run_fuses_its_final_model_as_it_did():
+    cfg = make_config("demo")
+    cfg["version"] = 5
+    del cfg["lexical"]["ranker"]
+    now = migrate(cfg)
+    assert now["version"] == 6 and now["lexical"] == {**make_config("demo")["lexical"], "ranker": False}
+    assert make_config("demo")["lexical"]["ranker"] is True
 
 
 def test_newer_layouts_are_refused_by_name(tmp_path):

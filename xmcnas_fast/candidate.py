@@ -77,8 +77,8 @@ def train_candidate(task: CandidateTask, ctx) -> CandidateResult:
 
 def lexical_lists(shared: dict, lexical: LexicalPart) -> LexicalLists:
     """The lexical stage's top lists, read once per worker."""
-    key = ("lexical", lexical.folder, lexical.residual, lexical.serving, lexical.judge)
+    key = ("lexical", lexical.folder, lexical.residual, lexical.serving, lexical.judge, lexical.rank)
     if key not in shared:
         shared[key] = LexicalLists.from_stage(lexical.folder, residual=lexical.residual, serving=lexical.serving,
-                                              judge=lexical.judge)
+                                              judge=lexical.judge, rank=lexical.rank)
     return shared[key]

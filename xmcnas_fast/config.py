@@ -19,8 +19,9 @@ __all__ = ["CONFIG_VERSION", "BUDGETS", "make_config", "migrate", "strategy_of",
 #: the layout of a run's config.json; `migrate` brings an older one to it. 2: the "final" section
 #: always present, train without device/threads (where a training runs is no setting). 3: the lexical
 #: stage's one-vs-rest model ("lexical" "ovr") and the result's ensemble ("final" "ensemble"). 4: the
-#: serving stage ("lexical" "refit"). 5: what candidates are judged by ("lexical" "fitness").
-CONFIG_VERSION = 5
+#: serving stage ("lexical" "refit"). 5: what candidates are judged by ("lexical" "fitness"). 6: the
+#: final model's ranker fusion ("lexical" "ranker").
+CONFIG_VERSION = 6
 
 # Budgets: starting points for every knob (each is also a flag).
 BUDGETS = {
@@ -100,9 +101,11 @@ def strategy_of(cfg: dict, factory=make_strategy) -> Strategy:
 #: fitness: what a candidate's validation evaluation is judged by (fitness.JUDGES): "fused", the network fused
 #: with the stage, or "network", the network alone (fuse mode; the fusion is still chosen and served on the
 #: fused figure; a residual network is always judged fused)
+#: ranker: the final model (and ensemble) may be fused by a small learned ranker instead of the weight
+#: grid, where its out-of-fold validation P@5 is higher (lexical/ranker.py; fuse mode without a shortlist)
 LEXICAL_DEFAULTS = {"enabled": True, "mode": "fuse", "top_k": 50, "trees": 1, "ovr": "auto",
                     "shortlist_above": SHORTLIST_ABOVE, "shortlist_k": SHORTLIST_K, "refit": True,
-                    "fitness": "fused"}
+                    "fitness": "fused", "ranker": True}
 LEXICAL_MODES = ("fuse", "residual")
 
 
@@ -212,4 +215,7 @@ def migrate(config: dict) -> dict:
     if cfg["version"] < 5:
         cfg["lexical"] = {**cfg["lexical"], "fitness": "fused"}
         cfg["version"] = 5
+    if cfg["version"] < 6:
+        cfg["lexical"] = {**cfg["lexical"], "ranker": False}
+        cfg["version"] = 6
     return cfg

@@ -47,6 +47,7 @@ class LexicalPart:
     residual: bool = False
     serving: Optional[str] = None
     judge: str = "fused"
+    rank: bool = False            # the final fusion may be the ranker (lexical/ranker.py)
 
     @property
     def served(self) -> str:

@@ -141,6 +141,12 @@ def run_ensemble(run, data, lexical: Optional[dict], progress, device="cpu") -> 
               "genotype": bundles[first].config["model"]["genotype"], "of": best["id"],
               "chosen": len(names) > 1, "fitness": fused_valid["P@5"], "fitness_alone": alone["P@5"]}
     if record["chosen"]:
+        if lexical.get("ranker"):       # the final fusion, as a final training's: the weight grid or the ranker
+            from .lexical.ranker import label_counts
+
+            fused_valid = fused_metrics(mean_logits([valid[n] for n in names]), lists.valid, data.valid.labels,
+                                        inv_prop, methods=("weighted", "ranker"),
+                                        prior=label_counts(data.train.labels, data.num_labels))
         fusion = Fusion.from_dict(fused_valid["fusion"])
         test_probs = [split_probs(bundles[n].model, data.test, data.num_labels, device=device,
                                   precision=bundles[n].precision, max_len=bundles[n].max_len) for n in names]
@@ -165,7 +171,7 @@ def run_ensemble(run, data, lexical: Optional[dict], progress, device="cpu") -> 
 
 
 def _without_fusion(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if k != "fusion"}
+    return {k: v for k, v in metrics.items() if k not in ("fusion", "tried")}
 
 
 def save_ensemble_bundle(out: str, members: list, data, lexical_folder: str, fusion, record: dict) -> str:

@@ -86,7 +86,7 @@ def run_final(run: Run, strategy: Strategy, sched, progress, threads: Optional[i
     parent = ParentWeights(best.id, source["genotype"], source.get("model_dir")) if cfg["final"]["inherit"] else None
     task = CandidateTask(model=ModelConfig.from_dict({**model, "genotype": source["genotype"]}),
                          train=TrainConfig.from_dict(train), model_dir=run.final_dir(), save_above=-math.inf,
-                         parent=parent, threads=threads, lexical=lexical_part(lexical))
+                         parent=parent, threads=threads, lexical=lexical_part(lexical, final=True))
     label = f"(#{best.id}) {best.genotype}"
     progress.note(f"training the best architecture (#{best.id}) to the end: width {model['width']}, "
                   f"at most {train['max_epochs']} epochs" + (f", {train['max_minutes']} min" if train["max_minutes"] else ""))
@@ -195,7 +195,8 @@ def prepare_lexical(run: Run, data, progress) -> Optional[dict]:
         run.set_lexical(info)
     m = info["valid"]
     progress.note(f"lexical stage alone: validation P@1 {100 * m['P@1']:.2f}  P@5 {100 * m['P@5']:.2f}")
-    return {**info, "residual": residual, "judge": "fused" if residual else lex.get("fitness", "fused")}
+    return {**info, "residual": residual, "judge": "fused" if residual else lex.get("fitness", "fused"),
+            "ranker": bool(lex.get("ranker"))}
 
 
 def serves_refit(cfg: dict) -> bool:

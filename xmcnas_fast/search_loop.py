@@ -70,9 +70,13 @@ class SearchClock:
         return round(self.before + time.monotonic() - self.t0, 3)
 
 
-def lexical_part(lexical: Optional[dict]) -> Optional[LexicalPart]:
-    """What a task says of the search's lexical stage (None: the search has none)."""
-    return LexicalPart(lexical["folder"], lexical["residual"], lexical.get("serving"), judge_of(lexical)) if lexical else None
+def lexical_part(lexical: Optional[dict], final: bool = False) -> Optional[LexicalPart]:
+    """What a task says of the search's lexical stage (None: the search has none); the final training's
+    fusion may be the ranker."""
+    if not lexical:
+        return None
+    return LexicalPart(lexical["folder"], lexical["residual"], lexical.get("serving"), judge_of(lexical),
+                       rank=final and bool(lexical.get("ranker")))
 
 
 def judge_of(lexical: Optional[dict]) -> str:

@@ -109,7 +109,7 @@ def label_inv_propensity(data, columns: Optional[int] = None) -> np.ndarray:
 def evaluate(model: nn.Module, ds, num_labels: int, *, inv_prop: Optional[np.ndarray] = None,
              batch_size: int = 200, max_len: Optional[int] = None, device="cpu", precision: str = "auto",
              lexical: Optional[tuple] = None, fusion=None, fusion_methods=("weighted",),
-             shortlist: Optional[np.ndarray] = None) -> dict:
+             shortlist: Optional[np.ndarray] = None, fusion_prior: Optional[np.ndarray] = None) -> dict:
     """P@k, nDCG@k, PSP@k of the model on a split; adds 'docs_per_s' (prediction throughput).
 
     With `lexical` (the split's lexical top lists), 'fused' holds the metrics of the network fused with
@@ -151,7 +151,7 @@ def evaluate(model: nn.Module, ds, num_labels: int, *, inv_prop: Optional[np.nda
     if logits is not None and slots_all is not None:
         out["fused"] = shortlist_fused_metrics(logits, slots_all, lexical, ds.labels, inv_prop, fusion)
     elif logits is not None:
-        out["fused"] = fused_metrics(logits, lexical, ds.labels, inv_prop, fusion, fusion_methods)
+        out["fused"] = fused_metrics(logits, lexical, ds.labels, inv_prop, fusion, fusion_methods, fusion_prior)
     return out
 
 
@@ -355,17 +355,30 @@ class Trainer:
             return True
         return False
 
-    def evaluate(self, ds, lexical: Optional[tuple] = None, fusion=None, split: Optional[str] = None) -> dict:
+    def evaluate(self, ds, lexical: Optional[tuple] = None, fusion=None, split: Optional[str] = None,
+                 methods: Optional[tuple] = None) -> dict:
+        prior = None
+        if methods is not None and "ranker" in methods:
+            from .lexical.ranker import label_counts
+
+            prior = label_counts(self.data.train.labels, self.data.num_labels)
         return evaluate(self.model, ds, self.data.num_labels, inv_prop=self.inv_prop,
                         batch_size=self.cfg.eval_batch_size, max_len=self.cfg.max_len, device=self.device,
                         precision=self.cfg.precision, lexical=lexical, fusion=fusion,
-                        fusion_methods=self.lexical.methods if self.lexical else ("weighted",),
-                        shortlist=self.lexical.shortlists[split] if self.shortlist and split else None)
+                        fusion_methods=methods or (self.lexical.methods if self.lexical else ("weighted",)),
+                        shortlist=self.lexical.shortlists[split] if self.shortlist and split else None,
+                        fusion_prior=prior)
 
     def evaluations_due(self) -> float:
         """Seconds the evaluations after the last step will take (a last validation and the test split),
-        estimated from the last validation: they count inside the time budget."""
-        return self.eval_seconds_per_doc * (len(self.data.valid) + len(self.data.test))
+        estimated from the last validation, and the ranker's fusion where it will be tried: they count
+        inside the time budget."""
+        due = self.eval_seconds_per_doc * (len(self.data.valid) + len(self.data.test))
+        if self.lexical is not None and self.lexical.rank:
+            from .lexical.ranker import expected_seconds
+
+            due += expected_seconds(len(self.data.valid), np.asarray(self.lexical.valid[0]).shape[1])
+        return due
 
     def validate(self) -> None:
         t0 = time.monotonic()
@@ -406,8 +419,15 @@ class Trainer:
         valid = {k: v for k, v in self.best.valid.items() if k not in ("docs_per_s", "fused")}
         out = {"valid": valid, "layer_weights": lw() if callable(lw) else None}
         fused = self.best.valid.get("fused")
+        if fused is not None and self.lexical.rank and self.status in ("ok", "stopped"):
+            # the final fusion: the weight grid or the ranker, on the best weights' validation scores
+            fused = self.evaluate(self.data.valid, self.lexical.valid, split="valid",
+                                  methods=("weighted", "ranker"))["fused"]
         if fused is not None:
-            out["fused"] = {"valid": {k: v for k, v in fused.items() if k != "fusion"}, "fusion": fused["fusion"]}
+            out["fused"] = {"valid": {k: v for k, v in fused.items() if k not in ("fusion", "tried")},
+                            "fusion": fused["fusion"]}
+            if "tried" in fused:
+                out["fused"]["tried"] = fused["tried"]
         if evaluate_test and self.status in ("ok", "stopped"):
             test = self.evaluate(self.data.test, self.lexical.test if fused is not None else None,
                                  Fusion.from_dict(fused["fusion"]) if fused is not None else None, split="test")

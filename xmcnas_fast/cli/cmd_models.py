@@ -137,7 +137,8 @@ def cmd_train(args) -> int:
                       f"from the lexical stage's {source}")
         stage, serving = lexical_stage(data, out, args, mcfg.shortlist)
         lexical = serving or stage                       # the stage the bundle carries
-        lists = LexicalLists.from_stage(stage.folder, serving=serving and serving.folder)
+        lists = LexicalLists.from_stage(stage.folder, serving=serving and serving.folder,
+                                        rank=args.lexical_ranker is not False)
     vectors = word_vectors(args, data, mcfg.emb_dim, tcfg.seed, out)
     model = build_model(mcfg, len(data.vocab), data.num_labels, vectors=vectors, seed=tcfg.seed)
     if mcfg.kind == "tfidf-mlp":

@@ -31,6 +31,7 @@ SETTINGS = [
     ("ensemble", "final", "ensemble"), ("ensemble_min_gain", "final", "ensemble_min_gain"),
     ("lexical", "lexical", "enabled"), ("lexical_mode", "lexical", "mode"), ("lexical_trees", "lexical", "trees"),
     ("lexical_ovr", "lexical", "ovr"), ("lexical_refit", "lexical", "refit"), ("lexical_fitness", "lexical", "fitness"),
+    ("lexical_ranker", "lexical", "ranker"),
     ("shortlist_above", "lexical", "shortlist_above"), ("shortlist_k", "lexical", "shortlist_k"),
 ]
 #: data settings stored beside the budget's (CSV columns)

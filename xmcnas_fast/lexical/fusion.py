@@ -10,9 +10,12 @@ ranking and metrics never bring a [B, L] tensor back to the host.
   (document, label) pairs of the validation split, fitted by L-BFGS;
 - "residual": sigmoid(z + logit(p_lex)) (unlisted labels: p_lex = EPS), for a network trained with
   the lexical logits as a fixed offset of its own, so that it learns what the lexical model misses
-  (its training needs the stage's cross-fitted top lists of the training split).
+  (its training needs the stage's cross-fitted top lists of the training split);
+- "ranker": a small network over both models' scores, ranks and the label's training count, fitted on
+  the validation split's candidate pairs (lexical/ranker.py), for a trained model's final fusion.
 w = 0 and w = 1 are the network and the lexical model alone. The method and its parameters are those
-of the best validation P@5 (a residual network is only ever fused as it was trained).
+of the best validation P@5 (a residual network is only ever fused as it was trained; the ranker's
+figure is its out-of-fold one).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import numpy as np
 import torch
 
 WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))
-METHODS = ("weighted", "learned", "residual")
+METHODS = ("weighted", "learned", "residual", "ranker")
 EPS = 1e-4
 
 
@@ -33,10 +36,17 @@ class Fusion:
     method: str = "weighted"                  # "weighted", "learned" or "residual"
     w: float = 0.0                            # weighted: the lexical model's share
     coef: list = field(default_factory=lambda: [1.0, 0.0, 0.0, 0.0])   # learned: a, b, c, d
+    ranker: Optional[dict] = None             # ranker: lexical.ranker.Ranker.to_dict()
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"fusion method {self.method!r}: expected one of {', '.join(METHODS)}")
+        if self.method == "ranker":
+            from .ranker import Ranker
+
+            if not isinstance(self.ranker, dict):
+                raise ValueError("fusion method 'ranker' without its ranker")
+            self._ranker = Ranker.from_dict(self.ranker)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -50,19 +60,32 @@ class Fusion:
             return f"weighted, lexical share {self.w:.1f}"
         if self.method == "residual":
             return "residual (the network learned what the lexical model misses)"
+        if self.method == "ranker":
+            return "ranker (a small network over both models' scores and ranks, fitted on the validation split)"
         return "learned (" + ", ".join(f"{c:+.2f}" for c in self.coef) + ")"
 
     def __call__(self, logits: torch.Tensor, lex_ids: torch.Tensor, lex_probs: torch.Tensor) -> torch.Tensor:
         """Fused probabilities [B, L] (float32, on the logits' device)."""
-        return self.fuse(logits, *dense_lexical(lex_ids, lex_probs, logits.shape[1], logits.device))
+        lex_rank = None
+        if self.method == "ranker":
+            from .ranker import lexical_ranks
 
-    def fuse(self, logits: torch.Tensor, p_lex: torch.Tensor, listed: torch.Tensor) -> torch.Tensor:
-        """The same, from the top lists made dense once (`dense_lexical`)."""
+            lex_rank = lexical_ranks(lex_ids, logits.shape[1], logits.device)
+        return self.fuse(logits, *dense_lexical(lex_ids, lex_probs, logits.shape[1], logits.device), lex_rank)
+
+    def fuse(self, logits: torch.Tensor, p_lex: torch.Tensor, listed: torch.Tensor,
+             lex_rank: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The same, from the top lists made dense once (`dense_lexical`; the ranker also needs each label's
+        position in its list, `ranker.lexical_ranks`)."""
         z = logits.float()
         if self.method == "weighted":
             return (1.0 - self.w) * torch.sigmoid(z) + self.w * p_lex
         if self.method == "residual":
             return torch.sigmoid(z + lexical_logits(p_lex, listed))
+        if self.method == "ranker":
+            if lex_rank is None:
+                raise ValueError("the ranker fusion needs the lexical top lists' ranks")
+            return self._ranker.scores(z, p_lex, listed, lex_rank)
         return torch.sigmoid(_features(z, p_lex, listed) @ torch.tensor(self.coef, device=z.device))
 
 
@@ -124,9 +147,11 @@ def fit_learned(logits: torch.Tensor, p_lex: torch.Tensor, listed: torch.Tensor,
 
 
 def choose_fusion(logits: torch.Tensor, lex_ids, lex_probs, truth_csr, *, inv_prop: Optional[np.ndarray] = None,
-                  methods=("weighted", "learned")) -> tuple:
-    """(best Fusion, its metrics, {candidate description: validation P@5}) over the weight grid and
-    the learned combination, on one split's network logits [n, L] and lexical top lists."""
+                  methods=("weighted", "learned"), prior: Optional[np.ndarray] = None) -> tuple:
+    """(best Fusion, its metrics, {candidate description: validation P@5}) over the weight grid, the
+    learned combination and the ranker (`prior`: its labels' log(1 + training count)), on one split's
+    network logits [n, L] and lexical top lists. The ranker is fitted on the whole split, and judged and
+    reported by its out-of-fold figures (ranker.cross_fitted)."""
     from ..metrics import compute_metrics
 
     L = logits.shape[1]
@@ -134,16 +159,28 @@ def choose_fusion(logits: torch.Tensor, lex_ids, lex_probs, truth_csr, *, inv_pr
     candidates = [Fusion("weighted", w=w) for w in WEIGHTS] if "weighted" in methods else []
     if "residual" in methods:
         candidates.append(Fusion("residual"))
+    truth = None
+    if "learned" in methods or "ranker" in methods:
+        from .ranker import dense_truth
+
+        truth = dense_truth(truth_csr, L, logits.device)
     if "learned" in methods:
-        truth = torch.zeros(logits.shape[0], L, device=logits.device)
-        coo = truth_csr.tocoo()
-        keep = coo.col < L
-        truth[torch.as_tensor(coo.row[keep]).long(), torch.as_tensor(coo.col[keep]).long()] = 1.0
         candidates.append(Fusion("learned", coef=fit_learned(logits, p_lex, listed, truth)))
     best, best_m, table = None, None, {}
     for f in candidates:
         m = compute_metrics(f.fuse(logits, p_lex, listed), truth_csr, inv_prop)
         table[f.describe()] = m["P@5"]
+        if best_m is None or m["P@5"] > best_m["P@5"] + 1e-12:
+            best, best_m = f, m
+    if "ranker" in methods:
+        from .ranker import cross_fitted, fit_ranker, lexical_ranks
+
+        prior = np.zeros(L) if prior is None else np.asarray(prior, dtype=np.float64)
+        lex_rank = lexical_ranks(lex_ids, L, logits.device)
+        z = logits.float()
+        m = compute_metrics(cross_fitted(z, p_lex, listed, lex_rank, truth, prior), truth_csr, inv_prop)
+        f = Fusion("ranker", ranker=fit_ranker(z, p_lex, listed, lex_rank, truth, prior).to_dict())
+        table[f.describe() + ", out of fold"] = m["P@5"]
         if best_m is None or m["P@5"] > best_m["P@5"] + 1e-12:
             best, best_m = f, m
     return best, best_m, table
@@ -159,10 +196,11 @@ class LexicalLists:
     residual: bool = False            # the network trains with the lexical logits as a fixed offset
     shortlists: Optional[dict] = None  # {split: label ids [n, K]} of a stage that keeps shortlists (lexical/shortlist.py)
     judge: str = "fused"              # what the trainer keeps weights by: the fused figure or the network's (fitness.JUDGES)
+    rank: bool = False                # the best weights' fusion may be the ranker (a final training's)
 
     @classmethod
     def from_stage(cls, folder: str, residual: bool = False, serving: Optional[str] = None,
-                   judge: str = "fused") -> "LexicalLists":
+                   judge: str = "fused", rank: bool = False) -> "LexicalLists":
         """The lists of the stage in `folder`; with `serving` (a serving stage's folder: fitted on every
         training document), the test split's from that one, which the bundles carry."""
         from .stage import LexicalStage
@@ -172,7 +210,8 @@ class LexicalLists:
         shortlists = ({s: stage.split_shortlist(s) for s in ("train", "valid", "test")}
                       if stage.settings.shortlist else None)
         test = (LexicalStage.load(serving) if serving else stage).split_topk("test")
-        return cls(stage.split_topk("valid"), test, train, residual, shortlists, judge)
+        return cls(stage.split_topk("valid"), test, train, residual, shortlists, judge,
+                   rank and not residual and shortlists is None)
 
     @property
     def methods(self) -> tuple:
@@ -188,16 +227,19 @@ class LexicalLists:
 
 
 def fused_metrics(logits: torch.Tensor, lexical: tuple, truth, inv_prop, fusion=None,
-                  methods=("weighted",)) -> dict:
+                  methods=("weighted",), prior: Optional[np.ndarray] = None) -> dict:
     """Metrics of the logits fused with the lexical top lists, and the fusion used (chosen here among
-    `methods` when None: while training, the weight grid alone, which costs a few metric passes)."""
+    `methods` when None: while training, the weight grid alone, which costs a few metric passes; with
+    the ranker among them, also "tried": each candidate's validation P@5)."""
     from ..metrics import compute_metrics
 
     ids, probs = lexical
     if len(ids) != logits.shape[0]:
         raise ValueError(f"lexical top lists for {len(ids)} documents, the split has {logits.shape[0]}")
     if fusion is None:
-        fusion, m, _ = choose_fusion(logits, ids, probs, truth, inv_prop=inv_prop, methods=methods)
+        fusion, m, tried = choose_fusion(logits, ids, probs, truth, inv_prop=inv_prop, methods=methods, prior=prior)
+        if "ranker" in methods:
+            m = {**m, "tried": tried}
     else:
         m = compute_metrics(fusion(logits, ids, probs), truth, inv_prop)
     return {**m, "fusion": fusion.to_dict()}
