@@ -255,3 +255,29 @@ def test_no_final_leaves_the_best_candidate_as_the_result(tmp_path, debtags_slic
 def test_resume_names_a_switch_that_turns_a_setting_off_as_it_is_typed(tiny_run, capsys):
     assert main(["search", "--resume", tiny_run, "--no-final"]) == 2
     assert "drop --no-final (or" in capsys.readouterr().err
+
+
+def test_the_final_model_chooses_its_fusion_among_weight_and_ranker_and_serves_it(tiny_run):
+    from xmcnas_fast.bundle import load_bundle
+    from xmcnas_fast.lexical import Fusion
+
+    run = Run.open(tiny_run)
+    assert run.config["lexical"]["ranker"] is True
+    final = run.final()
+    tried = final["fused"]["tried"]
+    assert len(tried) == 12 and any(k.startswith("ranker") for k in tried)
+    assert final["fused"]["valid"]["P@5"] == max(tried.values()) == final["fitness"]
+    candidate_fusions = {r["fused"]["fusion"]["method"] for r in run.history.records if r.get("fused")}
+    assert candidate_fusions == {"weighted"} and not any("tried" in r["fused"] for r in run.history.records
+                                                         if r.get("fused"))
+    bundle = load_bundle(final["model_dir"])
+    assert bundle.fusion == Fusion.from_dict(final["fused"]["fusion"])
+
+
+def test_no_lexical_ranker_keeps_the_weight(tmp_path, debtags_slice):
+    runs = tmp_path / "runs"
+    assert main(["search", "--dataset", debtags_slice, "--runs-dir", str(runs), "--name", "w", *TINY,
+                 "--no-lexical-ranker"]) == 0
+    run = Run.open(str(runs / "w"))
+    assert run.config["lexical"]["ranker"] is False
+    assert "tried" not in run.final()["fused"] and run.final()["fused"]["fusion"]["method"] == "weighted"
