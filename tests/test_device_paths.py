@@ -169,9 +169,11 @@ def test_a_search_candidate_holds_no_host_conversion(data, gpu_like, tmp_path):
     assert rec.model_dir and len(events) == 2
 
 
-def test_a_fused_candidate_trains_evaluates_and_predicts_with_no_host_conversion(data, gpu_like, tmp_path):
+@pytest.mark.parametrize("rank", [False, True])
+def test_a_fused_candidate_trains_evaluates_and_predicts_with_no_host_conversion(data, gpu_like, tmp_path, rank):
     """The lexical part stays on the host: its top lists go to the device, the network's scores never
-    come back (fusion, ranking and metrics on the device)."""
+    come back (fusion, ranking and metrics on the device; with `rank`, a final training's choice of the
+    ranker too: its pairs are copied to the host explicitly, its scores made on the device)."""
     pytest.importorskip("napkinxc", reason="napkinXC (a dependency) is not installed on this machine")
     from xmcnas_fast.contract import CandidateTask, LexicalPart
     from xmcnas_fast.lexical import LexicalSettings, TreeSettings, cached_stage
@@ -181,11 +183,19 @@ def test_a_fused_candidate_trains_evaluates_and_predicts_with_no_host_conversion
     ctx = types.SimpleNamespace(shared={"data": data, "vectors": None}, device=torch.device("cpu"),
                                 report=lambda **kw: None, should_stop=lambda: False)
     task = CandidateTask(model=small_dag([["conv3", 0]]), train=TrainConfig(max_steps=4, eval_every=2, batch_size=16),
-                         model_dir=str(tmp_path / "m"), save_above=-1.0, lexical=LexicalPart(stage.folder))
+                         model_dir=str(tmp_path / "m"), save_above=-1.0, lexical=LexicalPart(stage.folder, rank=rank))
     rec = train_candidate(task, ctx)
     assert rec.status == "ok", rec.error
-    assert rec.fused["test"]["P@1"] >= 0 and rec.fused["fusion"]["method"] == "weighted"
+    assert rec.fused["test"]["P@1"] >= 0
+    assert ("tried" in rec.fused) == rank and (rank or rec.fused["fusion"]["method"] == "weighted")
     bundle = load_bundle(rec.model_dir)
     assert bundle.lexical is not None
+    if rank:                                    # served by the ranker whichever the small run chose
+        from xmcnas_fast.lexical import choose_fusion
+
+        valid = stage.split_topk("valid")
+        z = on_device(torch.randn(len(data.valid), data.num_labels))
+        bundle.fusion, _, _ = choose_fusion(z, *valid, data.valid.labels, methods=("ranker",),
+                                            prior=np.zeros(data.num_labels))
     top = bundle.predict(["a text editor for the terminal", ""], k=3)
     assert [len(t) for t in top] == [3, 3]

@@ -29,6 +29,8 @@ import torch
 WEIGHTS = tuple(round(0.1 * i, 1) for i in range(11))
 METHODS = ("weighted", "learned", "residual", "ranker")
 EPS = 1e-4
+RANKER = "ranker (a small network over both models' scores and ranks, fitted on the validation split)"
+RANKER_TRIED = RANKER + ", out of fold"      # its figure in choose_fusion's table
 
 
 @dataclass
@@ -61,7 +63,7 @@ class Fusion:
         if self.method == "residual":
             return "residual (the network learned what the lexical model misses)"
         if self.method == "ranker":
-            return "ranker (a small network over both models' scores and ranks, fitted on the validation split)"
+            return RANKER
         return "learned (" + ", ".join(f"{c:+.2f}" for c in self.coef) + ")"
 
     def __call__(self, logits: torch.Tensor, lex_ids: torch.Tensor, lex_probs: torch.Tensor) -> torch.Tensor:
@@ -179,10 +181,9 @@ def choose_fusion(logits: torch.Tensor, lex_ids, lex_probs, truth_csr, *, inv_pr
         lex_rank = lexical_ranks(lex_ids, L, logits.device)
         z = logits.float()
         m = compute_metrics(cross_fitted(z, p_lex, listed, lex_rank, truth, prior), truth_csr, inv_prop)
-        f = Fusion("ranker", ranker=fit_ranker(z, p_lex, listed, lex_rank, truth, prior).to_dict())
-        table[f.describe() + ", out of fold"] = m["P@5"]
-        if best_m is None or m["P@5"] > best_m["P@5"] + 1e-12:
-            best, best_m = f, m
+        table[RANKER_TRIED] = m["P@5"]
+        if best_m is None or m["P@5"] > best_m["P@5"] + 1e-12:   # fitted on the whole split only when it serves
+            best, best_m = Fusion("ranker", ranker=fit_ranker(z, p_lex, listed, lex_rank, truth, prior).to_dict()), m
     return best, best_m, table
 
 

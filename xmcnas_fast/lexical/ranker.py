@@ -35,8 +35,8 @@ STEPS = 300
 LR = 1e-2
 WEIGHT_DECAY = 1e-4
 FOLDS = 5
-MAX_PAIRS = 120_000
-FLOPS = 2e10                # what expected_seconds takes a CPU to do a second         # pairs a ranker is fitted on at most (a random share of them beyond)
+MAX_PAIRS = 120_000         # pairs a ranker is fitted on at most (a random share of them beyond)
+FLOPS = 2e10                # what expected_seconds takes a CPU to do a second
 LOGIT_FLOOR = -9.2          # logit of 1e-4: an unlisted label's lexical logit
 CHUNK = 1 << 22             # pairs' features built [rows, L, F] at most this many (row, label) a time
 
@@ -112,17 +112,10 @@ class Ranker:
 
     def scores(self, z: torch.Tensor, p_lex: torch.Tensor, listed: torch.Tensor, lex_rank: torch.Tensor) -> torch.Tensor:
         """[B, L] the mean probability of its networks for candidate pairs, 0 elsewhere."""
-        dev = z.device
         if len(self.prior) != z.shape[1]:
             raise ValueError(f"ranker fitted for {len(self.prior)} labels, the scores have {z.shape[1]}")
-        prior = torch.tensor(self.prior, dtype=torch.float32, device=dev)
-        mean = torch.tensor(self.mean, dtype=torch.float32, device=dev)
-        std = torch.tensor(self.std, dtype=torch.float32, device=dev)
-        t = lambda key, shape: torch.tensor([n[key] for n in self.nets], dtype=torch.float32, device=dev).reshape(shape)
-        k, f = len(self.nets), len(FEATURES)
-        params = [t("w1", (k, HIDDEN, f)).transpose(1, 2), t("b1", (k, 1, HIDDEN)), t("w2", (k, HIDDEN, 1)),
-                  t("b2", (k, 1, 1))]
-        out = torch.zeros(z.shape, dtype=torch.float32, device=dev)
+        prior, mean, std, params = self._tensors(z.device)
+        out = torch.zeros(z.shape, dtype=torch.float32, device=z.device)
         step = _rows_per_chunk(z.shape[1])
         for s in range(0, z.shape[0], step):
             sl = slice(s, s + step)
@@ -132,6 +125,19 @@ class Ranker:
             block = out[sl]
             block[cand] = p
         return out
+
+    def _tensors(self, dev) -> tuple:
+        """(prior, mean, std, stacked network parameters) on `dev`, made once per device (a served
+        bundle scores batch after batch)."""
+        cache = self.__dict__.setdefault("_on_device", {})
+        if dev not in cache:
+            t = lambda values, shape: torch.tensor(values, dtype=torch.float32, device=dev).reshape(shape)
+            k, f = len(self.nets), len(FEATURES)
+            params = [t([n["w1"] for n in self.nets], (k, HIDDEN, f)).transpose(1, 2),
+                      t([n["b1"] for n in self.nets], (k, 1, HIDDEN)), t([n["w2"] for n in self.nets], (k, HIDDEN, 1)),
+                      t([n["b2"] for n in self.nets], (k, 1, 1))]
+            cache[dev] = (t(self.prior, (-1,)), t(self.mean, (-1,)), t(self.std, (-1,)), params)
+        return cache[dev]
 
 
 def _pairs(z, p_lex, listed, lex_rank, prior, truth) -> tuple:
@@ -193,7 +199,7 @@ def cross_fitted(z, p_lex, listed, lex_rank, truth, prior: np.ndarray, seed: int
 def expected_seconds(documents: int, depth: int) -> float:
     """About how long choosing the fusion with the ranker takes for a validation split of `documents` with
     top lists `depth` long (FOLDS + 1 fits; measured: 25 s for 1,000 documents and depth 50 on 2 cores)."""
-    pairs = min(documents * (depth + NET_TOP // 4), MAX_PAIRS)
+    pairs = min(documents * (depth + NET_TOP // 4), MAX_PAIRS)   # the list, and network picks it lacks (~1 in 4)
     return (FOLDS + 1) * STEPS * INITS * pairs * 6 * (len(FEATURES) + 2) * HIDDEN / FLOPS
 
 
