@@ -28,7 +28,10 @@ from xmcnas_fast.search import load_data  # noqa: E402
 ARMS = ("stage alone", "weight", "ranker", "ranker, no network")
 
 
-def run_figures(run: str) -> dict:
+def run_scores(run: str) -> tuple:
+    """(data, lists, logits, prior) of a finished run: its data, its stages' top lists (LexicalLists: the
+    search's stage for validation, the serving one for test), its final network's logits on the validation
+    and test splits, each label's log(1 + training count)."""
     with open(os.path.join(run, "config.json")) as f:
         cfg = json.load(f)
     with open(os.path.join(run, "lexical.json")) as f:
@@ -41,7 +44,11 @@ def run_figures(run: str) -> dict:
     cpu = torch.device("cpu")
     logits = {s: torch.logit(split_probs(b.model, getattr(data, s), data.num_labels, device=cpu, precision=b.precision,
                                          max_len=b.max_len).clamp(1e-6, 1 - 1e-6)) for s in ("valid", "test")}
-    prior = label_counts(data.train.labels, data.num_labels)
+    return data, lists, logits, label_counts(data.train.labels, data.num_labels)
+
+
+def run_figures(run: str) -> dict:
+    data, lists, logits, prior = run_scores(run)
     out = {"stage alone": lists_metrics(lists.test, data.test.labels, data.num_labels)}
     for arm, methods, constant in (("weight", ("weighted",), False), ("ranker", ("weighted", "ranker"), False),
                                    ("ranker, no network", ("weighted", "ranker"), True)):
@@ -53,26 +60,34 @@ def run_figures(run: str) -> dict:
     return out
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def report(doc: str, figures_of, arms: tuple, baseline=lambda arm: "stage alone") -> int:
+    """The command line of a script over finished runs: each run's figures_of(run) {arm: metrics} printed,
+    then each arm's mean and its P@1 over its baseline arm's."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", help="finished search run directories (with final.json and lexical.json)")
     ap.add_argument("--out", help="write every run's figures to this JSON file")
     args = ap.parse_args()
     figures = {}
     for run in args.runs:
-        figures[run] = run_figures(run)
+        figures[run] = figures_of(run)
         print(run + ": " + "; ".join(f"{arm} {' / '.join(f'{100 * figures[run][arm][k]:.2f}' for k in ('P@1', 'P@3', 'P@5'))}"
                                      + (f" ({figures[run][arm]['chosen']})" if "chosen" in figures[run][arm] else "")
-                                     for arm in ARMS), flush=True)
+                                     for arm in arms), flush=True)
     mean = {arm: np.mean([[100 * f[arm][k] for k in ("P@1", "P@3", "P@5")] for f in figures.values()], axis=0)
-            for arm in ARMS}
-    for arm in ARMS:
-        gain = mean[arm][0] - mean["stage alone"][0]
-        print(f"mean of {len(figures)}: {arm:20s} {' / '.join(f'{v:.2f}' for v in mean[arm])}   P@1 over the stage {gain:+.2f}")
+            for arm in arms}
+    width = max(len(a) for a in arms)
+    for arm in arms:
+        gain = mean[arm][0] - mean[baseline(arm)][0]
+        print(f"mean of {len(figures)}: {arm:{width}s} {' / '.join(f'{v:.2f}' for v in mean[arm])}   "
+              f"P@1 over {baseline(arm)} {gain:+.2f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(figures, f, indent=1)
     return 0
+
+
+def main() -> int:
+    return report(__doc__, run_figures, ARMS)
 
 
 if __name__ == "__main__":

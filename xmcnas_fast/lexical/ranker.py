@@ -120,10 +120,8 @@ class Ranker:
         for s in range(0, z.shape[0], step):
             sl = slice(s, s + step)
             cand, feats = pair_features(z[sl], p_lex[sl], listed[sl], lex_rank[sl], prior)
-            x = (feats[cand] - mean) / std
-            p = torch.sigmoid(_forward(params, x)).mean(0)
             block = out[sl]
-            block[cand] = p
+            block[cand] = pair_scores((mean, std, params), feats[cand])
         return out
 
     def _tensors(self, dev) -> tuple:
@@ -157,6 +155,16 @@ def fit_ranker(z: torch.Tensor, p_lex: torch.Tensor, listed: torch.Tensor, lex_r
     """A Ranker fitted on the candidate pairs of these rows (truth [n, L] 0/1, on z's device)."""
     prior_t = torch.as_tensor(prior, dtype=torch.float32, device=z.device)
     x, y = _pairs(z, p_lex, listed, lex_rank, prior_t, truth)
+    mean, std, params = fit_pairs(x, y, seed)
+    w1, b1, w2, b2 = params
+    nets = [{"w1": w1[i].T.tolist(), "b1": b1[i, 0].tolist(), "w2": w2[i, :, 0].tolist(), "b2": float(b2[i, 0, 0])}
+            for i in range(INITS)]
+    return Ranker(mean.tolist(), std.tolist(), nets, [round(float(v), 6) for v in prior])
+
+
+def fit_pairs(x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> tuple:
+    """(mean [F], std [F], stacked parameters) of INITS networks fitted on pairs' features x [P, F] and
+    0/1 targets y [P], on the host; `pair_scores` scores pairs with them."""
     x, y = x.cpu(), y.cpu().float()
     if len(x) > MAX_PAIRS:          # a pointwise loss: a random share of the pairs stands for them all
         keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:MAX_PAIRS]
@@ -174,10 +182,13 @@ def fit_ranker(z: torch.Tensor, p_lex: torch.Tensor, listed: torch.Tensor, lex_r
             loss = torch.nn.functional.binary_cross_entropy_with_logits(_forward(params, x), target) * INITS
             loss.backward()
             opt.step()
-    w1, b1, w2, b2 = (p.detach() for p in params)
-    nets = [{"w1": w1[i].T.tolist(), "b1": b1[i, 0].tolist(), "w2": w2[i, :, 0].tolist(), "b2": float(b2[i, 0, 0])}
-            for i in range(INITS)]
-    return Ranker(mean.tolist(), std.tolist(), nets, [round(float(v), 6) for v in prior])
+    return mean, std, [p.detach() for p in params]
+
+
+def pair_scores(fitted: tuple, x: torch.Tensor) -> torch.Tensor:
+    """[P] the mean probability of fit_pairs' networks for pairs' features x [P, F]."""
+    mean, std, params = fitted
+    return torch.sigmoid(_forward(params, (x - mean) / std)).mean(0)
 
 
 def cross_fitted(z, p_lex, listed, lex_rank, truth, prior: np.ndarray, seed: int = 0,
